@@ -1,0 +1,45 @@
+# The two commands: `make demo` (the whole loop on the embedded defaults) and `make test`.
+# Both set up .venv idempotently: torch 2.13.0 (CPU) first, then the package with its extras.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+MODEL   := data/models/smollm2-135m-instruct/provenance.json
+
+.PHONY: demo test lint protos bench install model clean
+
+demo: $(STAMP) $(MODEL)
+	$(BIN)/rlhf-online demo
+
+test: $(STAMP) $(MODEL)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP) $(MODEL)
+	$(BIN)/rlhf-online bench serving
+
+install: $(STAMP)
+
+model: $(MODEL)
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+# Re-run when the dependencies change; torch comes first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+$(MODEL): | $(STAMP)
+	$(BIN)/rlhf-online model fetch --data-dir data
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/rlhf_online/v1/*.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,183 @@
+"""`rlhf-online bench serving`: concurrent gRPC clients against the server vs sequential model.generate, same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("rlhf_online.bench")
+
+TOPICS = ["rain", "trains", "coffee", "autumn", "chess", "the sea", "bread", "bicycles",
+          "libraries", "owls", "snow", "jazz", "gardens", "bridges", "tea", "mountains"]
+PROMPTS = [f"Write a few sentences about {t}." for t in TOPICS]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the serving benchmark."""
+    p.add_argument("--clients", type=int, default=16, help="concurrent gRPC clients")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--baseline-requests", type=int, default=8, help="sequential model.generate calls")
+    p.add_argument("--base-model", default=os.environ.get("RLHF_BASE_MODEL", "smollm2-135m-instruct"))
+    p.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--dtype", default=os.environ.get("RLHF_DTYPE", "auto"),
+                   help="weights of both the server and the sequential baseline (auto, float32, bfloat16)")
+    p.add_argument("--out", default="bench-results", help="directory for serving.json and serving.md")
+
+
+def machine() -> str:
+    """A one-line description of this machine."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
+    """Start `rlhf-online serve generation` and drive it with concurrent clients."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rlhf_online.v1 import generation_pb2 as pb
+    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+
+    port = _free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    env = {**os.environ, "RLHF_BASE_MODEL": str(model_dir), "RLHF_DATA_DIR": str(tmp),
+           "RLHF_STORE_URL": f"sqlite:///{tmp / 'bench.db'}", "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0",
+           "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_HOST": "127.0.0.1",
+           "RLHF_DTYPE": args.dtype}
+    with open(tmp / "server.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=server_log)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start; see {tmp / 'server.log'}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        stub = pb_grpc.GenerationStub(channel)
+        params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
+        stub.Generate(pb.GenerateRequest(prompt="warm up", params=params), timeout=300)
+        tokens, latencies, errors = [], [], []
+
+        def client(i: int) -> None:
+            for k in range(args.requests_per_client):
+                t = time.perf_counter()
+                try:
+                    r = stub.Generate(pb.GenerateRequest(prompt=PROMPTS[(i + k) % len(PROMPTS)], params=params),
+                                      timeout=600)
+                    tokens.append(sum(c.completion_tokens for c in r.completions))
+                    latencies.append(time.perf_counter() - t)
+                except grpc.RpcError as e:
+                    errors.append(str(e.code()))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
+            "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 0.95),
+            "requests": len(latencies), "errors": errors}
+
+
+def run_sequential(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The same kind of requests, one plain `model.generate` call after another."""
+    import torch
+
+    from rlhf_online.models.provision import load_model
+    from services.bootstrap import pick_dtype
+
+    # The same dtype as the server, so the ratio measures batching and nothing else.
+    model, tok = load_model(model_dir, dtype=pick_dtype(args.dtype, "cpu"))
+    n_tok, latencies = 0, []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in PROMPTS[: args.baseline_requests]:
+            t = time.perf_counter()
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt")
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
+                                 top_p=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            n_tok += out.shape[1] - ids.shape[1]
+            latencies.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"tokens": n_tok, "wall_s": wall, "tokens_per_s": n_tok / wall,
+            "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 0.95),
+            "requests": len(latencies)}
+
+
+def table(result: dict) -> str:
+    """The Markdown table of a result."""
+    s, q = result["served"], result["sequential"]
+    return "\n".join([
+        f"Serving benchmark — {result['model']}, {result['clients']} clients x {result['requests_per_client']} requests, "
+        f"{result['max_new_tokens']} new tokens, {result['dtype']} on both sides, {result['machine']}, {result['date']}",
+        "",
+        "| mode | tokens/s | p50 latency (s) | p95 latency (s) | requests |",
+        "|---|---:|---:|---:|---:|",
+        f"| gRPC server, {result['clients']} concurrent clients | {s['tokens_per_s']:.1f} | {s['latency_p50_s']:.2f} | "
+        f"{s['latency_p95_s']:.2f} | {s['requests']} |",
+        f"| sequential model.generate | {q['tokens_per_s']:.1f} | {q['latency_p50_s']:.2f} | {q['latency_p95_s']:.2f} | "
+        f"{q['requests']} |",
+        "",
+        f"Throughput ratio (served / sequential): **{result['ratio']:.2f}x**",
+    ])
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run both modes, write serving.json and serving.md, print the table."""
+    from rlhf_online.models.provision import resolve_base_model
+
+    model_dir = resolve_base_model(args.base_model, Path(args.data_dir))
+    log.info("bench serving: served phase", extra={"clients": args.clients})
+    served = run_served(args, model_dir)
+    log.info("bench serving: sequential phase", extra={"requests": args.baseline_requests})
+    sequential = run_sequential(args, model_dir)
+    from services.bootstrap import pick_dtype
+
+    result = {"benchmark": "serving", "model": args.base_model, "machine": machine(),
+              "dtype": str(pick_dtype(args.dtype, "cpu")).replace("torch.", ""),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "clients": args.clients,
+              "requests_per_client": args.requests_per_client, "max_new_tokens": args.max_new_tokens,
+              "served": served, "sequential": sequential,
+              "ratio": served["tokens_per_s"] / sequential["tokens_per_s"]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving.json").write_text(json.dumps(result, indent=2))
+    (out / "serving.md").write_text(table(result) + "\n")
+    print(table(result))
+    return 1 if served["errors"] else 0

@@ -1,0 +1,99 @@
+"""`rlhf-online` command line: serve, model, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rlhf_online import config, logs
+from rlhf_online.errors import ConfigError
+
+log = logging.getLogger("rlhf_online.cli")
+
+PENDING = {
+    "reward": "the Reward service arrives with issue 3",
+    "trainer": "the Trainer service arrives with issue 4",
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start one service and block until SIGTERM."""
+    if args.service in PENDING:
+        log.error("not available yet", extra={"service": args.service, "why": PENDING[args.service]})
+        return 2
+    settings = config.build(config.GenerationSettings, args)
+    logs.configure(settings.log_level)
+    from services.bootstrap import run_generation
+
+    return run_generation(settings)
+
+
+def _model_fetch(args: argparse.Namespace) -> int:
+    """Provision the built-in default model under the data dir (once)."""
+    from rlhf_online.models.provision import fetch_default_model
+
+    path = fetch_default_model(Path(args.data_dir), force=args.force)
+    print(path)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run a benchmark and write its JSON and Markdown table."""
+    from rlhf_online.bench import serving
+
+    return serving.main(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The end-to-end demo."""
+    from rlhf_online import demo
+
+    return demo.main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    p = argparse.ArgumentParser(prog="rlhf-online", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a service until SIGTERM")
+    serve.add_argument("service", choices=["generation", "reward", "trainer"])
+    config.add_arguments(serve, config.GenerationSettings)
+    serve.set_defaults(fn=_serve)
+
+    model = sub.add_parser("model", help="model provisioning")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    fetch = msub.add_parser("fetch", help="convert the built-in smollm2-135m-instruct into <data-dir>/models")
+    fetch.add_argument("--data-dir", default="data")
+    fetch.add_argument("--force", action="store_true", help="convert again even if present")
+    fetch.set_defaults(fn=_model_fetch)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    from rlhf_online.bench import serving
+
+    serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
+    bench.set_defaults(fn=_bench)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults")
+    demo.add_argument("--data-dir", default="data")
+    demo.add_argument("--requests", type=int, default=8, help="generation requests the demo client sends")
+    demo.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rlhf-online` console script."""
+    logs.configure("INFO")
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"rlhf-online: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Service settings: one frozen dataclass per service, built from `RLHF_*` env and CLI flags, validated once.
+
+Every field is both a flag (`--max-batch-size`) and an env variable (`RLHF_MAX_BATCH_SIZE`);
+the flag wins. A bad value stops the start with a ConfigError naming the setting and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rlhf_online.errors import ConfigError
+
+T = TypeVar("T", bound="CommonSettings")
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by --help)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """Settings every service has."""
+
+    port: int = setting(0, "gRPC port (0 = pick a free one and log it)")
+    host: str = setting("0.0.0.0", "address to bind the gRPC and metrics servers to")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
+    data_dir: Path = setting(Path("data"), "where the embedded defaults live (model, store, adapters)")
+    base_model: str = setting("smollm2-135m-instruct", "built-in model name or a local Hugging Face directory")
+    store_url: str = setting("", "sqlite:///path.db or postgresql://... (default: sqlite under the data dir)")
+    adapter_dir: Path | None = setting(None, "adapter registry directory (default: <data-dir>/adapters)")
+    admin_token: str = setting("", "bearer token required by admin RPCs when set")
+    tls_cert: Path | None = setting(None, "PEM certificate: serve TLS instead of plaintext")
+    tls_key: Path | None = setting(None, "PEM private key for --tls-cert")
+    torch_threads: int = setting(0, "torch intra-op threads (0 = all cores)")
+    device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
+    dtype: str = setting("auto", "model weights: auto (bf16 where the CPU/GPU computes it natively), float32, bfloat16")
+    grace_seconds: float = setting(20.0, "on SIGTERM, how long in-flight requests may take to finish")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        """Fill derived defaults and validate every field."""
+        if not self.store_url:
+            object.__setattr__(self, "store_url", f"sqlite:///{(Path(self.data_dir) / 'rlhf.db').resolve()}")
+        if self.adapter_dir is None:
+            object.__setattr__(self, "adapter_dir", Path(self.data_dir) / "adapters")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        for name in ("port", "metrics_port"):
+            _check(name, getattr(self, name), 0 <= getattr(self, name) <= 65535, "a port in 0..65535")
+        _check("torch_threads", self.torch_threads, self.torch_threads >= 0, ">= 0")
+        _check("grace_seconds", self.grace_seconds, self.grace_seconds >= 0, ">= 0")
+        _check("log_level", self.log_level, self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+               "one of DEBUG, INFO, WARNING, ERROR")
+        _check("store_url", self.store_url, self.store_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
+               "sqlite:///... or postgresql://...")
+        _check("dtype", self.dtype, self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16")
+        _check("device", self.device, self.device == "cpu" or self.device.startswith("cuda"), "cpu, cuda or cuda:N")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert/tls_key: set both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            _check(name, path, path is None or Path(path).is_file(), "an existing file")
+
+
+@dataclass(frozen=True)
+class GenerationSettings(CommonSettings):
+    """The Generation service (port 50051)."""
+
+    port: int = setting(50051, "gRPC port (0 = pick a free one and log it)")
+    metrics_port: int = setting(9091, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
+    http_port: int = setting(-1, "TGI-compatible HTTP API port (-1 = off, 0 = pick a free one)")
+    max_batch_size: int = setting(16, "rows decoded together in one step")
+    max_queue: int = setting(64, "requests waiting for a batch slot before RESOURCE_EXHAUSTED")
+    max_prompt_tokens: int = setting(2048, "longest prompt accepted, in tokens (after the chat template)")
+    max_new_tokens: int = setting(512, "largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = setting(64, "max_new_tokens when a request leaves it unset")
+    max_n: int = setting(8, "most candidates one request may ask for (capped at max_batch_size)")
+    workers: int = setting(0, "gRPC worker threads (0 = max_queue + max_batch_size + 8)")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        super().validate()
+        _check("http_port", self.http_port, -1 <= self.http_port <= 65535, "-1 (off) or a port in 0..65535")
+        for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_n"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check("default_max_new_tokens", self.default_max_new_tokens,
+               1 <= self.default_max_new_tokens <= self.max_new_tokens, f"in 1..max_new_tokens ({self.max_new_tokens})")
+        _check("workers", self.workers, self.workers >= 0, ">= 0")
+
+    @property
+    def worker_threads(self) -> int:
+        """Enough threads that every queued and running request holds one, plus room for feedback RPCs."""
+        return self.workers or self.max_queue + self.max_batch_size + 8
+
+
+def _check(name: str, value: Any, ok: bool, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: invalid value {value!r} (want {want}); set --{_flag(name)} or RLHF_{name.upper()}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> type:
+    """The concrete type of a field annotation (`Path | None` -> Path)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _convert(name: str, tp: type, raw: str) -> Any:
+    """Parse a flag or env string into the field's type, or raise ConfigError naming it."""
+    try:
+        if tp is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return tp(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: invalid value {raw!r} (want {tp.__name__})") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[CommonSettings]) -> None:
+    """One flag per settings field, with its help and env name; values stay strings until `build`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, metavar=tp.__name__.upper(),
+                            help=f"{f.metadata.get('help', '')} [env RLHF_{f.name.upper()}, default {f.default!s}]")
+
+
+def build(cls: type[T], args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> T:
+    """Settings from flags (winning) and RLHF_* env; validated, or a ConfigError naming the bad one."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(f"RLHF_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _convert(f.name, _base_type(hints[f.name]), str(raw))
+    return cls(**values)

@@ -1,0 +1,45 @@
+"""Prometheus metrics (prefix `rlhf_`), defined once per process and shared by every service in it."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+# --- every gRPC service (recorded by the metrics interceptor) ---
+GRPC_REQUESTS = Counter("rlhf_grpc_requests_total", "RPCs handled, by service, method and status code.",
+                        ["service", "method", "code"])
+GRPC_LATENCY = Histogram("rlhf_grpc_request_duration_seconds", "RPC latency, by service, method and status code.",
+                         ["service", "method", "code"], buckets=_LATENCY_BUCKETS)
+
+# --- generation engine ---
+TIME_TO_FIRST_TOKEN = Histogram("rlhf_generation_time_to_first_token_seconds",
+                                "From admission to the queue until the first token of a request.",
+                                buckets=_LATENCY_BUCKETS)
+TOKENS_GENERATED = Counter("rlhf_generation_tokens_total", "Completion tokens generated.")
+PROMPT_TOKENS = Counter("rlhf_generation_prompt_tokens_total", "Prompt tokens prefilled.")
+BATCH_SIZE = Histogram("rlhf_generation_batch_size", "Rows in each decode step.",
+                       buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
+QUEUE_DEPTH = Gauge("rlhf_generation_queue_depth", "Requests waiting to join the batch.")
+RUNNING_ROWS = Gauge("rlhf_generation_running_rows", "Candidates being decoded now.")
+REQUESTS_FINISHED = Counter("rlhf_generation_requests_total", "Generation requests by outcome.", ["outcome"])
+
+# --- feedback and policy ---
+FEEDBACK = Counter("rlhf_feedback_total", "Feedback newly recorded, by rating.", ["rating"])
+FEEDBACK_DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Feedback repeats that were counted once.")
+PREFERENCES = Counter("rlhf_preferences_total", "Pairwise preferences newly recorded.")
+COMPLETIONS_LOGGED = Counter("rlhf_completions_logged_total", "Completions written to the store.")
+POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new requests (N of vN; 0 = bare base).")
+ADAPTERS_LOADED = Gauge("rlhf_adapters_loaded", "LoRA adapters resident in this replica.")
+
+
+def version_number(version: str) -> int:
+    """`v000012` -> 12; the bare base ("") -> 0."""
+    digits = version.lstrip("v")
+    return int(digits) if digits.isdigit() else 0
+
+
+def serve_metrics(port: int, addr: str = "0.0.0.0") -> int:
+    """Expose /metrics over HTTP in a daemon thread; return the bound port (port 0 picks one)."""
+    server, _thread = start_http_server(port, addr=addr)
+    return int(server.server_port)

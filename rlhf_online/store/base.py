@@ -1,0 +1,107 @@
+"""The store interface: completions, feedback and preferences, with the records it returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+RATINGS = ("thumbs_up", "thumbs_down")
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    """One logged completion and how it was produced."""
+
+    completion_id: str
+    prompt: str  # prompt text as given ("" when chat messages were used)
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...); () when a prompt was used
+    text: str
+    policy_version: str  # "" = bare base model
+    user_id: str = ""
+    params: dict = field(default_factory=dict)  # sampling params, JSON-serialisable
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""  # "length" | "eos" | "stop"
+    metadata: dict = field(default_factory=dict)  # str -> str
+    created_at: float = 0.0  # unix seconds; 0 = now
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """A thumbs-up/down; `seq` increases monotonically for incremental reads."""
+
+    seq: int
+    completion_id: str
+    user_id: str
+    rating: str
+    comment: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A user preferred one completion over another."""
+
+    seq: int
+    chosen_completion_id: str
+    rejected_completion_id: str
+    user_id: str
+    created_at: float
+
+
+class Store(ABC):
+    """Durable, thread-safe storage of completions and the feedback on them."""
+
+    @abstractmethod
+    def add_completions(self, records: Sequence[CompletionRecord]) -> None:
+        """Insert completions in one transaction (InvalidArgument on a duplicate id)."""
+
+    @abstractmethod
+    def get_completion(self, completion_id: str) -> CompletionRecord:
+        """One completion, or NotFound."""
+
+    @abstractmethod
+    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:
+        """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
+
+    @abstractmethod
+    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str) -> bool:
+        """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
+
+    @abstractmethod
+    def list_completions(self, after_created_at: float = 0.0, limit: int | None = None) -> list[CompletionRecord]:
+        """Completions created after a time, oldest first."""
+
+    @abstractmethod
+    def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
+        """Feedback with seq > after_seq, in seq order."""
+
+    @abstractmethod
+    def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
+        """Preferences with seq > after_seq, in seq order."""
+
+    @abstractmethod
+    def count_feedback(self) -> int:
+        """Number of feedback rows."""
+
+    @abstractmethod
+    def count_completions(self) -> int:
+        """Number of completions."""
+
+    @abstractmethod
+    def schema_version(self) -> int:
+        """The newest migration applied."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self) -> Store:
+        """Use the store in a `with` block; it is closed on exit."""
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Close on leaving the `with` block, whether or not it raised."""
+        self.close()

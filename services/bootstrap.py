@@ -1,0 +1,74 @@
+"""From validated settings to a running service: threads, model, engine, store, server."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from rlhf_online.config import CommonSettings, GenerationSettings
+from rlhf_online.engine.engine import Engine, EngineConfig
+from rlhf_online.engine.request import Limits
+from rlhf_online.models.provision import load_model, resolve_base_model
+from rlhf_online.store import open_store
+
+log = logging.getLogger("rlhf_online.bootstrap")
+
+
+def set_threads(settings: CommonSettings) -> None:
+    """Torch intra-op threads: the configured share of the cores, so co-located services don't oversubscribe."""
+    threads = settings.torch_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    log.info("torch threads", extra={"threads": threads})
+
+
+def engine_config(settings: GenerationSettings) -> EngineConfig:
+    """Engine capacity and request limits from the service settings."""
+    return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                        limits=Limits(max_prompt_tokens=settings.max_prompt_tokens,
+                                      max_new_tokens=settings.max_new_tokens,
+                                      max_n=min(settings.max_n, settings.max_batch_size)))
+
+
+def native_bf16(device: str) -> bool:
+    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    # Without these instructions bf16 is emulated on the CPU and slower than fp32.
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    """The weights' dtype for a `--dtype` setting."""
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def build_engine(settings: GenerationSettings) -> Engine:
+    """Resolve (fetching the default once) and load the base model; the caller starts or runs the engine."""
+    path = resolve_base_model(settings.base_model, Path(settings.data_dir))
+    dtype = pick_dtype(settings.dtype, settings.device)
+    model, tokenizer = load_model(path, device=settings.device, dtype=dtype)
+    log.info("model loaded", extra={"path": str(path), "device": settings.device, "dtype": str(dtype)})
+    return Engine(model, tokenizer, engine_config(settings))
+
+
+def run_generation(settings: GenerationSettings) -> int:
+    """`rlhf-online serve generation`: serve until SIGTERM, then drain and exit 0."""
+    from services.generation import start_generation_server
+
+    set_threads(settings)
+    store = open_store(settings.store_url)
+    engine = build_engine(settings)
+    running = start_generation_server(settings, engine, store)
+    running.shutdown_on_signal(settings.grace_seconds)
+    engine.run()  # the decode loop owns the main thread until shutdown stops the engine
+    running.stopped.wait()
+    return 0

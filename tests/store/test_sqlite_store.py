@@ -1,0 +1,308 @@
+"""The Store contract, run against every backend, plus the SQLite-specific guarantees."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
+from rlhf_online.store import CompletionRecord, Store, open_store
+from rlhf_online.store.migrations import LATEST, MIGRATIONS, SERIAL_PK, render
+from rlhf_online.store.sqlite import SqliteStore
+
+# A later issue adds "postgresql" here (a fresh database per test); the contract tests then run on both.
+BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL to a fresh, empty store of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    raise AssertionError(f"unknown backend {request.param}")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """An open store, closed after the test."""
+    with open_store(store_url) as s:
+        yield s
+
+
+def completion(cid: str, **overrides: object) -> CompletionRecord:
+    """A plausible completion record with the given id."""
+    fields: dict = {"completion_id": cid, "prompt": "Say hi", "messages": (), "text": "hi!", "policy_version": "v000001"}
+    fields.update(overrides)
+    return CompletionRecord(**fields)
+
+
+def sqlite_path(url: str) -> str:
+    """The file behind a sqlite:/// URL."""
+    return url[len("sqlite:///"):]
+
+
+# ---------------------------------------------------------------------- contract (every backend)
+
+
+def test_completion_round_trip(store: Store) -> None:
+    rec = completion("c1", prompt="", messages=(("system", "be brief"), ("user", "Hi there")), user_id="u1",
+                     params={"temperature": 0.7, "top_p": 0.9, "seed": None, "stop": ["\n"]}, prompt_tokens=12,
+                     completion_tokens=3, finish_reason="eos", metadata={"app": "demo", "lang": "en"},
+                     created_at=1_700_000_000.25)
+    store.add_completions([rec])
+    assert store.get_completion("c1") == rec
+    assert store.count_completions() == 1
+
+
+def test_created_at_zero_means_now(store: Store) -> None:
+    store.add_completions([completion("c1")])
+    assert store.get_completion("c1").created_at > 1_600_000_000
+
+
+def test_duplicate_completion_rolls_back_the_whole_batch(store: Store) -> None:
+    store.add_completions([completion("a")])
+    with pytest.raises(InvalidArgument) as e:
+        store.add_completions([completion("b"), completion("a")])
+    assert e.value.field == "completion_id"
+    with pytest.raises(NotFound):
+        store.get_completion("b")
+    assert store.count_completions() == 1
+    store.add_completions([completion("b")])  # the failed batch left no transaction open
+    assert store.count_completions() == 2
+
+
+def test_unserialisable_params_are_invalid(store: Store) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        store.add_completions([completion("a", params={"x": object()})])
+    assert e.value.field == "params"
+
+
+def test_unknown_completion_not_found(store: Store) -> None:
+    with pytest.raises(NotFound) as e:
+        store.get_completion("nope")
+    assert (e.value.kind, e.value.ident) == ("completion", "nope")
+
+
+def test_feedback_is_idempotent(store: Store) -> None:
+    store.add_completions([completion("c1")])
+    assert store.add_feedback("c1", "u1", "thumbs_up", "nice") is True
+    assert store.add_feedback("c1", "u1", "thumbs_down", "changed my mind") is False
+    assert store.count_feedback() == 1
+    [fb] = store.list_feedback()
+    assert (fb.completion_id, fb.user_id, fb.rating, fb.comment) == ("c1", "u1", "thumbs_up", "nice")
+    assert store.add_feedback("c1", "u2", "thumbs_down") is True  # another user counts separately
+    assert store.count_feedback() == 2
+
+
+def test_feedback_on_unknown_completion(store: Store) -> None:
+    with pytest.raises(NotFound) as e:
+        store.add_feedback("ghost", "u1", "thumbs_up")
+    assert (e.value.kind, e.value.ident) == ("completion", "ghost")
+    assert store.count_feedback() == 0
+
+
+def test_bad_rating(store: Store) -> None:
+    store.add_completions([completion("c1")])
+    with pytest.raises(InvalidArgument) as e:
+        store.add_feedback("c1", "u1", "meh")
+    assert e.value.field == "rating"
+    assert store.count_feedback() == 0
+
+
+def test_list_feedback_incrementally(store: Store) -> None:
+    store.add_completions([completion(f"c{i}") for i in range(5)])
+    for i in range(5):
+        store.add_feedback(f"c{i}", "u", "thumbs_up" if i % 2 else "thumbs_down")
+    first = store.list_feedback(limit=2)
+    assert [f.completion_id for f in first] == ["c0", "c1"]
+    rest = store.list_feedback(after_seq=first[-1].seq)
+    assert [f.completion_id for f in rest] == ["c2", "c3", "c4"]
+    assert store.list_feedback(after_seq=rest[-1].seq) == []
+    seqs = [f.seq for f in first + rest]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+
+
+def test_list_completions_oldest_first(store: Store) -> None:
+    store.add_completions([completion("late", created_at=300.0), completion("early", created_at=100.0),
+                           completion("mid", created_at=200.0)])
+    assert [c.completion_id for c in store.list_completions()] == ["early", "mid", "late"]
+    assert [c.completion_id for c in store.list_completions(after_created_at=100.0)] == ["mid", "late"]
+    assert [c.completion_id for c in store.list_completions(limit=1)] == ["early"]
+    with pytest.raises(InvalidArgument) as e:
+        store.list_completions(limit=-1)
+    assert e.value.field == "limit"
+
+
+def test_preferences(store: Store) -> None:
+    store.add_completions([completion("a"), completion("b")])
+    assert store.add_preference("a", "b", "u1") is True
+    assert store.add_preference("a", "b", "u1") is False
+    assert store.add_preference("b", "a", "u1") is True  # the reverse is a different judgement
+    prefs = store.list_preferences()
+    assert [(p.chosen_completion_id, p.rejected_completion_id, p.user_id) for p in prefs] == [
+        ("a", "b", "u1"), ("b", "a", "u1")]
+    assert store.list_preferences(after_seq=prefs[0].seq) == prefs[1:]
+
+
+def test_preference_against_itself(store: Store) -> None:
+    store.add_completions([completion("a")])
+    with pytest.raises(InvalidArgument) as e:
+        store.add_preference("a", "a", "u1")
+    assert e.value.field == "rejected_completion_id"
+
+
+@pytest.mark.parametrize(("chosen", "rejected", "missing"), [("a", "ghost", "ghost"), ("ghost", "a", "ghost")])
+def test_preference_with_unknown_completion(store: Store, chosen: str, rejected: str, missing: str) -> None:
+    store.add_completions([completion("a")])
+    with pytest.raises(NotFound) as e:
+        store.add_preference(chosen, rejected, "u1")
+    assert (e.value.kind, e.value.ident) == ("completion", missing)
+    assert store.list_preferences() == []
+
+
+def test_reopen_keeps_data_and_version(store_url: str) -> None:
+    with open_store(store_url) as s:
+        assert s.schema_version() == LATEST
+        s.add_completions([completion("c1")])
+        s.add_feedback("c1", "u1", "thumbs_up")
+    with open_store(store_url) as s:
+        assert s.schema_version() == LATEST
+        assert s.get_completion("c1").text == "hi!"
+        assert s.count_feedback() == 1
+
+
+def test_concurrent_feedback_loses_nothing(store: Store) -> None:
+    threads_n, per_thread = 8, 40
+    store.add_completions([completion(f"c{i}") for i in range(per_thread)])
+    results: list[list[bool]] = [[] for _ in range(threads_n)]
+    start = threading.Barrier(threads_n)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            results[t].append(store.add_feedback(f"c{i}", f"user{t}", "thumbs_up"))
+            # Every thread also races on the same (completion, user): exactly one may win.
+            results[t].append(store.add_feedback("c0", "everyone", "thumbs_down"))
+            store.add_completions([completion(f"t{t}-{i}")])
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sum(map(sum, results)) == threads_n * per_thread + 1
+    assert store.count_feedback() == threads_n * per_thread + 1
+    assert store.count_completions() == per_thread + threads_n * per_thread
+    seqs = [f.seq for f in store.list_feedback()]
+    assert len(set(seqs)) == len(seqs) == threads_n * per_thread + 1
+
+
+def test_context_manager_closes(store_url: str) -> None:
+    with open_store(store_url) as s:
+        pass
+    with pytest.raises(Exception):  # noqa: B017 - each driver has its own "closed" error
+        s.count_completions()
+    s.close()  # closing twice is harmless
+
+
+# ---------------------------------------------------------------------- migrations
+
+
+def test_migration_versions_are_contiguous() -> None:
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    for dialect in SERIAL_PK:
+        assert not any("{" in render(s, dialect) for m in MIGRATIONS for s in m.statements)
+
+
+def test_migrations_applied_once(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    for _ in range(3):
+        SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT version, description FROM schema_migrations ORDER BY version").fetchall()
+    assert rows == [(m.version, m.description) for m in MIGRATIONS]
+
+
+def test_future_schema_version_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO schema_migrations VALUES (?, 'from the future', 0)", (LATEST + 1,))
+    with pytest.raises(ConfigError, match="newer"):
+        SqliteStore(path)
+
+
+# ---------------------------------------------------------------------- SQLite specifics
+
+
+def test_wal_and_synchronous_full(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "p.db") as s:
+        conn = s._db  # the store's own connection: synchronous is per connection
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+def test_two_stores_on_one_file(tmp_path: Path) -> None:
+    """Two replicas (here: two connections) writing the same file wait for each other, losing nothing."""
+    path = tmp_path / "shared.db"
+    stores = [SqliteStore(path), SqliteStore(path)]
+    stores[0].add_completions([completion("c")])
+
+    def work(t: int) -> None:
+        for i in range(25):
+            stores[t % 2].add_feedback("c", f"u{t}-{i}", "thumbs_up")
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert stores[1].count_feedback() == 100
+    for s in stores:
+        s.close()
+
+
+# ---------------------------------------------------------------------- open_store URLs
+
+
+def test_open_store_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:///sub/dir/rel.db") as s:
+        assert isinstance(s, SqliteStore)
+    assert (tmp_path / "sub" / "dir" / "rel.db").is_file()
+
+
+def test_open_store_absolute_path(tmp_path: Path) -> None:
+    target = tmp_path / "made" / "abs.db"
+    url = f"sqlite:///{target}"
+    assert url.startswith("sqlite:////")
+    with open_store(url) as s:
+        s.add_completions([completion("c1")])
+    assert target.is_file()
+
+
+def test_open_store_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:///:memory:") as s:
+        s.add_completions([completion("c1")])
+        assert s.count_completions() == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["", "mysql://db/x", "sqlite://rel.db", "sqlite:///", "/tmp/x.db"])
+def test_open_store_bad_url(url: str) -> None:
+    with pytest.raises(ConfigError, match="store_url"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("url", ["postgresql://rlhf:s3cret@db:5432/rlhf", "postgres://db/rlhf"])
+def test_open_store_postgresql_not_yet(url: str) -> None:
+    with pytest.raises(ConfigError, match="store_url: PostgreSQL backend is not available yet") as e:
+        open_store(url)
+    assert "s3cret" not in str(e.value)
