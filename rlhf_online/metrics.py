@@ -12,6 +12,11 @@ GRPC_REQUESTS = Counter("rlhf_grpc_requests_total", "RPCs handled, by service, m
 GRPC_LATENCY = Histogram("rlhf_grpc_request_duration_seconds", "RPC latency, by service, method and status code.",
                          ["service", "method", "code"], buckets=_LATENCY_BUCKETS)
 
+# --- the TGI-compatible HTTP API (recorded by its middleware) ---
+HTTP_REQUESTS = Counter("rlhf_http_requests_total", "HTTP requests handled, by route and status.", ["route", "status"])
+HTTP_LATENCY = Histogram("rlhf_http_request_duration_seconds", "HTTP request latency, by route and status.",
+                         ["route", "status"], buckets=_LATENCY_BUCKETS)
+
 # --- generation engine ---
 TIME_TO_FIRST_TOKEN = Histogram("rlhf_generation_time_to_first_token_seconds",
                                 "From admission to the queue until the first token of a request.",

@@ -32,6 +32,7 @@ class RunningServer:
     port: int
     metrics_port: int | None
     health: health.HealthServicer
+    http_port: int | None = None
     on_drain: list[Callable[[], None]] = field(default_factory=list)
     on_stopped: list[Callable[[], None]] = field(default_factory=list)
     busy: list[Callable[[], bool]] = field(default_factory=list)

@@ -12,6 +12,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class _Row:
     adapter: str
     tokens: int = 0
     finish: str | None = None
+    ids: list[int] = field(default_factory=list)  # every sampled token, EOS included
+    sent: int = 0  # how many of `ids` earlier events carried
 
 
 class Engine:
@@ -133,11 +136,17 @@ class Engine:
         with self._lock:
             return len(self._waiting) + len({id(r.request) for r in self._rows})
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, field: str = "prompt") -> list[int]:
         """A plain prompt is one user turn of the chat template (the policy is a chat model)."""
         if not prompt.strip():
-            raise InvalidArgument("prompt", "must not be empty")
-        return self._encode([{"role": "user", "content": prompt}], field="prompt")
+            raise InvalidArgument(field, "must not be empty")
+        return self._encode([{"role": "user", "content": prompt}], field)
+
+    def encode_raw(self, text: str, field: str = "inputs") -> list[int]:
+        """Text sent to the model as is (it carries its own chat markup, if any)."""
+        if not text.strip():
+            raise InvalidArgument(field, "must not be empty")
+        return self._within_limit(field, len(text), lambda: self.tokenizer.encode(text, add_special_tokens=False))
 
     def encode_messages(self, messages: list[tuple[str, str]]) -> list[int]:
         """Chat messages through the tokenizer's chat template, ending with the assistant's turn."""
@@ -151,10 +160,13 @@ class Engine:
         return self._encode([{"role": r, "content": c} for r, c in messages], field="messages")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
-               deadline: float | None = None) -> RequestHandle:
-        """Queue a request; raises RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining."""
+               deadline: float | None = None, sink: Callable[[Any], None] | None = None) -> RequestHandle:
+        """Queue a request; raises RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining.
+
+        Events go to the handle's queue, or to `sink` (called on the engine thread) when given.
+        """
         validate_params(params, n, self.config.limits)
-        req = GenerationRequest(prompt_ids=prompt_ids, params=params, n=n, deadline=deadline)
+        req = GenerationRequest(prompt_ids=prompt_ids, params=params, n=n, deadline=deadline, sink=sink)
         with self._lock:
             if self._draining or self._stopping:
                 raise Unavailable("server is shutting down; retry on another replica")
@@ -192,16 +204,21 @@ class Engine:
 
     def _encode(self, messages: list[dict], field: str) -> list[int]:
         """Tokenize through the chat template and enforce the prompt-length limit."""
+
+        def tokenize() -> list[int]:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+
+        return self._within_limit(field, sum(len(m["content"]) for m in messages), tokenize)
+
+    def _within_limit(self, field: str, chars: int, tokenize: Callable[[], list[int]]) -> list[int]:
+        """Token ids of a prompt, or InvalidArgument naming `field` when it is over the limit."""
         limit = self.config.limits.max_prompt_tokens
         # Characters bound tokens from above for this tokenizer (>= 1 char a token), so a huge
         # prompt is refused without tokenizing megabytes; the exact check follows.
-        chars = sum(len(m["content"]) for m in messages)
         if chars > 16 * limit:
             raise InvalidArgument(field, f"too long: {chars} characters; the limit is {limit} tokens")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        ids = tokenize()
         if len(ids) > limit:
             raise InvalidArgument(field, f"too long: {len(ids)} tokens; the limit is {limit}")
         return ids
@@ -416,6 +433,7 @@ class Engine:
                 req.first_token_at = now
                 metrics.TIME_TO_FIRST_TOKEN.observe(now - req.submitted_at)
             row.tokens += 1
+            row.ids.append(tok)
             if tok in self.eos_ids:
                 row.finish = FINISH_EOS
             elif row.text.add(tok):
@@ -424,7 +442,9 @@ class Engine:
                 row.finish = FINISH_LENGTH
             delta = row.text.delta(final=row.finish is not None)
             if delta or row.finish:
-                req.events.put(TextEvent(row.index, delta, row.finish, row.tokens if row.finish else 0))
+                req.emit(TextEvent(row.index, delta, row.finish, row.tokens if row.finish else 0,
+                                   tuple(row.ids[row.sent:])))
+                row.sent = len(row.ids)
             if row.finish:
                 req.remaining -= 1
                 if req.remaining == 0:

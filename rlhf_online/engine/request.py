@@ -7,8 +7,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_online.errors import DeadlineExceeded, InvalidArgument, RlhfError
 
@@ -67,12 +68,13 @@ def validate_params(p: SamplingParams, n: int, limits: Limits) -> None:
 
 @dataclass
 class TextEvent:
-    """New text of candidate `index`; `finish_reason` is set on its last event."""
+    """New text of candidate `index` and the tokens behind it; `finish_reason` is set on its last event."""
 
     index: int
     delta: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    token_ids: tuple[int, ...] = ()  # tokens sampled since the previous event (the EOS token included)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class CandidateResult:
     text: str
     finish_reason: str
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()
 
 
 _ids = itertools.count()
@@ -103,6 +106,15 @@ class GenerationRequest:
     remaining: int = 0  # candidates not yet finished, kept by the engine
     events: queue.Queue = field(default_factory=queue.Queue, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Where events go instead of `events` (e.g. onto an asyncio loop); called on the engine thread.
+    sink: Callable[[Any], None] | None = field(default=None, repr=False)
+
+    def emit(self, item: Any) -> None:
+        """Hand an event, an error or the end marker to the consumer."""
+        if self.sink is not None:
+            self.sink(item)
+        else:
+            self.events.put(item)
 
     def expired(self, now: float) -> bool:
         """True once the client's deadline has passed."""
@@ -144,17 +156,44 @@ class RequestHandle:
 
     def result(self) -> list[CandidateResult]:
         """Block until every candidate is finished and return them in index order."""
-        texts: dict[int, list[str]] = {}
-        done: dict[int, CandidateResult] = {}
+        collector = ResultCollector(self.request.n)
         for ev in self.events():
-            texts.setdefault(ev.index, []).append(ev.delta)
-            if ev.finish_reason is not None:
-                done[ev.index] = CandidateResult("".join(texts[ev.index]), ev.finish_reason, ev.completion_tokens)
-        return [done[i] for i in range(self.request.n)]
+            collector.add(ev)
+        return collector.results()
+
+
+class ResultCollector:
+    """Assembles streamed events into finished candidates."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._texts: dict[int, list[str]] = {}
+        self._ids: dict[int, list[int]] = {}
+        self.done: dict[int, CandidateResult] = {}
+
+    def add(self, ev: TextEvent) -> CandidateResult | None:
+        """Take one event; return the candidate's result if this event finished it."""
+        self._texts.setdefault(ev.index, []).append(ev.delta)
+        self._ids.setdefault(ev.index, []).extend(ev.token_ids)
+        if ev.finish_reason is None:
+            return None
+        result = CandidateResult("".join(self._texts[ev.index]), ev.finish_reason, ev.completion_tokens,
+                                 tuple(self._ids[ev.index]))
+        self.done[ev.index] = result
+        return result
+
+    def results(self) -> list[CandidateResult]:
+        """All candidates in index order (every one must have finished)."""
+        return [self.done[i] for i in range(self.n)]
+
+
+def is_done(item: Any) -> bool:
+    """True for the end-of-request marker."""
+    return item is _DONE
 
 
 def finish_request(request: GenerationRequest, error: RlhfError | BaseException | None = None) -> None:
     """Signal the consumer that the request ended, with an error if it failed."""
     if error is not None:
-        request.events.put(error)
-    request.events.put(_DONE)
+        request.emit(error)
+    request.emit(_DONE)

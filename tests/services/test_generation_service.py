@@ -15,6 +15,7 @@ from rlhf_online.config import GenerationSettings
 from rlhf_online.store import open_store
 from rlhf_online.v1 import generation_pb2 as pb
 from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+from services.bootstrap import engine_config
 from services.generation import start_generation_server
 
 PARAMS = pb.SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -28,8 +29,9 @@ def served(make_engine, tmp_path):
     def start(step_delay: float = 0.0, **overrides):
         settings = GenerationSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path,
                                       store_url=f"sqlite:///{tmp_path / 'store.db'}", grace_seconds=5, **overrides)
-        engine = make_engine(step_delay=step_delay, max_batch_size=settings.max_batch_size,
-                             max_queue=settings.max_queue)
+        cfg = engine_config(settings)  # the same engine config production derives from settings
+        engine = make_engine(step_delay=step_delay, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                             limits=cfg.limits)
         store = open_store(settings.store_url)
         running = start_generation_server(settings, engine, store)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
