@@ -20,6 +20,7 @@ from services.server import RunningServer, start_server
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 RATING = {pb.RATING_THUMBS_UP: "thumbs_up", pb.RATING_THUMBS_DOWN: "thumbs_down"}
+NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -78,11 +79,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Job:
         """Queue a request with the client's deadline; cancelled when the RPC ends."""
         remaining = context.time_remaining()
+        # Without a client deadline grpc reports an enormous remaining time, not None.
+        no_deadline = remaining is None or remaining > NO_DEADLINE_S
         job = self.frontend.submit(
             prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
             params=self._params(request.params), n=request.n or 1, user_id=request.user_id,
             metadata=dict(request.metadata),
-            deadline=time.monotonic() + remaining if remaining is not None else None)
+            deadline=None if no_deadline else time.monotonic() + remaining)
         # Fires when the RPC ends for any reason; a client that went away frees its batch slots.
         context.add_callback(job.handle.cancel)
         return job

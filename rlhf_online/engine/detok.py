@@ -36,10 +36,11 @@ class IncrementalText:
 
     def delta(self, final: bool = False) -> str:
         """The text that can be emitted now; everything left when `final`."""
-        end = len(self.text)
+        # U+FFFD at the end is an incomplete UTF-8 sequence: the next token completes it, and a
+        # sequence cut off there (by max_new_tokens) never will, so it is not text either way.
+        end = len(self.text.rstrip("\ufffd"))
         if not final:
-            # U+FFFD at the end is an incomplete UTF-8 sequence that the next token completes.
-            end = min(len(self.text.rstrip("\ufffd")), self._safe_end())
+            end = min(end, self._safe_end())
         end = max(end, self.emitted)
         out = self.text[self.emitted : end]
         self.emitted = end

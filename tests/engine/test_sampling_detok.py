@@ -74,3 +74,13 @@ def test_stop_string_across_tokens_is_held_back_then_cut(tiny):
             break
     assert stopped
     assert "".join(out) == "one two "
+
+
+def test_a_character_cut_off_at_the_end_is_dropped(tiny):
+    tok = tiny[1]
+    ids = tok.encode("tea 🍵", add_special_tokens=False)
+    inc = IncrementalText(tok)
+    for i in ids[:-1]:  # the emoji's last byte never arrives
+        inc.add(i)
+    assert inc.text.endswith("\ufffd")
+    assert inc.delta(final=True) == "tea "

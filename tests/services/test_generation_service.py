@@ -128,6 +128,13 @@ def test_feedback_errors(served):
     assert code(lambda: stub.SubmitPreference(unknown, timeout=5))[0] == grpc.StatusCode.NOT_FOUND
 
 
+def test_calls_without_a_deadline(served):
+    _, stub, _, _ = served()
+    assert stub.Generate(pb.GenerateRequest(prompt="hi", params=PARAMS)).completions[0].completion_tokens == 8
+    chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt="hi", params=PARAMS)))
+    assert chunks[-1].completion_tokens == 8
+
+
 def test_deadline_exceeded_and_the_server_keeps_serving(served):
     _, stub, _, _ = served(step_delay=0.01)
     long = pb.GenerateRequest(prompt="Go on forever.", params=pb.SamplingParams(max_new_tokens=500, temperature=1.0))
