@@ -62,3 +62,19 @@ def make_engine(tiny):
     yield make
     for e in engines:
         e.stop()
+
+
+@pytest.fixture
+def wait_queue_depth():
+    """Block until the engine's queue holds `depth` requests (so a test knows its RPCs really arrived)."""
+    import time
+
+    from prometheus_client import REGISTRY
+
+    def wait(depth: int, timeout: float = 10.0) -> None:
+        end = time.time() + timeout
+        while REGISTRY.get_sample_value("rlhf_generation_queue_depth") != depth:
+            assert time.time() < end, "the request never reached the queue"
+            time.sleep(0.01)
+
+    return wait

@@ -142,17 +142,17 @@ def test_deadline_exceeded_and_the_server_keeps_serving(served):
     assert stub.Generate(pb.GenerateRequest(prompt="hi", params=PARAMS), timeout=30).completions[0].text
 
 
-def test_queue_full_is_resource_exhausted(served):
+def test_queue_full_is_resource_exhausted(served, wait_queue_depth):
     running, stub, _, _ = served(step_delay=0.02, max_batch_size=1, max_queue=1, max_n=1)
     long = pb.GenerateRequest(prompt="Go on.", params=pb.SamplingParams(max_new_tokens=400, temperature=1.0))
     streams = [stub.GenerateStream(long, timeout=60)]
     next(streams[0])  # the first is running
     streams.append(stub.GenerateStream(long, timeout=60))  # the second waits in the queue
-    deadline = time.time() + 10
-    got = grpc.StatusCode.OK
-    while got == grpc.StatusCode.OK and time.time() < deadline:
-        got = code(lambda: stub.Generate(long, timeout=60))[0]
-    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
+    wait_queue_depth(1)
+    t0 = time.time()
+    got, details = code(lambda: stub.Generate(long, timeout=30))
+    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in details
+    assert time.time() - t0 < 2  # refused at once, not after waiting
     for s in streams:
         s.cancel()
 

@@ -111,13 +111,14 @@ def test_validation_errors_are_the_clients_own_exception(http):
     assert status == 422 and "inputs" in body["error"]
 
 
-def test_overload_is_429(http):
+def test_overload_is_429(http, wait_queue_depth):
     url, _, _ = http(step_delay=0.02, max_batch_size=1, max_queue=1)
     long = {"inputs": "Go on.", "parameters": {"max_new_tokens": 300, "do_sample": True}}
     threads = [threading.Thread(target=post, args=(f"{url}/generate", long), daemon=True) for _ in range(2)]
     for t in threads:
         t.start()
         time.sleep(0.3)  # the first runs, the second waits in the queue
+    wait_queue_depth(1)
     with pytest.raises(OverloadedError):
         Client(url, timeout=30).generate("one more", max_new_tokens=2)
 
