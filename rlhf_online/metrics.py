@@ -38,9 +38,20 @@ POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new req
 ADAPTERS_LOADED = Gauge("rlhf_adapters_loaded", "LoRA adapters resident in this replica.")
 
 
+# --- reward service ---
+REWARD_SCORES = Histogram("rlhf_reward_score", "Scores returned by the reward service.",
+                          buckets=(-10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10))
+REWARD_MODEL_VERSION = Gauge("rlhf_reward_model_version", "Learned reward model version served (N of rN; 0 = untrained).")
+REWARD_ACCURACY = Gauge("rlhf_reward_heldout_accuracy", "Held-out accuracy of the served learned reward model.", ["kind"])
+REWARD_TRAINING_SECONDS = Histogram("rlhf_reward_training_seconds", "Duration of reward-model trainings.",
+                                    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+REWARD_TRAININGS = Counter("rlhf_reward_trainings_total", "Reward-model trainings by outcome.", ["outcome"])
+REWARD_FEEDBACK_SEEN = Gauge("rlhf_reward_feedback_seen", "Feedback (ratings + preferences) the served model was trained on.")
+
+
 def version_number(version: str) -> int:
-    """`v000012` -> 12; the bare base ("") -> 0."""
-    digits = version.lstrip("v")
+    """`v000012` (or `r000012`) -> 12; the bare base or an untrained model ("") -> 0."""
+    digits = version.lstrip("vr")
     return int(digits) if digits.isdigit() else 0
 
 

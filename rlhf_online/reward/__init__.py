@@ -1,0 +1,1 @@
+"""Reward models: a learned preference model, classifier rewards, and weighted combinations."""

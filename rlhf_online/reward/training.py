@@ -1,0 +1,184 @@
+"""Train and evaluate the learned reward model on the store's feedback.
+
+Data: single thumbs (pointwise, logistic), explicit preferences, and thumbs-up vs thumbs-down
+completions of the same prompt (pairwise, Bradley-Terry). The held-out slice is chosen by a hash
+of the prompt, so a prompt is always on the same side as data grows and held-out pairs test
+generalisation to prompts the model never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_online.reward.encoder import TextEncoder
+from rlhf_online.reward.learned import HeadConfig, LearnedReward, RewardHead, features
+from rlhf_online.store import CompletionRecord, Store
+
+log = logging.getLogger("rlhf_online.reward")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs of one reward-model training."""
+
+    heldout_percent: int = 20  # share of prompts (by hash) kept out of training
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    pairwise_weight: float = 1.0
+    pointwise_weight: float = 1.0
+    max_pairs_per_prompt: int = 16  # caps the up x down product of a much-rated prompt
+    min_train_examples: int = 16  # pairs + singles needed before a model is trained at all
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    """Completions by id, with pairwise and pointwise examples."""
+
+    completions: dict[str, CompletionRecord] = field(default_factory=dict)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (chosen id, rejected id)
+    singles: list[tuple[str, int]] = field(default_factory=list)  # (completion id, 1 = thumbs up)
+
+    @property
+    def examples(self) -> int:
+        """Pairs plus singles."""
+        return len(self.pairs) + len(self.singles)
+
+
+@dataclass
+class Dataset:
+    """Training and held-out splits, and how much feedback they came from."""
+
+    train: Split
+    heldout: Split
+    feedback_seen: int
+
+
+def prompt_key(c: CompletionRecord) -> str:
+    """What identifies 'the same prompt': its text, or its chat messages."""
+    return c.prompt or json.dumps(c.messages)
+
+
+def is_heldout(key: str, percent: int) -> bool:
+    """Deterministic split by prompt."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100 < percent
+
+
+def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
+    """Everything the store has, split by prompt."""
+    feedback = store.list_feedback()
+    preferences = store.list_preferences()
+    ids = {f.completion_id for f in feedback} | {p.chosen_completion_id for p in preferences} | \
+        {p.rejected_completion_id for p in preferences}
+    comps = {i: store.get_completion(i) for i in ids}
+    splits = {True: Split(), False: Split()}
+
+    def split_of(cid: str) -> Split:
+        s = splits[is_heldout(prompt_key(comps[cid]), cfg.heldout_percent)]
+        s.completions[cid] = comps[cid]
+        return s
+
+    ups: dict[str, set[str]] = defaultdict(set)
+    downs: dict[str, set[str]] = defaultdict(set)
+    for f in feedback:
+        label = 1 if f.rating == "thumbs_up" else 0
+        split_of(f.completion_id).singles.append((f.completion_id, label))
+        (ups if label else downs)[prompt_key(comps[f.completion_id])].add(f.completion_id)
+    for p in preferences:
+        if prompt_key(comps[p.chosen_completion_id]) != prompt_key(comps[p.rejected_completion_id]):
+            continue  # a preference across prompts says little about either reply
+        split_of(p.rejected_completion_id)
+        split_of(p.chosen_completion_id).pairs.append((p.chosen_completion_id, p.rejected_completion_id))
+    for key in ups.keys() & downs.keys():
+        implied = [(u, d) for u in sorted(ups[key]) for d in sorted(downs[key]) if u != d]
+        splits[is_heldout(key, cfg.heldout_percent)].pairs.extend(implied[: cfg.max_pairs_per_prompt])
+    return Dataset(train=splits[False], heldout=splits[True], feedback_seen=len(feedback) + len(preferences))
+
+
+def _features(encoder: TextEncoder, split: Split) -> tuple[torch.Tensor, dict[str, int]]:
+    """Features of every completion in a split, and the row of each id."""
+    ids = list(split.completions)
+    comps = [split.completions[i] for i in ids]
+    prompts = [c.prompt or "\n".join(m[1] for m in c.messages) for c in comps]
+    return features(encoder, prompts, [c.text for c in comps]), {cid: k for k, cid in enumerate(ids)}
+
+
+def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -> LearnedReward:
+    """Fit a fresh head on the training split (full batch: the features are small and precomputed)."""
+    torch.manual_seed(cfg.seed)
+    feats, row = _features(encoder, data.train)
+    head_cfg = HeadConfig(dim=encoder.dim)
+    head = RewardHead(head_cfg)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    chosen = torch.tensor([row[a] for a, _ in data.train.pairs], dtype=torch.long)
+    rejected = torch.tensor([row[b] for _, b in data.train.pairs], dtype=torch.long)
+    single = torch.tensor([row[c] for c, _ in data.train.singles], dtype=torch.long)
+    labels = torch.tensor([y for _, y in data.train.singles], dtype=torch.float)
+    t0 = time.time()
+    loss = torch.zeros(())
+    head.train()
+    for _ in range(cfg.epochs):
+        r = head(feats)  # [N]
+        loss = torch.zeros(())
+        if len(chosen):
+            loss = loss + cfg.pairwise_weight * -F.logsigmoid(r[chosen] - r[rejected]).mean()
+        if len(single):
+            loss = loss + cfg.pointwise_weight * F.binary_cross_entropy_with_logits(r[single] + head.bias, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        offset = float(head(feats).mean()) if len(feats) else 0.0
+    head_cfg = replace(head_cfg, offset=offset, bias=float(head.bias.detach()))
+    log.info("reward model trained", extra={"version": version, "examples": data.train.examples,
+                                            "seconds": round(time.time() - t0, 2), "loss": round(float(loss.detach()), 4)})
+    return LearnedReward(encoder, head, head_cfg, version)
+
+
+def evaluate(model: LearnedReward, encoder: TextEncoder, split: Split) -> dict[str, float]:
+    """Held-out pairwise and pointwise accuracy, calibration (Brier score, ECE) and counts."""
+    out = {"heldout_pairs": float(len(split.pairs)), "heldout_singles": float(len(split.singles))}
+    if not split.completions:
+        return out
+    feats, row = _features(encoder, split)
+    r = model.raw_scores(feats)
+    if split.pairs:
+        right = [float(r[row[a]] > r[row[b]]) for a, b in split.pairs]
+        out["pairwise_accuracy"] = sum(right) / len(right)
+    if split.singles:
+        p = torch.sigmoid(torch.stack([r[row[c]] for c, _ in split.singles]) + model.cfg.bias)
+        y = torch.tensor([float(lbl) for _, lbl in split.singles])
+        out["pointwise_accuracy"] = float(((p > 0.5).float() == y).float().mean())
+        out["brier"] = float(((p - y) ** 2).mean())
+        out["ece"] = expected_calibration_error(p, y)
+    return out
+
+
+def expected_calibration_error(p: torch.Tensor, y: torch.Tensor, bins: int = 10) -> float:
+    """Mean |confidence - frequency| over equal-width probability bins, weighted by bin size."""
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        mask = (p >= lo) & ((p < hi) if b < bins - 1 else (p <= hi))
+        if mask.any():
+            ece += float(mask.float().mean()) * abs(float(p[mask].mean()) - float(y[mask].mean()))
+    return ece
+
+
+def accuracy_margin(accuracy: float, n: int, z: float = 1.96) -> float:
+    """The noise allowed when comparing two accuracies on the same n held-out pairs (~z standard errors)."""
+    if n == 0:
+        return 1.0
+    p = min(max(accuracy, 0.05), 0.95)
+    return z * math.sqrt(2 * p * (1 - p) / n)

@@ -1,0 +1,119 @@
+"""The Reward gRPC service in-process on port 0: scoring, training, gating, retraining, auth, errors."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from rlhf_online.config import RewardSettings
+from rlhf_online.reward.runtime import RewardRuntime
+from rlhf_online.store import open_store
+from rlhf_online.v1 import reward_pb2 as pb
+from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
+from services.reward import start_reward_server
+from tests.reward.synthetic import fill_store
+
+ITEMS = [pb.ScoreItem(prompt="How was your day?", completion=c) for c in
+         ["It was lovely, thank you for asking!", "Terrible. Leave me alone, idiot.", "Fine."]]
+
+
+@pytest.fixture
+def reward(tmp_path, encoder, monkeypatch):
+    """Start a reward server; returns a factory taking settings overrides -> (stub, runtime, running)."""
+    import rlhf_online.reward.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "TextEncoder", lambda *a, **k: encoder)  # share the loaded encoder
+    servers = []
+
+    def start(**overrides):
+        settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path,
+                                  store_url=f"sqlite:///{tmp_path / 'store.db'}", **overrides)
+        runtime = RewardRuntime(settings, open_store(settings.store_url))
+        running = start_reward_server(settings, runtime)
+        servers.append(running)
+        return pb_grpc.RewardStub(grpc.insecure_channel(f"127.0.0.1:{running.port}")), runtime, running
+
+    yield start
+    for s in servers:
+        s.shutdown(1)
+
+
+def code(call):
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_untrained_then_trained_and_served(reward):
+    stub, runtime, running = reward()
+    s = stub.Score(pb.ScoreRequest(items=ITEMS), timeout=30)
+    assert list(s.scores) == [0.0, 0.0, 0.0] and s.reward_model_version == ""
+    r = stub.Train(pb.TrainRewardRequest(), timeout=60)
+    assert not r.promoted and "not enough feedback" in r.reason
+    fill_store(runtime.store)
+    r = stub.Train(pb.TrainRewardRequest(), timeout=120)
+    assert r.promoted and r.model.version == "r000001" and r.model.metrics["pairwise_accuracy"] > 0.75
+    assert r.model.feedback_seen == runtime.store.count_feedback() + len(runtime.store.list_preferences())
+    info = stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10)
+    assert info.version == "r000001" and "pointwise_accuracy" in info.metrics and "ece" in info.metrics
+    kind, rude, _ = stub.Score(pb.ScoreRequest(items=ITEMS), timeout=30).scores
+    assert kind > rude
+    text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+    for series in ("rlhf_reward_score_count", "rlhf_reward_model_version 1.0", "rlhf_reward_heldout_accuracy",
+                   "rlhf_reward_training_seconds_count", "rlhf_reward_feedback_seen",
+                   'rlhf_grpc_requests_total{code="OK",method="Score",service="Reward"}'):
+        assert series in text, series
+
+
+def test_background_retraining_after_enough_new_feedback(reward):
+    stub, runtime, _ = reward(retrain_min_feedback=50, retrain_interval_seconds=0.2)
+    fill_store(runtime.store)
+    deadline = time.time() + 60
+    while stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10).version != "r000001":
+        assert time.time() < deadline, "no background retraining"
+        time.sleep(0.2)
+
+
+def test_pinned_version_stays_served(reward, tmp_path):
+    stub, runtime, running = reward()
+    fill_store(runtime.store)
+    stub.Train(pb.TrainRewardRequest(), timeout=120)
+    running.shutdown(1)
+    stub, runtime, _ = reward(pin_version="r000001")
+    assert stub.Train(pb.TrainRewardRequest(), timeout=120).model.version == "r000002"
+    assert stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10).version == "r000001"
+
+
+def test_weighted_reward_with_profanity(reward):
+    stub, _, _ = reward(reward_model="learned=1,profanity=2")
+    s = stub.Score(pb.ScoreRequest(items=ITEMS), timeout=30)
+    assert s.scores[0] > s.scores[1] and s.reward_model_version == "1*learned+2*profanity"
+
+
+def test_bad_requests(reward):
+    stub, _, _ = reward(max_score_items=100, max_text_chars=1000)
+    cases = {
+        "items": pb.ScoreRequest(),
+        "items ": pb.ScoreRequest(items=[ITEMS[0]] * 101),
+        "items[1].completion": pb.ScoreRequest(items=[ITEMS[0], pb.ScoreItem(prompt="p", completion="x" * 1001)]),
+    }
+    for field, req in cases.items():
+        got, details = code(lambda req=req: stub.Score(req, timeout=10))
+        assert got == grpc.StatusCode.INVALID_ARGUMENT and field.strip() in details, (field, details)
+    assert stub.Score(pb.ScoreRequest(items=ITEMS), timeout=10).scores  # still serving
+
+
+def test_train_needs_the_admin_token(reward):
+    stub, _, _ = reward(admin_token="s3cret")
+    assert code(lambda: stub.Train(pb.TrainRewardRequest(), timeout=10))[0] == grpc.StatusCode.UNAUTHENTICATED
+    wrong = (("authorization", "Bearer nope"),)
+    assert code(lambda: stub.Train(pb.TrainRewardRequest(), timeout=10, metadata=wrong))[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+    right = (("authorization", "Bearer s3cret"),)
+    assert stub.Train(pb.TrainRewardRequest(), timeout=60, metadata=right).reason
+    assert stub.Score(pb.ScoreRequest(items=ITEMS), timeout=10).scores  # scoring needs no token
