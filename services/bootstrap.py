@@ -80,6 +80,10 @@ def run_reward(settings: RewardSettings) -> int:
     from services.reward import start_reward_server
 
     set_threads(settings)
-    running = start_reward_server(settings, RewardRuntime(settings, open_store(settings.store_url)))
-    running.wait_for_signal(settings.grace_seconds)
+    runtime = RewardRuntime(settings, open_store(settings.store_url))
+    running = start_reward_server(settings, runtime)
+    running.on_stopped.append(runtime.runner.stop)
+    running.shutdown_on_signal(settings.grace_seconds)
+    runtime.runner.run_forever()  # scoring owns the main thread until shutdown
+    running.stopped.wait()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("rlhf_online.bench")
@@ -54,35 +56,46 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
-    """Start `rlhf-online serve generation` and drive it with concurrent clients."""
+@contextlib.contextmanager
+def start_service(service: str, env: dict[str, str], tmp: Path) -> Iterator[int]:
+    """`rlhf-online serve SERVICE` as a subprocess on a free port; yields the port once health says SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from rlhf_online.v1 import generation_pb2 as pb
-    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
-
     port = _free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    env = {**os.environ, "RLHF_BASE_MODEL": str(model_dir), "RLHF_DATA_DIR": str(tmp),
-           "RLHF_STORE_URL": f"sqlite:///{tmp / 'bench.db'}", "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0",
-           "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_HOST": "127.0.0.1",
-           "RLHF_DTYPE": args.dtype}
-    with open(tmp / "server.log", "w") as server_log:
-        server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+    env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
+    with open(tmp / f"{service}.log", "w") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", service], env=env,
                                   stdout=subprocess.DEVNULL, stderr=server_log)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         deadline = time.time() + 300
         while True:
             if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start; see {tmp / 'server.log'}")
+                raise RuntimeError(f"{service} did not start; see {tmp / f'{service}.log'}")
             try:
                 if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
                     break
             except grpc.RpcError:
                 time.sleep(0.5)
+        yield port
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
+def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
+    """Start `rlhf-online serve generation` and drive it with concurrent clients."""
+    import grpc
+
+    from rlhf_online.v1 import generation_pb2 as pb
+    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    env = {"RLHF_BASE_MODEL": str(model_dir), "RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'bench.db'}",
+           "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_DTYPE": args.dtype}
+    with start_service("generation", env, tmp) as port:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.GenerationStub(channel)
         params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
         stub.Generate(pb.GenerateRequest(prompt="warm up", params=params), timeout=300)
@@ -106,9 +119,6 @@ def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
     return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
             "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 0.95),
             "requests": len(latencies), "errors": errors}

@@ -105,11 +105,7 @@ class Engine:
         return self
 
     def run(self) -> None:
-        """Run the decode loop in the calling thread until stop().
-
-        Servers call this from the main thread: torch's OpenMP workers stay hot for the thread
-        that owns them, and a decode step measured here took 52 ms there vs 85 ms in another thread.
-        """
+        """Run the decode loop in the calling thread until stop() (servers: the main thread, see mainthread.py)."""
         self._run()
 
     def stop(self, timeout: float = 10.0) -> None:

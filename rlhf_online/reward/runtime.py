@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from rlhf_online import metrics
 from rlhf_online.config import RewardSettings
 from rlhf_online.errors import InvalidArgument
+from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import UntrainedReward
 from rlhf_online.reward.models import (
@@ -44,6 +45,7 @@ class RewardRuntime:
         self._manifest: dict = {}
         self._seen_at_last_train = 0
         self._stop = threading.Event()
+        self.runner = MainThreadRunner()  # scoring runs on the main thread once serve() hands it over
         self._load_learned(settings.pin_version or self.registry.current())
 
     # ------------------------------------------------------------ scoring
@@ -69,7 +71,7 @@ class RewardRuntime:
                 which = "prompt" if len(p) > limit else "completion"
                 raise InvalidArgument(f"items[{i}].{which}", f"at most {limit} characters")
         model = self.model  # one consistent model for the whole batch, even if a swap happens meanwhile
-        scores = model.score(prompts, completions)
+        scores = self.runner.call(model.score, prompts, completions)
         for s in scores:
             metrics.REWARD_SCORES.observe(s)
         return scores, model.version

@@ -10,11 +10,11 @@ import pytest
 
 from rlhf_online.config import RewardSettings
 from rlhf_online.reward.runtime import RewardRuntime
+from rlhf_online.simulate.synthetic import fill_store
 from rlhf_online.store import open_store
 from rlhf_online.v1 import reward_pb2 as pb
 from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
 from services.reward import start_reward_server
-from tests.reward.synthetic import fill_store
 
 ITEMS = [pb.ScoreItem(prompt="How was your day?", completion=c) for c in
          ["It was lovely, thank you for asking!", "Terrible. Leave me alone, idiot.", "Fine."]]

@@ -1,4 +1,4 @@
-"""Synthetic feedback with a known hidden preference, written into a store (shared by the reward tests)."""
+"""Synthetic feedback with a known hidden preference (phrase mixes), for tests and the reward benchmark."""
 
 from __future__ import annotations
 

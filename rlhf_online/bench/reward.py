@@ -1,0 +1,74 @@
+"""`rlhf-online bench reward`: items scored per second through the Reward service at batch sizes 1, 16, 64."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rlhf_online.bench.serving import machine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the reward benchmark."""
+    p.add_argument("--batch-sizes", default="1,16,64")
+    p.add_argument("--items", type=int, default=256, help="items scored per batch size (per repeat)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per batch size; the median is reported")
+    p.add_argument("--out", default="bench-results")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train a learned reward on synthetic feedback, serve it with `serve reward`, time Score at each batch size."""
+    import grpc
+
+    from rlhf_online.bench.serving import start_service
+    from rlhf_online.config import RewardSettings
+    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.simulate.synthetic import completion_text, fill_store
+    from rlhf_online.store import open_store
+    from rlhf_online.v1 import reward_pb2 as pb
+    from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    env = {"RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'store.db'}",
+           "RLHF_RETRAIN_INTERVAL_SECONDS": "3600"}
+    runtime = RewardRuntime(RewardSettings(data_dir=tmp, store_url=env["RLHF_STORE_URL"]),
+                            open_store(env["RLHF_STORE_URL"]))
+    fill_store(runtime.store)
+    _, promoted, reason = runtime.train()
+    assert promoted, reason  # the benchmark must time a real trained head, not the untrained zeros
+    version = runtime.info()[0]
+    with start_service("reward", env, tmp) as port:
+        stub = pb_grpc.RewardStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        rng = random.Random(0)
+        items = [pb.ScoreItem(prompt=f"Write a reply about case {i}.", completion=completion_text(rng)[0])
+                 for i in range(args.items)]
+        assert stub.Score(pb.ScoreRequest(items=items[:8]), timeout=60).reward_model_version == version
+        rows = []
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            rates = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for i in range(0, len(items), bs):
+                    stub.Score(pb.ScoreRequest(items=items[i:i + bs]), timeout=120)
+                rates.append(len(items) / (time.perf_counter() - t0))
+            rows.append({"batch_size": bs, "items_per_s": statistics.median(rates), "repeats": rates})
+    base = rows[0]["items_per_s"]
+    for r in rows:
+        r["speedup_vs_first"] = r["items_per_s"] / base
+    result = {"benchmark": "reward", "reward_model": version, "machine": machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "items": args.items, "rows": rows}
+    lines = [f"Reward benchmark — learned reward (all-MiniLM-L6-v2 + head), Score over gRPC, {args.items} items, "
+             f"median of {args.repeats}, {result['machine']}, {result['date']}", "",
+             "| batch size | items/s | vs batch 1 |", "|---:|---:|---:|"]
+    lines += [f"| {r['batch_size']} | {r['items_per_s']:.1f} | {r['speedup_vs_first']:.2f}x |" for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward.json").write_text(json.dumps(result, indent=2))
+    (out / "reward.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
