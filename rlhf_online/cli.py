@@ -41,7 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write its JSON and Markdown table."""
     import importlib
 
-    return importlib.import_module(f"rlhf_online.bench.{args.bench_command}").main(args)
+    return importlib.import_module(f"rlhf_online.bench.{args.bench_command.replace('-', '_')}").main(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -72,10 +72,12 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-    from rlhf_online.bench import reward, serving
+    from rlhf_online.bench import reward, reward_accuracy, serving
 
     serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
     reward.add_arguments(bsub.add_parser("reward", help="Score throughput at batch sizes 1, 16, 64"))
+    reward_accuracy.add_arguments(bsub.add_parser("reward-accuracy",
+                                                  help="learned reward vs simulated users' hidden preference"))
     bench.set_defaults(fn=_bench)
 
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults")
