@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from rlhf_online import config, logs
-from rlhf_online.errors import ConfigError
+from rlhf_online.errors import ConfigError, RlhfError
 
 log = logging.getLogger("rlhf_online.cli")
 
@@ -42,6 +43,28 @@ def _bench(args: argparse.Namespace) -> int:
     import importlib
 
     return importlib.import_module(f"rlhf_online.bench.{args.bench_command.replace('-', '_')}").main(args)
+
+
+def _policies(args: argparse.Namespace) -> int:
+    """List, activate or roll back adapter versions in the registry directory."""
+    import json
+
+    from rlhf_online.adapters.registry import AdapterRegistry
+
+    registry = AdapterRegistry(Path(args.adapter_dir or Path(args.data_dir) / "adapters"))
+    if args.policies_command == "list":
+        current = registry.current()
+        for m in registry.describe():
+            mark = "*" if m["version"] == current else " "
+            print(f"{mark} {m['version']}  parent={m.get('parent') or '-'}  base={m['base_model']}  "
+                  f"metrics={json.dumps(m.get('metrics', {}), sort_keys=True)}")
+        print(f"CURRENT = {current or '(bare base)'}")
+    elif args.policies_command == "activate":
+        registry.activate(args.version)
+        print(f"CURRENT = {args.version or '(bare base)'}")
+    else:
+        print(f"CURRENT = {registry.rollback() or '(bare base)'}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -80,6 +103,16 @@ def parser() -> argparse.ArgumentParser:
                                                   help="learned reward vs simulated users' hidden preference"))
     bench.set_defaults(fn=_bench)
 
+    policies = sub.add_parser("policies", help="the adapter registry: list, activate, rollback")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
+    where.add_argument("--adapter-dir", default=os.environ.get("RLHF_ADAPTER_DIR"))
+    psub = policies.add_subparsers(dest="policies_command", required=True)
+    psub.add_parser("list", parents=[where], help="published versions; * marks CURRENT")
+    psub.add_parser("activate", parents=[where], help="make VERSION current ('' = bare base)").add_argument("version")
+    psub.add_parser("rollback", parents=[where], help="activate the newest version older than CURRENT")
+    policies.set_defaults(fn=_policies)
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults")
     demo.add_argument("--data-dir", default="data")
     demo.add_argument("--requests", type=int, default=8, help="generation requests the demo client sends")
@@ -96,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhf-online: configuration error: {e}", file=sys.stderr)
         return 2
+    except RlhfError as e:
+        print(f"rlhf-online: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

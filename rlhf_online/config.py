@@ -87,6 +87,7 @@ class GenerationSettings(CommonSettings):
     default_max_new_tokens: int = setting(64, "max_new_tokens when a request leaves it unset")
     max_n: int = setting(8, "most candidates one request may ask for (capped at max_batch_size)")
     workers: int = setting(0, "gRPC worker threads (0 = max_queue + max_batch_size + 8)")
+    adapter_poll_seconds: float = setting(2.0, "how often the replica checks the registry's CURRENT")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -97,6 +98,7 @@ class GenerationSettings(CommonSettings):
         _check("default_max_new_tokens", self.default_max_new_tokens,
                1 <= self.default_max_new_tokens <= self.max_new_tokens, f"in 1..max_new_tokens ({self.max_new_tokens})")
         _check("workers", self.workers, self.workers >= 0, ">= 0")
+        _check("adapter_poll_seconds", self.adapter_poll_seconds, self.adapter_poll_seconds > 0, "> 0")
 
     @property
     def worker_threads(self) -> int:

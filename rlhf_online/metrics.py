@@ -38,6 +38,11 @@ POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new req
 ADAPTERS_LOADED = Gauge("rlhf_adapters_loaded", "LoRA adapters resident in this replica.")
 
 
+# --- adapter hot-swap ---
+ADAPTER_SWAPS = Counter("rlhf_adapter_swaps_total", "Policy version switches by outcome.", ["outcome"])
+ADAPTER_SWAP_SECONDS = Histogram("rlhf_adapter_swap_duration_seconds", "From seeing a new CURRENT to serving it.",
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+
 # --- reward service ---
 REWARD_SCORES = Histogram("rlhf_reward_score", "Scores returned by the reward service.",
                           buckets=(-10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10))

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import grpc
 
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.adapters.watcher import AdapterWatcher
 from rlhf_online.config import GenerationSettings
 from rlhf_online.engine.engine import Engine
 from rlhf_online.engine.request import ResultCollector, SamplingParams
@@ -114,5 +116,10 @@ def start_generation_server(settings: GenerationSettings, engine: Engine, store:
         running.http_port = http.port
         running.on_drain.append(http.drain)
         running.on_stopped.insert(0, http.stop)
+    registry = AdapterRegistry(settings.adapter_dir)
+    watcher = AdapterWatcher(registry, engine, base_model=settings.base_model,
+                             poll_seconds=settings.adapter_poll_seconds)
+    watcher.start()  # its first poll loads CURRENT, if the registry has one
+    running.on_drain.append(watcher.stop)
     running.on_stopped.extend([engine.stop, store.close])
     return running

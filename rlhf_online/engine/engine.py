@@ -280,7 +280,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
-                while not (self._stopping or self._waiting or self._rows or self._commands):
+                # Idle with retired adapters means nothing uses them any more: wake to unload them.
+                while not (self._stopping or self._waiting or self._rows or self._commands or self._retired):
                     self._lock.wait(timeout=1.0)  # wakes now and then so the main thread can take signals
                 if self._stopping:
                     break

@@ -79,3 +79,15 @@ def test_unknown_version_cannot_become_current(make_engine):
 
     with pytest.raises(InvalidArgument):
         make_engine().set_current("v000009")
+
+
+def test_retired_version_is_unloaded_even_when_the_server_goes_idle(make_engine, adapter_dir):
+    engine = make_engine()
+    engine.load_adapter("v000001", adapter_dir)
+    engine.set_current("v000001")
+    engine.submit(engine.encode_prompt(PROMPT), SamplingParams(max_new_tokens=2)).result()
+    engine.set_current("")  # no request follows: only the idle loop can unload it
+    end = time.time() + 5
+    while engine.loaded_versions():
+        assert time.time() < end, "retired adapter stayed loaded on an idle server"
+        time.sleep(0.02)
