@@ -1,0 +1,58 @@
+"""The PPO policy: base model + trainable LoRA + value head; the reference is the same model, adapter off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf_online.ppo.config import PPOConfig
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class PolicyWithValue(nn.Module):
+    """Logits and values of [query | response] sequences, and reference logits with the adapter disabled."""
+
+    def __init__(self, base: Any, cfg: PPOConfig, adapter_dir: Path | None = None) -> None:
+        super().__init__()
+        if adapter_dir is not None:
+            # Warm start: continue from the served adapter (and its value head, if it has one).
+            self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        else:
+            self.model = get_peft_model(base, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+        hidden = base.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+            self.value_head.load_state_dict(load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE)))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, L, V], values [B, L]) of left-padded sequences."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        return out.logits, values
+
+    @torch.no_grad()
+    def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen reference: the same weights with the LoRA adapter disabled (no second copy)."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.model.disable_adapter():
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """LoRA weights and the value head; the base stays frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save(self, directory: Path) -> None:
+        """The PEFT adapter files plus the value head, for publishing and for the next round's warm start."""
+        self.model.save_pretrained(str(directory))
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(directory / VALUE_HEAD_FILE))

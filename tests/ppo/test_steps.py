@@ -1,0 +1,87 @@
+"""The round's steps on the tiny model: shapes and invariants, and PPO raising a scripted reward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_online.ppo import steps
+from rlhf_online.ppo.config import PPOConfig
+from rlhf_online.ppo.core import AdaptiveKLController
+from rlhf_online.ppo.policy import PolicyWithValue
+
+PROMPTS = [f"Tell me something about topic {i}." for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def direction_reward(tiny):
+    """A scripted reward the tiny policy can learn: each token scores by its lm_head row's projection on a fixed
+    random direction (standardised), so raising it means moving hidden states along that direction."""
+    model, tok = tiny
+    d = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    z = model.lm_head.weight.detach().float() @ d
+    per_token = ((z - z.mean()) / z.std()).tolist()
+
+    def reward(prompts, texts):
+        out = []
+        for t in texts:
+            ids = tok(t, add_special_tokens=False).input_ids
+            out.append(sum(per_token[i] for i in ids) / max(1, len(ids)))
+        return out
+
+    return reward
+
+
+def test_collect_records_consistent_logprobs_and_masks(tiny):
+    model, tok = tiny
+    cfg = PPOConfig(batch_size=4, response_length=6)
+    policy = PolicyWithValue(copy.deepcopy(model), cfg)
+    ro = steps.collect(policy, tok, PROMPTS[:4], cfg, seed=0)
+    assert ro.response.shape == ro.mask.shape == ro.logprobs.shape == ro.values.shape == (4, 6)
+    # before any update the policy is the reference: KL is exactly zero (LoRA B starts at 0)
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    # recomputing the log-probs with the same weights gives the same numbers (alignment of positions)
+    ids, attn = ro.sequences
+    lp, _ = steps._response_slices(policy, ids, attn, ro.query.shape[1], 6, ro.response, cfg.temperature)
+    assert torch.allclose(lp * ro.mask, ro.logprobs, atol=1e-5)
+    assert ro.texts == tok.batch_decode(ro.response, skip_special_tokens=True)
+
+
+def test_response_mask_stops_after_eos():
+    mask, ended = steps.response_mask(torch.tensor([[5, 2, 7, 8], [5, 6, 7, 8]]), eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+def test_missing_eos_penalty(tiny):
+    cfg = PPOConfig(missing_eos_penalty=1.0)
+    ro = steps.Rollouts(["a", "b"], *([torch.zeros(2, 1)] * 4), texts=["x", "y"], ended=torch.tensor([True, False]),
+                        logprobs=torch.zeros(2, 1), ref_logprobs=torch.zeros(2, 1), values=torch.zeros(2, 1))
+    assert steps.score(ro, lambda p, t: [0.5, 0.5], cfg).tolist() == [0.5, -0.5]
+
+
+def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
+    model, tok = tiny
+    torch.manual_seed(0)
+    cfg = PPOConfig(batch_size=32, response_length=4, learning_rate=3e-3, init_kl_coef=0.02)
+    policy = PolicyWithValue(copy.deepcopy(model), cfg)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    heldout = [f"Describe item number {i}." for i in range(32)]
+    before = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123)
+    scores, kls = [], []
+    for _ in range(10):
+        ro = steps.collect(policy, tok, PROMPTS, cfg)
+        s = steps.score(ro, direction_reward, cfg)
+        adv, ret, stats = steps.advantages(ro, s, kl_ctl.value, cfg)
+        steps.update(policy, optimizer, ro, adv, ret, cfg)
+        kl_ctl.update(stats["objective/kl"], cfg.batch_size)
+        scores.append(stats["objective/scores"])
+        kls.append(stats["objective/kl"])
+    after = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123)
+    # Held-out reward gains measured with seeds 0 / 1 / 2: +0.38 / +0.10 / +0.31 (in standard deviations of the
+    # per-token score); the bound leaves margin under the weakest.
+    assert after["eval/reward"] > before["eval/reward"] + 0.05
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3
+    assert after["eval/finite"] == 1.0 and after["eval/kl"] < cfg.target_kl * 2
