@@ -13,20 +13,18 @@ from rlhf_online.errors import ConfigError, RlhfError
 
 log = logging.getLogger("rlhf_online.cli")
 
-SERVICES = {"generation": config.GenerationSettings, "reward": config.RewardSettings}
-PENDING = {"trainer": "the Trainer service arrives with issue 4"}
+SERVICES = {"generation": config.GenerationSettings, "reward": config.RewardSettings,
+            "trainer": config.TrainerSettings}
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Start one service and block until SIGTERM."""
-    if args.service in PENDING:
-        log.error("not available yet", extra={"service": args.service, "why": PENDING[args.service]})
-        return 2
     settings = config.build(SERVICES[args.service], args)
     logs.configure(settings.log_level)
     from services import bootstrap
 
-    return {"generation": bootstrap.run_generation, "reward": bootstrap.run_reward}[args.service](settings)
+    return {"generation": bootstrap.run_generation, "reward": bootstrap.run_reward,
+            "trainer": bootstrap.run_trainer}[args.service](settings)
 
 
 def _model_fetch(args: argparse.Namespace) -> int:
@@ -83,7 +81,6 @@ def parser() -> argparse.ArgumentParser:
     services = serve.add_subparsers(dest="service", required=True)
     for name, cls in SERVICES.items():
         config.add_arguments(services.add_parser(name, help=cls.__doc__), cls)
-    services.add_parser("trainer", help=PENDING["trainer"])
     serve.set_defaults(fn=_serve)
 
     model = sub.add_parser("model", help="model provisioning")

@@ -148,6 +148,40 @@ class RewardSettings(CommonSettings):
         _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
 
 
+@dataclass(frozen=True)
+class TrainerSettings(CommonSettings):
+    """The Trainer service (port 50053); PPO knobs keep the names of rlhf_online.ppo.config.PPOConfig."""
+
+    port: int = setting(50053, "gRPC port (0 = pick a free one and log it)")
+    metrics_port: int = setting(9093, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
+    reward_addr: str = setting("127.0.0.1:50052", "host:port of the Reward service")
+    round_interval_seconds: float = setting(600.0, "run a round at least this often (0 = only on feedback or RunRound)")
+    round_min_feedback: int = setting(64, "run a round once this much new feedback arrived (0 = off)")
+    min_prompts: int = setting(4, "logged prompts needed before a round runs (fewer: the round is skipped)")
+    batch_size: int = setting(8, "rollouts per round")
+    response_length: int = setting(32, "max new tokens per rollout")
+    num_ppo_epochs: int = setting(4, "PPO epochs per round")
+    learning_rate: float = setting(3e-4, "LoRA learning rate")
+    init_kl_coef: float = setting(0.05, "initial beta of the per-token KL penalty")
+    adaptive_kl: bool = setting(True, "adapt beta towards target_kl (Ziegler et al.); false keeps it fixed")
+    target_kl: float = setting(6.0, "target KL (nats per response) of the adaptive controller")
+    kl_budget: float = setting(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
+    eval_prompts: int = setting(16, "held-out prompts the gate evaluates on")
+    eval_seed: int = setting(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
+    keep_versions: int = setting(10, "published adapter versions kept in the registry")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        super().validate()
+        _check("reward_addr", self.reward_addr, ":" in self.reward_addr, "host:port")
+        for name in ("min_prompts", "batch_size", "response_length", "num_ppo_epochs", "eval_prompts", "keep_versions"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        for name in ("round_interval_seconds", "round_min_feedback", "init_kl_coef"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+        for name in ("learning_rate", "target_kl", "kl_budget"):
+            _check(name, getattr(self, name), getattr(self, name) > 0, "> 0")
+
+
 def _check(name: str, value: Any, ok: bool, want: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: invalid value {value!r} (want {want}); set --{_flag(name)} or RLHF_{name.upper()}")

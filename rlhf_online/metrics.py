@@ -43,6 +43,14 @@ ADAPTER_SWAPS = Counter("rlhf_adapter_swaps_total", "Policy version switches by 
 ADAPTER_SWAP_SECONDS = Histogram("rlhf_adapter_swap_duration_seconds", "From seeing a new CURRENT to serving it.",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
 
+# --- trainer ---
+TRAINER_ROUNDS = Counter("rlhf_trainer_rounds_total", "PPO rounds by outcome.", ["outcome"])
+TRAINER_ROUND_SECONDS = Histogram("rlhf_trainer_round_duration_seconds", "Duration of PPO rounds.",
+                                  buckets=(5, 10, 20, 40, 60, 120, 240, 480, 960))
+PPO_STATS = Gauge("rlhf_ppo_stat", "Last round's PPO statistics by TRL-style name (objective/kl, policy/clipfrac, ...).",
+                  ["name"])
+KL_COEF = Gauge("rlhf_ppo_kl_coef", "Current beta of the per-token KL penalty.")
+
 # --- reward service ---
 REWARD_SCORES = Histogram("rlhf_reward_score", "Scores returned by the reward service.",
                           buckets=(-10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10))

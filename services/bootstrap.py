@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings
+from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings, TrainerSettings
 from rlhf_online.engine.engine import Engine, EngineConfig
 from rlhf_online.engine.request import Limits
 from rlhf_online.models.provision import load_model, resolve_base_model
@@ -85,5 +85,24 @@ def run_reward(settings: RewardSettings) -> int:
     running.on_stopped.append(runtime.runner.stop)
     running.shutdown_on_signal(settings.grace_seconds)
     runtime.runner.run_forever()  # scoring owns the main thread until shutdown
+    running.stopped.wait()
+    return 0
+
+
+def run_trainer(settings: TrainerSettings) -> int:
+    """`rlhf-online serve trainer`: rounds run on the main thread until SIGTERM."""
+    from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.mainthread import MainThreadRunner
+    from rlhf_online.ppo.trainer import Trainer, load_base_model
+    from services.trainer import reward_client, start_trainer_server
+
+    set_threads(settings)
+    registry = AdapterRegistry(settings.adapter_dir)
+    trainer = Trainer(settings, open_store(settings.store_url), registry, reward_client(settings.reward_addr),
+                      load_base_model(settings))
+    runner = MainThreadRunner()
+    running = start_trainer_server(trainer, registry, runner)
+    running.shutdown_on_signal(settings.grace_seconds)
+    runner.run_forever()
     running.stopped.wait()
     return 0

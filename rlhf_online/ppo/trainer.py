@@ -1,0 +1,170 @@
+"""A PPO round end to end: collect -> score -> advantages -> update -> evaluate -> gate -> publish.
+
+The policy warm-starts from the served adapter (CURRENT) and its candidate is compared with it on
+held-out prompts with fixed sampling seeds: published only if the mean reward did not drop, the
+KL to the reference stays within budget and every number is finite; otherwise the round is
+recorded as rejected with the reason and the next round starts again from the served version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_online import metrics
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.config import TrainerSettings
+from rlhf_online.ppo import steps
+from rlhf_online.ppo.config import PPOConfig
+from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
+from rlhf_online.ppo.policy import PolicyWithValue
+from rlhf_online.store import Store
+
+log = logging.getLogger("rlhf_online.trainer")
+
+
+@dataclass
+class RoundResult:
+    """What a round did: "published" | "rejected" | "skipped", the version, why, and its numbers."""
+
+    outcome: str
+    version: str = ""
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def ppo_config(settings: TrainerSettings) -> PPOConfig:
+    """The PPO knobs of a trainer's settings."""
+    return PPOConfig(batch_size=settings.batch_size, response_length=settings.response_length,
+                     num_ppo_epochs=settings.num_ppo_epochs, learning_rate=settings.learning_rate,
+                     init_kl_coef=settings.init_kl_coef, adaptive_kl=settings.adaptive_kl, target_kl=settings.target_kl)
+
+
+def split_prompts(store: Store, heldout_percent: int = 20) -> tuple[list[str], list[str]]:
+    """Distinct logged plain prompts, split (by a hash of the text) into training and held-out ones."""
+    prompts = sorted({c.prompt for c in store.list_completions() if c.prompt})
+    held = [p for p in prompts if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 100 < heldout_percent]
+    return [p for p in prompts if p not in set(held)], held
+
+
+def gate(candidate: dict[str, float], current: dict[str, float], kl_budget: float) -> tuple[bool, str]:
+    """Publish only if nothing is NaN, KL is within budget and the held-out reward did not drop."""
+    numbers = [*candidate.values(), *current.values()]
+    if not all(math.isfinite(x) for x in numbers):
+        return False, "non-finite evaluation"
+    if candidate["eval/kl"] > kl_budget:
+        return False, f"KL to reference {candidate['eval/kl']:.2f} over budget {kl_budget:.2f}"
+    if candidate["eval/reward"] < current["eval/reward"]:
+        return False, f"held-out reward dropped: {candidate['eval/reward']:.4f} < {current['eval/reward']:.4f}"
+    return True, (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f}, "
+                  f"KL {candidate['eval/kl']:.2f} <= {kl_budget:.2f}")
+
+
+class Trainer:
+    """Runs rounds on its own copy of the model and publishes into the adapter registry."""
+
+    def __init__(self, settings: TrainerSettings, store: Store, registry: AdapterRegistry,
+                 reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]]) -> None:
+        self.settings, self.store, self.registry, self.reward_fn = settings, store, registry, reward_fn
+        self.cfg = ppo_config(settings)
+        self.load_base = load_base
+        _, self.tokenizer = load_base()
+        self.kl_ctl = (AdaptiveKLController(self.cfg.init_kl_coef, self.cfg.target_kl, self.cfg.kl_horizon)
+                       if self.cfg.adaptive_kl else FixedKLController(self.cfg.init_kl_coef))
+        self.rounds_total = 0
+        self.last = RoundResult("skipped", reason="no round yet")
+        self.in_progress = threading.Event()
+        self.feedback_at_last_round = 0
+        self.rng = random.Random(self.cfg.seed)
+
+    def _policy(self, version: str) -> PolicyWithValue:
+        """A fresh trainable policy warm-started from `version` ("" = a new LoRA on the bare base)."""
+        base, _ = self.load_base()
+        return PolicyWithValue(base, self.cfg, self.registry.path(version) if version else None)
+
+    def run_round(self) -> RoundResult:
+        """One round; never raises for a bad round, it records it."""
+        self.in_progress.set()
+        t0 = time.time()
+        try:
+            result = self._round()
+        except Exception as e:  # a crashed round is a rejected round with the reason, the service lives on
+            log.exception("round failed")
+            result = RoundResult("rejected", reason=f"round failed: {type(e).__name__}: {e}")
+        finally:
+            self.in_progress.clear()
+        seconds = time.time() - t0
+        result.metrics["time/round_seconds"] = round(seconds, 2)
+        self.rounds_total += 1
+        self.last = result
+        metrics.TRAINER_ROUNDS.labels(result.outcome).inc()
+        metrics.TRAINER_ROUND_SECONDS.observe(seconds)
+        for k, v in result.metrics.items():
+            metrics.PPO_STATS.labels(k).set(v)
+        metrics.KL_COEF.set(self.kl_ctl.value)
+        log.info("round", extra={"outcome": result.outcome, "version": result.version, "reason": result.reason,
+                                 "seconds": round(seconds, 1)})
+        return result
+
+    def _round(self) -> RoundResult:
+        self.feedback_at_last_round = self.store.count_feedback()
+        train, held = split_prompts(self.store)
+        if len(train) < self.settings.min_prompts:
+            return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.settings.min_prompts}")
+        held = (held or train)[: self.settings.eval_prompts]
+        current = self.registry.current()
+        policy = self._policy(current)
+        times: dict[str, float] = {}
+        t = time.time()
+        before = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed)
+        times["time/eval_seconds"] = time.time() - t
+        t = time.time()
+        batch = [self.rng.choice(train) for _ in range(self.cfg.batch_size)]
+        rollouts = steps.collect(policy, self.tokenizer, batch, self.cfg)
+        times["time/rollout_seconds"] = time.time() - t
+        t = time.time()
+        scores = steps.score(rollouts, self.reward_fn, self.cfg)
+        times["time/score_seconds"] = time.time() - t
+        adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.cfg)
+        t = time.time()
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.learning_rate)
+        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.cfg))
+        times["time/update_seconds"] = time.time() - t
+        self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
+        t = time.time()
+        after = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed)
+        times["time/eval_seconds"] += time.time() - t
+        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items()}, **after}
+        passed, reason = gate(after, before, self.settings.kl_budget)
+        if not passed:
+            return RoundResult("rejected", reason=reason, metrics=numbers)
+        version = self.registry.publish(policy.save, base_model=self.settings.base_model, parent=current,
+                                        metrics={k: v for k, v in numbers.items() if math.isfinite(v)})
+        self.registry.activate(version)
+        self.registry.prune(self.settings.keep_versions)
+        return RoundResult("published", version=version, reason=reason, metrics=numbers)
+
+    def due(self, last_round_at: float) -> bool:
+        """A background round is due: enough new feedback, or the interval passed."""
+        s = self.settings
+        if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
+            return True
+        return bool(s.round_interval_seconds) and time.time() - last_round_at >= s.round_interval_seconds
+
+
+def load_base_model(settings: TrainerSettings) -> Callable[[], tuple[Any, Any]]:
+    """A loader of fresh fp32 copies of the base model (training needs its own, unshared weights)."""
+    from rlhf_online.models.provision import load_model, resolve_base_model
+
+    path: Path = resolve_base_model(settings.base_model, Path(settings.data_dir))
+    return lambda: load_model(path, device=settings.device)

@@ -1,0 +1,93 @@
+"""The Trainer gRPC service: rounds on demand and in the background, the policy registry, promotion."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.mainthread import MainThreadRunner
+from rlhf_online.ppo.trainer import RoundResult, Trainer
+from rlhf_online.v1 import generation_pb2 as gen_pb
+from rlhf_online.v1 import reward_pb2, reward_pb2_grpc
+from rlhf_online.v1 import trainer_pb2 as pb
+from rlhf_online.v1 import trainer_pb2_grpc as pb_grpc
+from services.server import RunningServer, start_server
+
+log = logging.getLogger("rlhf_online.trainer")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+ADMIN_METHODS = {f"/{SERVICE_NAME}/RunRound", f"/{SERVICE_NAME}/ActivatePolicy"}
+
+
+def reward_client(addr: str, timeout: float = 300.0):
+    """Score completions through the Reward service."""
+    stub = reward_pb2_grpc.RewardStub(grpc.insecure_channel(addr))
+
+    def score(prompts, completions) -> list[float]:
+        items = [reward_pb2.ScoreItem(prompt=p, completion=c) for p, c in zip(prompts, completions, strict=True)]
+        return list(stub.Score(reward_pb2.ScoreRequest(items=items), timeout=timeout).scores)
+
+    return score
+
+
+def _round_pb(r: RoundResult) -> pb.RoundResult:
+    return pb.RoundResult(outcome=r.outcome, version=r.version, reason=r.reason, metrics=r.metrics)
+
+
+class TrainerServicer(pb_grpc.TrainerServicer):
+    """GetStatus, RunRound, ListPolicies, ActivatePolicy."""
+
+    def __init__(self, trainer: Trainer, registry: AdapterRegistry, runner: MainThreadRunner) -> None:
+        self.trainer, self.registry, self.runner = trainer, registry, runner
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.TrainerStatus:
+        """Where the trainer stands."""
+        t = self.trainer
+        return pb.TrainerStatus(current=self.registry.current(), round_in_progress=t.in_progress.is_set(),
+                                rounds_total=t.rounds_total, last_round=_round_pb(t.last),
+                                feedback_since_last_round=max(0, t.store.count_feedback() - t.feedback_at_last_round))
+
+    def RunRound(self, request: pb.RunRoundRequest, context: grpc.ServicerContext) -> pb.RoundResult:
+        """One round now (queued behind a running one)."""
+        return _round_pb(self.runner.call(self.trainer.run_round))
+
+    def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.ServicerContext) -> pb.ListPoliciesResponse:
+        """Every published version with its metrics, and which one is CURRENT."""
+        return pb.ListPoliciesResponse(current=self.registry.current(), policies=[
+            gen_pb.Policy(version=m["version"], base_model=m["base_model"], metrics=m.get("metrics", {}))
+            for m in self.registry.describe()])
+
+    def ActivatePolicy(self, request: pb.ActivatePolicyRequest, context: grpc.ServicerContext) -> gen_pb.Policy:
+        """Promote or roll back: CURRENT names `version` ("" = the bare base); replicas follow within a poll."""
+        self.registry.activate(request.version)
+        if not request.version:
+            return gen_pb.Policy(version="", base_model=self.trainer.settings.base_model)
+        m = self.registry.manifest(request.version)
+        return gen_pb.Policy(version=m["version"], base_model=m["base_model"], metrics=m.get("metrics", {}))
+
+
+def start_trainer_server(trainer: Trainer, registry: AdapterRegistry, runner: MainThreadRunner) -> RunningServer:
+    """Start the service and the background loop that runs a round when one is due."""
+    settings = trainer.settings
+    running = start_server(settings, [SERVICE_NAME], lambda s: pb_grpc.add_TrainerServicer_to_server(
+        TrainerServicer(trainer, registry, runner), s), workers=16, admin_methods=ADMIN_METHODS)
+    stop = threading.Event()
+
+    def loop() -> None:
+        last = time.time()
+        while not stop.wait(5.0):
+            try:
+                if trainer.due(last):
+                    runner.call(trainer.run_round)
+                    last = time.time()
+            except Exception:
+                log.exception("background round failed")
+
+    threading.Thread(target=loop, name="round-scheduler", daemon=True).start()
+    running.on_drain.append(stop.set)
+    running.busy.append(trainer.in_progress.is_set)
+    running.on_stopped.extend([runner.stop, trainer.store.close])
+    return running
