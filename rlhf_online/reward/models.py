@@ -34,6 +34,19 @@ class ProfanityReward:
         return [1.0 - float(p) for p in predict_prob(list(completions))] if completions else []
 
 
+class SentimentReward:
+    """VADER compound sentiment of the completion, in [-1, 1]: a scripted reward for tests and benchmarks."""
+
+    kind = "sentiment"
+    version = "sentiment"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """Warmer text scores higher."""
+        from rlhf_online.simulate.judges import sentiment
+
+        return sentiment(completions)
+
+
 class ClassifierReward:
     """A Hugging Face sequence-classification model's logit for one label (e.g. RoBERTa hate speech's "nothate")."""
 
@@ -92,13 +105,16 @@ class WeightedReward:
         return total
 
 
+KINDS = ("learned", "profanity", "sentiment", "classifier")
+
+
 def parse_spec(spec: str) -> list[tuple[str, float]]:
     """`learned`, `profanity`, `classifier` or weighted `learned=0.7,profanity=0.3` -> [(name, weight)]."""
     parts = []
     for item in spec.split(","):
         name, _, weight = item.strip().partition("=")
-        if name not in ("learned", "profanity", "classifier"):
-            raise ConfigError(f"reward_model: unknown reward {name!r} in {spec!r} (learned, profanity, classifier)")
+        if name not in KINDS:
+            raise ConfigError(f"reward_model: unknown reward {name!r} in {spec!r} ({', '.join(KINDS)})")
         try:
             parts.append((name, float(weight) if weight else 1.0))
         except ValueError:

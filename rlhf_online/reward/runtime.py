@@ -17,6 +17,7 @@ from rlhf_online.reward.models import (
     ClassifierReward,
     ProfanityReward,
     RewardModel,
+    SentimentReward,
     WeightedReward,
     parse_spec,
 )
@@ -55,7 +56,8 @@ class RewardRuntime:
         """The reward as configured, with the learned part at its served version."""
         parts: list[tuple[RewardModel, float]] = []
         for name, weight in self.spec:
-            part = {"learned": self._learned, "profanity": ProfanityReward(), "classifier": self.classifier}[name]
+            part = {"learned": self._learned, "profanity": ProfanityReward(), "sentiment": SentimentReward(),
+                    "classifier": self.classifier}[name]
             parts.append((part, weight))
         return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedReward(parts)
 

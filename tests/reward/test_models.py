@@ -71,3 +71,11 @@ def test_parse_spec():
     for bad in ("magic", "learned=x"):
         with pytest.raises(ConfigError, match="reward_model"):
             parse_spec(bad)
+
+
+def test_sentiment_reward_is_vader_compound():
+    from rlhf_online.reward.models import SentimentReward
+    from rlhf_online.simulate.judges import sentiment
+
+    assert SentimentReward().score(["", ""], TEXTS) == sentiment(TEXTS)
+    assert parse_spec("sentiment=1,profanity=0.5") == [("sentiment", 1.0), ("profanity", 0.5)]

@@ -83,11 +83,16 @@ def test_the_gate_rejects_a_candidate_over_the_kl_budget(trainer):
 
 
 def test_gate_rules():
-    ok = {"eval/reward": 1.0, "eval/kl": 1.0, "eval/finite": 1.0}
-    assert gate(ok, {**ok, "eval/reward": 0.9}, kl_budget=5)[0]
-    assert not gate({**ok, "eval/reward": 0.8}, ok, kl_budget=5)[0]
-    assert not gate({**ok, "eval/kl": 9.0}, ok, kl_budget=5)[0]
-    assert "non-finite" in gate({**ok, "eval/reward": float("nan")}, ok, kl_budget=5)[1]
+    def ev(rewards, kl=1.0):
+        return {"rewards": rewards, "eval/reward": sum(rewards) / len(rewards), "eval/kl": kl}
+
+    cur = ev([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])
+    assert gate(ev([0.5, 0.1, 0.9, 0.3, 0.7, 0.2]), cur, kl_budget=5)[0]  # unchanged: published
+    assert gate(ev([0.6, 0.0, 0.9, 0.4, 0.6, 0.2]), cur, kl_budget=5)[0]  # noise either way: published
+    ok, reason = gate(ev([0.1, -0.3, 0.5, -0.1, 0.3, -0.2]), cur, kl_budget=5)  # every sample worse
+    assert not ok and "dropped" in reason
+    assert "over budget" in gate(ev([0.5] * 6, kl=9.0), cur, kl_budget=5)[1]
+    assert "non-finite" in gate(ev([float("nan")] + [0.5] * 5), cur, kl_budget=5)[1]
 
 
 def test_admin_rpcs_need_the_token(trainer):
