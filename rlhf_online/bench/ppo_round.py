@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf_online.bench.serving import _free_port, machine, start_service
+from rlhf_online.bench.common import free_port, machine, start_service, write_report
 
 SEED_PROMPTS = [
     "My neighbour keeps parking in my spot. Write him a note.", "Review the cafe that got my order wrong twice.",
@@ -60,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-round-"))
     common = {"RLHF_BASE_MODEL": model, "RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'store.db'}",
               "RLHF_ADAPTER_DIR": str(tmp / "adapters"), "RLHF_TORCH_THREADS": "2"}
-    reward_port = _free_port()
+    reward_port = free_port()
     results = []
     with contextlib.ExitStack() as stack:
         gen_port = stack.enter_context(start_service("generation", common, tmp))
@@ -98,9 +97,5 @@ def main(args: argparse.Namespace) -> int:
         lines.append(f"| {i} | {r['outcome']} {r['version']} | {m.get('eval/reward_current', float('nan')):.4f} -> "
                      f"{m.get('eval/reward', float('nan')):.4f} | {m.get('eval/kl', float('nan')):.2f} | "
                      + " | ".join(f"{m.get(k, float('nan')):.1f}" for k in parts) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ppo_round.json").write_text(json.dumps(result, indent=2))
-    (out / "ppo_round.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "ppo_round", result, lines)
     return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf_online.bench.serving import machine
+from rlhf_online.bench.common import machine, start_service, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +24,6 @@ def main(args: argparse.Namespace) -> int:
     """Train a learned reward on synthetic feedback, serve it with `serve reward`, time Score at each batch size."""
     import grpc
 
-    from rlhf_online.bench.serving import start_service
     from rlhf_online.config import RewardSettings
     from rlhf_online.reward.runtime import RewardRuntime
     from rlhf_online.simulate.synthetic import completion_text, fill_store
@@ -66,9 +64,5 @@ def main(args: argparse.Namespace) -> int:
              f"median of {args.repeats}, {result['machine']}, {result['date']}", "",
              "| batch size | items/s | vs batch 1 |", "|---:|---:|---:|"]
     lines += [f"| {r['batch_size']} | {r['items_per_s']:.1f} | {r['speedup_vs_first']:.2f}x |" for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reward.json").write_text(json.dumps(result, indent=2))
-    (out / "reward.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "reward", result, lines)
     return 0

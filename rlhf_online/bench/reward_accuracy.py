@@ -9,7 +9,6 @@ scored on the held-out prompts' reply pairs against the persona's noise-free hid
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import threading
@@ -17,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlhf_online.bench.serving import machine
+from rlhf_online.bench.common import machine, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,9 +125,5 @@ def main(args: argparse.Namespace) -> int:
              f"| {n} | {result['pairwise_accuracy']:.3f} | {clear} | {result['pairwise_accuracy_clear']:.3f} |", "",
              f"Trained on {len(train)} train prompts: {result['feedback']} thumbs and {result['preferences']} "
              f"preferences (rating noise {persona.noise}); held-out prompts never seen in training."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reward_accuracy.json").write_text(json.dumps(result, indent=2))
-    (out / "reward_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "reward_accuracy", result, lines)
     return 0

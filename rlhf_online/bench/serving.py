@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
-import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from rlhf_online.bench.common import machine, start_service, write_report
 
 log = logging.getLogger("rlhf_online.bench")
 
@@ -40,48 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="directory for serving.json and serving.md")
 
 
-def machine() -> str:
-    """A one-line description of this machine."""
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-@contextlib.contextmanager
-def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None = None) -> Iterator[int]:
-    """`rlhf-online serve SERVICE` as a subprocess (on a free port unless given); yields the port once SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port = port or _free_port()
-    env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
-    with open(tmp / f"{service}.log", "w") as server_log:
-        server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", service], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=server_log)
-    try:
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{service} did not start; see {tmp / f'{service}.log'}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    break
-            except grpc.RpcError:
-                time.sleep(0.5)
-        yield port
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
 
 
 def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -185,9 +140,5 @@ def main(args: argparse.Namespace) -> int:
               "requests_per_client": args.requests_per_client, "max_new_tokens": args.max_new_tokens,
               "served": served, "sequential": sequential,
               "ratio": served["tokens_per_s"] / sequential["tokens_per_s"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(result, indent=2))
-    (out / "serving.md").write_text(table(result) + "\n")
-    print(table(result))
+    write_report(args.out, "serving", result, table(result).splitlines())
     return 1 if served["errors"] else 0
