@@ -277,7 +277,14 @@ class Engine:
 
     def _run(self) -> None:
         """Step until stopped; never dies on a bad batch."""
-        torch.set_grad_enabled(False)
+        # Scoped, not torch.set_grad_enabled(False): the loop may run on the caller's (main) thread,
+        # which must get its grad mode back afterwards.
+        with torch.no_grad():
+            self._loop()
+        self._fail_all(Unavailable("server is shutting down"))
+
+    def _loop(self) -> None:
+        """The decode loop proper."""
         while True:
             with self._lock:
                 # Idle with retired adapters means nothing uses them any more: wake to unload them.
@@ -294,7 +301,6 @@ class Engine:
             except Exception as e:  # a failed forward fails its requests, not the server
                 log.exception("decode step failed", extra={"rows": len(self._rows)})
                 self._fail_all(RlhfError(f"generation failed: {e}"))
-        self._fail_all(Unavailable("server is shutting down"))
 
     def _step(self) -> None:
         """Evict, admit, decode one token for every row."""

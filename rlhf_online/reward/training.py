@@ -113,6 +113,7 @@ def _features(encoder: TextEncoder, split: Split) -> tuple[torch.Tensor, dict[st
     return features(encoder, prompts, [c.text for c in comps]), {cid: k for k, cid in enumerate(ids)}
 
 
+@torch.enable_grad()
 def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -> LearnedReward:
     """Fit a fresh head on the training split (full batch: the features are small and precomputed)."""
     torch.manual_seed(cfg.seed)

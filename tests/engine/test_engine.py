@@ -199,3 +199,21 @@ def test_many_threads_all_answered(make_engine):
         t.join()
     assert not errors and len(results) == 24
     assert engine.stats["max_rows"] == 4
+
+
+def test_running_the_loop_on_the_callers_thread_leaves_its_grad_mode_alone(tiny):
+    from rlhf_online.engine.engine import Engine
+
+    engine = Engine(tiny[0], tiny[1])
+    result = {}
+
+    def client():
+        result["r"] = engine.submit(engine.encode_prompt("hi"), GREEDY).result()
+        engine.stop()
+
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run()  # here, on this thread, as servers do on their main thread
+    t.join()
+    assert result["r"][0].completion_tokens == 12
+    assert torch.is_grad_enabled()
