@@ -9,6 +9,7 @@ scored on the held-out prompts' reply pairs against the persona's noise-free hid
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import threading
@@ -29,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-generations", action="store_true",
+                   help="reuse the replies cached by an earlier run with the same prompts and sampling")
     p.add_argument("--out", default="bench-results")
 
 
@@ -78,7 +81,15 @@ def main(args: argparse.Namespace) -> int:
     heldout = [p.prompt for p in load_prompts("heldout")][: args.heldout_prompts or None]
     t0 = time.time()
     print(f"generating 2 replies for {len(train)} train + {len(heldout)} held-out prompts", flush=True)
-    pairs = generate_pairs(args, train + heldout)
+    cache = Path(args.out) / "reward_accuracy_generations.json"
+    key = {"prompts": train + heldout, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+           "seed": args.seed, "base_model": args.base_model}
+    if args.reuse_generations and cache.exists() and json.loads(cache.read_text())["key"] == key:
+        pairs = [tuple(p) for p in json.loads(cache.read_text())["pairs"]]  # same prompts and sampling: reuse
+    else:
+        pairs = generate_pairs(args, train + heldout)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "pairs": pairs}))
     gen_s = time.time() - t0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-accuracy-"))
     store = open_store(f"sqlite:///{tmp / 'store.db'}")

@@ -36,8 +36,10 @@ class RewardHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.hidden, 1))
+        # hidden == 0: a linear head (logistic / Bradley-Terry regression on the features)
+        self.net = (nn.Linear(2 * cfg.dim, 1) if cfg.hidden == 0 else
+                    nn.Sequential(nn.Linear(2 * cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(cfg.hidden, 1)))
         self.bias = nn.Parameter(torch.tensor(cfg.bias))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ class TrainConfig:
     pointwise_weight: float = 1.0
     max_pairs_per_prompt: int = 16  # caps the up x down product of a much-rated prompt
     min_train_examples: int = 16  # pairs + singles needed before a model is trained at all
+    head_hidden: int = 256  # width of the head's hidden layer; 0 = a linear head
     seed: int = 0
 
 
@@ -118,7 +119,7 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
     """Fit a fresh head on the training split (full batch: the features are small and precomputed)."""
     torch.manual_seed(cfg.seed)
     feats, row = _features(encoder, data.train)
-    head_cfg = HeadConfig(dim=encoder.dim)
+    head_cfg = HeadConfig(dim=encoder.dim, hidden=cfg.head_hidden)
     head = RewardHead(head_cfg)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     chosen = torch.tensor([row[a] for a, _ in data.train.pairs], dtype=torch.long)
