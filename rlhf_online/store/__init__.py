@@ -13,7 +13,7 @@ SQLITE_PREFIX = "sqlite:///"
 
 
 def open_store(url: str) -> Store:
-    """`sqlite:///rel.db` (relative), `sqlite:////abs.db` (absolute), `sqlite:///:memory:`."""
+    """`sqlite:///rel.db` (relative), `sqlite:////abs.db` (absolute), `sqlite:///:memory:`, `postgresql://…`."""
     if url.startswith(SQLITE_PREFIX):
         from rlhf_online.store.sqlite import SqliteStore
 
@@ -22,7 +22,9 @@ def open_store(url: str) -> Store:
             raise ConfigError(f"store_url: no database path in {url!r} (want sqlite:///path.db)")
         return SqliteStore(path)
     if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"store_url: PostgreSQL backend is not available yet ({redact(url)})")
+        from rlhf_online.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ConfigError(f"store_url: unsupported {redact(url)!r} (want sqlite:///path.db or postgresql://...)")
 
 

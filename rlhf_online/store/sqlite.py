@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -14,9 +13,7 @@ from typing import Any
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
 from rlhf_online.store.base import RATINGS, CompletionRecord, FeedbackRecord, PreferenceRecord, Store
 from rlhf_online.store.migrations import BOOKKEEPING, LATEST, MIGRATIONS, render
-
-_COMPLETION_COLUMNS = ("id, created_at, prompt, messages, text, policy_version, user_id, params, "
-                       "prompt_tokens, completion_tokens, finish_reason, metadata")
+from rlhf_online.store.rows import COMPLETION_COLUMNS, completion_record, completion_row, limited
 
 
 class SqliteStore(Store):
@@ -95,12 +92,12 @@ class SqliteStore(Store):
     def add_completions(self, records: Sequence[CompletionRecord]) -> None:
         """Insert completions in one transaction (InvalidArgument on a duplicate id)."""
         now = time.time()
-        rows = [_completion_row(r, now) for r in records]  # serialise before taking the lock
+        rows = [completion_row(r, now) for r in records]  # serialise before taking the lock
         if not rows:
             return
         with self._write() as c:
             for row in rows:
-                cur = c.execute(f"INSERT INTO completions ({_COMPLETION_COLUMNS}) "
+                cur = c.execute(f"INSERT INTO completions ({COMPLETION_COLUMNS}) "
                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
                 if cur.rowcount != 1:
                     raise InvalidArgument("completion_id", f"{row[0]!r} already exists")
@@ -132,26 +129,26 @@ class SqliteStore(Store):
 
     def get_completion(self, completion_id: str) -> CompletionRecord:
         """One completion, or NotFound."""
-        rows = self._read(f"SELECT {_COMPLETION_COLUMNS} FROM completions WHERE id = ?", (completion_id,))
+        rows = self._read(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE id = ?", (completion_id,))
         if not rows:
             raise NotFound("completion", completion_id)
-        return _completion_record(rows[0])
+        return completion_record(rows[0])
 
     def list_completions(self, after_created_at: float = 0.0, limit: int | None = None) -> list[CompletionRecord]:
         """Completions created after a time, oldest first."""
-        sql, args = _limited(f"SELECT {_COMPLETION_COLUMNS} FROM completions WHERE created_at > ? "
+        sql, args = limited(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE created_at > ? "
                              "ORDER BY created_at, id", [after_created_at], limit)
-        return [_completion_record(row) for row in self._read(sql, args)]
+        return [completion_record(row) for row in self._read(sql, args)]
 
     def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Feedback with seq > after_seq, in seq order."""
-        sql, args = _limited("SELECT seq, completion_id, user_id, rating, comment, created_at FROM feedback "
+        sql, args = limited("SELECT seq, completion_id, user_id, rating, comment, created_at FROM feedback "
                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [FeedbackRecord(*row) for row in self._read(sql, args)]
 
     def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
         """Preferences with seq > after_seq, in seq order."""
-        sql, args = _limited("SELECT seq, chosen_id, rejected_id, user_id, created_at FROM preferences "
+        sql, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at FROM preferences "
                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [PreferenceRecord(*row) for row in self._read(sql, args)]
 
@@ -183,40 +180,3 @@ def _require_completion(conn: sqlite3.Connection, completion_id: str) -> None:
     """NotFound unless the completion exists (rows are never deleted, so the check cannot go stale)."""
     if conn.execute("SELECT 1 FROM completions WHERE id = ?", (completion_id,)).fetchone() is None:
         raise NotFound("completion", completion_id)
-
-
-def _limited(sql: str, args: list[Any], limit: int | None) -> tuple[str, list[Any]]:
-    """The query with a LIMIT clause when one was asked for."""
-    if limit is None:
-        return sql, args
-    if limit < 0:
-        raise InvalidArgument("limit", f"must be >= 0, got {limit}")
-    return f"{sql} LIMIT ?", [*args, limit]
-
-
-def _json(field_name: str, value: Any) -> str:
-    """Serialise a JSON column; a value that cannot be stored is the caller's InvalidArgument."""
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(field_name, f"not JSON-serialisable: {e}") from e
-
-
-def _completion_row(r: CompletionRecord, now: float) -> tuple:
-    """A record as the completions table's columns; created_at 0 means now."""
-    if not r.completion_id:
-        raise InvalidArgument("completion_id", "must not be empty")
-    return (r.completion_id, r.created_at or now, r.prompt, _json("messages", [list(m) for m in r.messages]),
-            r.text, r.policy_version, r.user_id, _json("params", r.params), int(r.prompt_tokens),
-            int(r.completion_tokens), r.finish_reason, _json("metadata", r.metadata))
-
-
-def _completion_record(row: tuple) -> CompletionRecord:
-    """A completions row back as a record, JSON columns decoded."""
-    (cid, created_at, prompt, messages, text, policy_version, user_id, params,
-     prompt_tokens, completion_tokens, finish_reason, metadata) = row
-    return CompletionRecord(
-        completion_id=cid, prompt=prompt, messages=tuple((role, content) for role, content in json.loads(messages)),
-        text=text, policy_version=policy_version, user_id=user_id, params=json.loads(params),
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finish_reason=finish_reason,
-        metadata=json.loads(metadata), created_at=created_at)

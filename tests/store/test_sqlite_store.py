@@ -14,16 +14,27 @@ from rlhf_online.store import CompletionRecord, Store, open_store
 from rlhf_online.store.migrations import LATEST, MIGRATIONS, SERIAL_PK, render
 from rlhf_online.store.sqlite import SqliteStore
 
-# A later issue adds "postgresql" here (a fresh database per test); the contract tests then run on both.
-BACKENDS = ["sqlite"]
+# PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
+BACKENDS = ["sqlite", "postgresql"]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=BACKENDS)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL to a fresh, empty store of each backend."""
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to a fresh, empty store of each backend (PostgreSQL: a schema of its own, dropped after)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    raise AssertionError(f"unknown backend {request.param}")
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import uuid
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
@@ -301,8 +312,9 @@ def test_open_store_bad_url(url: str) -> None:
         open_store(url)
 
 
-@pytest.mark.parametrize("url", ["postgresql://rlhf:s3cret@db:5432/rlhf", "postgres://db/rlhf"])
-def test_open_store_postgresql_not_yet(url: str) -> None:
-    with pytest.raises(ConfigError, match="store_url: PostgreSQL backend is not available yet") as e:
-        open_store(url)
-    assert "s3cret" not in str(e.value)
+def test_unreachable_postgresql_is_a_config_error_without_the_password() -> None:
+    from rlhf_online.store.postgres import PostgresStore
+
+    with pytest.raises(ConfigError, match="store_url: cannot connect") as e:
+        PostgresStore("postgresql://rlhf:s3cret@127.0.0.1:1/rlhf", connect_timeout=2)
+    assert "s3cret" not in str(e.value) and "***" in str(e.value)
