@@ -1,7 +1,7 @@
 """`rlhf-online demo`: the generation service on the embedded defaults, called like an application would.
 
 So far this shows the serving half of the loop (generate, stream, log, feedback, metrics); the
-reward service, the trainer and the simulated users join it as their issues land.
+simulated users, reward retraining, PPO rounds and hot-swaps join it with issue 5.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
               f"{tokens / wall:.1f} tokens/s on {os.cpu_count()} cores)")
         print(f"Store: {store.count_completions()} completions, {store.count_feedback()} feedback, "
               f"policy {policy.version or '(bare base)'} of {policy.base_model}; files in {run_dir}")
-        print("The reward service, PPO trainer and simulated users join this demo with issues 3-5.")
+        print("The closed loop (simulated users -> reward service -> PPO trainer -> hot-swap) joins this demo "
+              "with issue 5; each service already runs on its own: rlhf-online serve {generation,reward,trainer}.")
     finally:
         running.shutdown(5)
     return 0
