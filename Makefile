@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL   := data/models/smollm2-135m-instruct/provenance.json
 
-.PHONY: demo test lint protos bench install model clean
+.PHONY: demo test lint protos bench bench-ppo install model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online demo
@@ -20,6 +20,13 @@ lint: $(STAMP)
 
 bench: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online bench serving
+
+# TRL is a bench-only extra in a venv of its own, so it can never move the pins of .venv.
+bench-ppo: $(MODEL)
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q torch==2.13.0
+	.venv-bench/bin/python -m pip install -q -e ".[bench]"
+	.venv-bench/bin/rlhf-online bench ppo
 
 install: $(STAMP)
 

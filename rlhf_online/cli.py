@@ -92,10 +92,11 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-    from rlhf_online.bench import ppo_round, reward, reward_accuracy, serving
+    from rlhf_online.bench import ppo, ppo_round, reward, reward_accuracy, serving
 
     serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
     reward.add_arguments(bsub.add_parser("reward", help="Score throughput at batch sizes 1, 16, 64"))
+    ppo.add_arguments(bsub.add_parser("ppo", help="PPO update throughput, ours vs TRL 1.12 (needs .venv-bench)"))
     ppo_round.add_arguments(bsub.add_parser("ppo-round", help="one RunRound through the three services, timed"))
     reward_accuracy.add_arguments(bsub.add_parser("reward-accuracy",
                                                   help="learned reward vs simulated users' hidden preference"))
