@@ -12,7 +12,7 @@ from rlhf_online import metrics
 from rlhf_online.engine.engine import Engine
 from rlhf_online.engine.request import CandidateResult, RequestHandle, SamplingParams
 from rlhf_online.errors import InvalidArgument
-from rlhf_online.store import RATINGS, CompletionRecord, Store
+from rlhf_online.store import CompletionRecord, Store
 
 MAX_ID_CHARS, MAX_COMMENT_CHARS, MAX_METADATA_ITEMS, MAX_METADATA_CHARS = 128, 4096, 32, 1024
 
@@ -83,12 +83,13 @@ class Frontend:
         metrics.COMPLETIONS_LOGGED.inc(len(results))
 
     def feedback(self, completion_id: str, rating: str, user_id: str = "", comment: str = "") -> bool:
-        """Record a rating; False (and counted once) when this user already rated this completion."""
+        """Record a rating; False (and counted once) when this user already rated this completion.
+
+        The store checks the rating before anything is written.
+        """
         check_id("completion_id", completion_id)
         check_length("user_id", user_id, MAX_ID_CHARS)
         check_length("comment", comment, MAX_COMMENT_CHARS)
-        if rating not in RATINGS:
-            raise InvalidArgument("rating", f"must be one of {', '.join(RATINGS)}")
         new = self.store.add_feedback(completion_id, user_id, rating, comment)
         if new:
             metrics.FEEDBACK.labels(rating).inc()

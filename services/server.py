@@ -66,12 +66,6 @@ class RunningServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
 
-    def wait_for_signal(self, grace: float) -> None:
-        """Block until SIGTERM/SIGINT has shut the server down."""
-        self.shutdown_on_signal(grace)
-        while not self.stopped.wait(1.0):
-            pass
-
 
 def start_server(settings: CommonSettings, service_names: Iterable[str], add: Callable[[grpc.Server], None],
                  *, workers: int = 16, admin_methods: set[str] | None = None,

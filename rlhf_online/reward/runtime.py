@@ -116,7 +116,7 @@ class RewardRuntime:
             return manifest, promoted, reason
 
     def _feedback_count(self) -> int:
-        return self.store.count_feedback() + len(self.store.list_preferences())
+        return self.store.count_feedback() + self.store.count_preferences()
 
     def retrain_forever(self) -> None:
         """Background loop: retrain once enough new feedback arrived since the last training."""

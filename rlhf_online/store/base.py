@@ -7,7 +7,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf_online.errors import InvalidArgument
+
 RATINGS = ("thumbs_up", "thumbs_down")
+
+
+def check_rating(rating: str) -> None:
+    """InvalidArgument naming `rating` unless it is one of RATINGS."""
+    if rating not in RATINGS:
+        raise InvalidArgument("rating", f"must be one of {', '.join(RATINGS)}, got {rating!r}")
+
+
+def check_preference_pair(chosen_completion_id: str, rejected_completion_id: str) -> None:
+    """A completion cannot be preferred over itself."""
+    if chosen_completion_id == rejected_completion_id:
+        raise InvalidArgument("rejected_completion_id", "must differ from chosen_completion_id")
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,10 @@ class Store(ABC):
     @abstractmethod
     def count_feedback(self) -> int:
         """Number of feedback rows."""
+
+    @abstractmethod
+    def count_preferences(self) -> int:
+        """Number of preference rows."""
 
     @abstractmethod
     def count_completions(self) -> int:

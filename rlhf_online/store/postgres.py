@@ -8,7 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
-from rlhf_online.store.base import RATINGS, CompletionRecord, FeedbackRecord, PreferenceRecord, Store
+from rlhf_online.store.base import (
+    CompletionRecord,
+    FeedbackRecord,
+    PreferenceRecord,
+    Store,
+    check_preference_pair,
+    check_rating,
+)
 from rlhf_online.store.migrations import BOOKKEEPING, LATEST, MIGRATIONS, render
 from rlhf_online.store.rows import COMPLETION_COLUMNS, completion_record, completion_row, limited
 
@@ -78,8 +85,7 @@ class PostgresStore(Store):
 
     def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:
         """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
-        if rating not in RATINGS:
-            raise InvalidArgument("rating", f"must be one of {', '.join(RATINGS)}, got {rating!r}")
+        check_rating(rating)
         with self._tx() as cur:
             _require_completion(cur, completion_id)
             cur.execute("INSERT INTO feedback (completion_id, user_id, rating, comment, created_at) "
@@ -89,8 +95,7 @@ class PostgresStore(Store):
 
     def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str) -> bool:
         """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
-        if chosen_completion_id == rejected_completion_id:
-            raise InvalidArgument("rejected_completion_id", "must differ from chosen_completion_id")
+        check_preference_pair(chosen_completion_id, rejected_completion_id)
         with self._tx() as cur:
             _require_completion(cur, chosen_completion_id)
             _require_completion(cur, rejected_completion_id)
@@ -134,6 +139,10 @@ class PostgresStore(Store):
     def count_feedback(self) -> int:
         """Number of feedback rows."""
         return int(self._read("SELECT COUNT(*) FROM feedback")[0][0])
+
+    def count_preferences(self) -> int:
+        """Number of preference rows."""
+        return int(self._read("SELECT COUNT(*) FROM preferences")[0][0])
 
     def count_completions(self) -> int:
         """Number of completions."""

@@ -157,6 +157,7 @@ def test_preferences(store: Store) -> None:
     assert [(p.chosen_completion_id, p.rejected_completion_id, p.user_id) for p in prefs] == [
         ("a", "b", "u1"), ("b", "a", "u1")]
     assert store.list_preferences(after_seq=prefs[0].seq) == prefs[1:]
+    assert store.count_preferences() == 2  # the repeat was counted once
 
 
 def test_preference_against_itself(store: Store) -> None:
