@@ -35,15 +35,24 @@ def file_hashes(directory: Path) -> dict[str, str]:
             if p.is_file() and p.name != "manifest.json"}
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    """Replace a JSON file in one step: temp file, fsync, os.replace, fsync the directory."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace a file in one step: `write(temp path)`, fsync, os.replace, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        fsync(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync(path.parent)
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace a JSON file in one step (see write_atomically)."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
 def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | None = None) -> Path:

@@ -72,6 +72,21 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    """Run simulated users against a Generation service and print their totals."""
+    from rlhf_online.data.prompts import load_prompts
+    from rlhf_online.simulate.users import UserPoolConfig, run_for
+
+    cfg = UserPoolConfig(users=args.users, personas=tuple(args.personas.split(",")), pair_fraction=args.pair_fraction,
+                         noise=args.noise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         seed=args.seed)
+    prompts = [p.prompt for p in load_prompts(args.split)]
+    stats = run_for(args.addr, prompts, cfg, args.seconds, Path(args.events) if args.events else None)
+    print(f"{stats.requests} requests, {stats.completions} completions rated, thumbs-up rate "
+          f"{stats.thumbs_up_rate:.2f}, {stats.preferences} preferences, errors {dict(stats.errors) or 'none'}")
+    return 1 if stats.errors else 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     p = argparse.ArgumentParser(prog="rlhf-online", description=__doc__)
@@ -92,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
+    from rlhf_online.bench import all as all_benches
     from rlhf_online.bench import ppo, ppo_round, reward, reward_accuracy, serving
 
     serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
@@ -100,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     ppo_round.add_arguments(bsub.add_parser("ppo-round", help="one RunRound through the three services, timed"))
     reward_accuracy.add_arguments(bsub.add_parser("reward-accuracy",
                                                   help="learned reward vs simulated users' hidden preference"))
+    all_benches.add_arguments(bsub.add_parser("all", help="every benchmark above, collected into all.json / all.md"))
     bench.set_defaults(fn=_bench)
 
     policies = sub.add_parser("policies", help="the adapter registry: list, activate, rollback")
@@ -112,10 +129,25 @@ def parser() -> argparse.ArgumentParser:
     psub.add_parser("rollback", parents=[where], help="activate the newest version older than CURRENT")
     policies.set_defaults(fn=_policies)
 
-    demo = sub.add_parser("demo", help="the end-to-end demo on the embedded defaults")
-    demo.add_argument("--data-dir", default="data")
-    demo.add_argument("--requests", type=int, default=8, help="generation requests the demo client sends")
+    from rlhf_online import demo as demo_module
+
+    demo = sub.add_parser("demo", help="the whole loop on the embedded defaults: users, reward, PPO, hot-swaps, report")
+    demo_module.add_arguments(demo)
     demo.set_defaults(fn=_demo)
+
+    simulate = sub.add_parser("simulate", help="simulated users asking and rating through a Generation service")
+    simulate.add_argument("--addr", default="127.0.0.1:50051", help="host:port of the Generation service")
+    simulate.add_argument("--seconds", type=float, default=60.0, help="how long to run")
+    simulate.add_argument("--users", type=int, default=4, help="concurrent users")
+    simulate.add_argument("--personas", default="polite,positive", help="comma-separated personas, round-robin")
+    simulate.add_argument("--pair-fraction", type=float, default=0.5, help="share of requests with n=2 + a preference")
+    simulate.add_argument("--noise", type=float, default=None, help="rating flip probability (default: the persona's)")
+    simulate.add_argument("--max-new-tokens", type=int, default=48)
+    simulate.add_argument("--temperature", type=float, default=1.0)
+    simulate.add_argument("--split", default="train", help="which prompt split to ask from")
+    simulate.add_argument("--events", default=None, help="append one JSON line per answered request here")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.set_defaults(fn=_simulate)
     return p
 
 

@@ -1,83 +1,205 @@
-"""`rlhf-online demo`: the generation service on the embedded defaults, called like an application would.
+"""`rlhf-online demo`: the whole loop on one machine, from simulated users' thumbs to a better served policy.
 
-So far this shows the serving half of the loop (generate, stream, log, feedback, metrics); the
-simulated users, reward retraining, PPO rounds and hot-swaps join it with issue 5.
+1. provision the default model (once), 2. start the Generation, Reward and Trainer services on
+loopback with the embedded defaults (SQLite, a local adapter registry) in runs/<timestamp>/,
+3. let simulated users ask and rate for `--minutes` while the reward model retrains and the
+trainer runs PPO rounds whose adapters every request after a swap is served with, printing
+progress, 4. stop everything, then judge the base and the final policy on the held-out prompts
+with fixed seeds and write report.json, report.md and report.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import random
-import tempfile
 import time
-import urllib.request
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-PROMPTS = [
-    "My neighbour keeps parking in my spot. Write him a note.",
-    "Review the cafe that got my order wrong twice.",
-    "Someone called my code garbage in a review. Reply to them.",
-    "What do you think of Mondays?",
-    "My flight got cancelled again. Write a message to the airline.",
-    "Give me your honest opinion of pineapple on pizza.",
-    "A stranger was rude to me on the bus. What should I say next time?",
-    "Write a short reply to a friend who forgot my birthday.",
-]
+from rlhf_online.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of the demo; each is a flag of `rlhf-online demo`."""
+
+    minutes: float = 10.0  # how long the simulated users ask and rate
+    users: int = 6  # concurrent simulated users
+    personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
+    pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
+    max_new_tokens: int = 32  # reply length for users, PPO rollouts and the held-out evaluation alike
+    temperature: float = 1.0  # sampling temperature for users and the held-out evaluation
+    heldout_samples: int = 3  # replies per held-out prompt and policy in the final evaluation
+    heldout_prompts: int = 0  # 0 = all held-out prompts
+    base_model: str = "smollm2-135m-instruct"
+    data_dir: str = "data"  # where the provisioned model lives
+    runs_dir: str = "runs"
+    serving_threads: int = 1  # torch threads of the generation service (the cores are shared, see DESIGN.md)
+    training_threads: int = 1  # torch threads of the trainer
+    reward_threads: int = 1
+    batch_size: int = 12  # PPO rollouts per round
+    num_ppo_epochs: int = 4
+    learning_rate: float = 1e-3  # LoRA lr; PPO's early stop on approx. KL bounds each round's step
+    init_kl_coef: float = 0.02  # the trainer's starting KL penalty (adapted towards target_kl)
+    kl_budget: float = 12.0
+    eval_prompts: int = 8  # the trainer gate's held-out prompts per round (its evaluation costs most of a round)
+    eval_samples_per_prompt: int = 2
+    reward_retrain_min_feedback: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject values the demo cannot run with, naming the flag."""
+        positive = ("minutes", "users", "max_new_tokens", "heldout_samples", "serving_threads", "training_threads",
+                    "reward_threads", "batch_size", "num_ppo_epochs", "learning_rate", "kl_budget", "eval_prompts",
+                    "eval_samples_per_prompt", "reward_retrain_min_feedback")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want > 0); set --{_flag(name)}")
+        if self.heldout_prompts < 0:
+            raise ConfigError(f"heldout_prompts: invalid value {self.heldout_prompts} (want >= 0)")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per DemoConfig field."""
+    for f in fields(DemoConfig):
+        p.add_argument(f"--{_flag(f.name)}", dest=f.name, type=type(f.default), default=f.default,
+                       help=f"[default {f.default}]")
+
+
+def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) -> dict[str, dict[str, str]]:
+    """RLHF_* settings of the three services for the demo (everything else: the embedded defaults)."""
+    common = {"RLHF_BASE_MODEL": str(model), "RLHF_DATA_DIR": str(state),
+              "RLHF_STORE_URL": f"sqlite:///{state / 'rlhf.db'}", "RLHF_ADAPTER_DIR": str(state / "adapters"),
+              "RLHF_GRACE_SECONDS": "5"}
+    return {
+        "generation": {**common, "RLHF_TORCH_THREADS": str(cfg.serving_threads), "RLHF_ADAPTER_POLL_SECONDS": "1",
+                       "RLHF_MAX_BATCH_SIZE": "16"},
+        "reward": {**common, "RLHF_TORCH_THREADS": str(cfg.reward_threads),
+                   "RLHF_RETRAIN_MIN_FEEDBACK": str(cfg.reward_retrain_min_feedback),
+                   "RLHF_RETRAIN_INTERVAL_SECONDS": "10"},
+        "trainer": {**common, "RLHF_TORCH_THREADS": str(cfg.training_threads),
+                    "RLHF_REWARD_ADDR": f"127.0.0.1:{reward_port}", "RLHF_ROUND_INTERVAL_SECONDS": "1",
+                    "RLHF_ROUND_MIN_FEEDBACK": "0", "RLHF_BATCH_SIZE": str(cfg.batch_size),
+                    "RLHF_RESPONSE_LENGTH": str(cfg.max_new_tokens), "RLHF_NUM_PPO_EPOCHS": str(cfg.num_ppo_epochs),
+                    "RLHF_LEARNING_RATE": str(cfg.learning_rate), "RLHF_KL_BUDGET": str(cfg.kl_budget),
+                    "RLHF_INIT_KL_COEF": str(cfg.init_kl_coef),
+                    "RLHF_EVAL_PROMPTS": str(cfg.eval_prompts),
+                    "RLHF_EVAL_SAMPLES_PER_PROMPT": str(cfg.eval_samples_per_prompt)},
+    }
+
+
+def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
+    """Start the services and the users, show progress for cfg.minutes, stop; returns (monitor, pool stats)."""
+    from rlhf_online.bench.common import free_port, start_service
+    from rlhf_online.data.prompts import load_prompts
+    from rlhf_online.report.timeline import Monitor
+    from rlhf_online.simulate.users import UserPool, UserPoolConfig
+
+    state, logs = run_dir / "state", run_dir / "logs"
+    state.mkdir(parents=True)
+    logs.mkdir()
+    reward_port = free_port()
+    envs = service_envs(cfg, model, state, reward_port)
+    users = UserPoolConfig(users=cfg.users, personas=tuple(cfg.personas.split(",")), pair_fraction=cfg.pair_fraction,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    prompts = [p.prompt for p in load_prompts("train")]
+    with contextlib.ExitStack() as stack:
+        print(f"Starting the reward, generation and trainer services (logs in {logs}) ...", flush=True)
+        ports = {"reward": stack.enter_context(start_service("reward", envs["reward"], logs, port=reward_port))}
+        ports["generation"] = stack.enter_context(start_service("generation", envs["generation"], logs))
+        # The trainer stops first (ExitStack unwinds in reverse); a round in hand may take a while to finish.
+        ports["trainer"] = stack.enter_context(start_service("trainer", envs["trainer"], logs, stop_timeout=180))
+        print(f"Services up: generation :{ports['generation']}, reward :{ports['reward']}, trainer :{ports['trainer']}."
+              f" {cfg.users} simulated users for {cfg.minutes:g} minutes.\n", flush=True)
+        pool = UserPool(f"127.0.0.1:{ports['generation']}", prompts, users, run_dir / "ratings.jsonl").start()
+        monitor = Monitor(*(f"127.0.0.1:{ports[s]}" for s in ("generation", "reward", "trainer")), pool, run_dir)
+        deadline = monitor.t0 + cfg.minutes * 60
+        next_line = 0.0
+        try:
+            while time.time() < deadline:
+                time.sleep(min(5.0, max(0.0, deadline - time.time())))
+                snap = monitor.poll()
+                if snap.t >= next_line:
+                    print(monitor.line(snap), flush=True)
+                    next_line = snap.t + 15
+        finally:
+            pool.stop()
+            print("\nUsers stopped; waiting for the round in progress to finish ...", flush=True)
+        with contextlib.suppress(Exception):  # record a round that finished after the last poll
+            give_up = time.time() + 300
+            while _round_in_progress(ports["trainer"]) and time.time() < give_up:
+                time.sleep(0.2)  # the scheduler pauses a second between rounds: stop the trainer in that gap
+            print(monitor.line(monitor.poll()), flush=True)
+    return monitor, pool.stats
+
+
+def _round_in_progress(trainer_port: int) -> bool:
+    import grpc
+
+    from rlhf_online.v1 import trainer_pb2, trainer_pb2_grpc
+
+    stub = trainer_pb2_grpc.TrainerStub(grpc.insecure_channel(f"127.0.0.1:{trainer_port}"))
+    return stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).round_in_progress
 
 
 def main(args: argparse.Namespace) -> int:
-    """Serve the real model on loopback, send requests and feedback, print what happened."""
-    import grpc
+    """Run the loop, evaluate base vs final on held-out prompts, write the report."""
+    from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.artifacts import write_atomically
+    from rlhf_online.bench.common import machine
+    from rlhf_online.data.prompts import load_prompts
+    from rlhf_online.models.provision import resolve_base_model
+    from rlhf_online.report import heldout, plot, write
 
-    from rlhf_online.config import GenerationSettings
-    from rlhf_online.store import open_store
-    from rlhf_online.v1 import generation_pb2 as pb
-    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
-    from services.bootstrap import build_engine, set_threads
-    from services.generation import start_generation_server
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+    t0 = time.time()
+    model = resolve_base_model(cfg.base_model, Path(cfg.data_dir))
+    run_dir = Path(cfg.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    print(f"rlhf-online demo: {model.name}, run directory {run_dir}", flush=True)
+    monitor, stats = run_loop(cfg, model, run_dir)
+    loop_seconds = time.time() - t0
 
-    run_dir = Path(tempfile.mkdtemp(prefix="rlhf-demo-"))
-    settings = GenerationSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=Path(args.data_dir),
-                                  store_url=f"sqlite:///{run_dir / 'demo.db'}", adapter_dir=run_dir / "adapters")
-    set_threads(settings)
-    print(f"Loading {settings.base_model} (provisioned under {args.data_dir}/models) ...", flush=True)
-    store = open_store(settings.store_url)
-    running = start_generation_server(settings, build_engine(settings).start(), store)
-    stub = pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
-    print(f"Generation service on 127.0.0.1:{running.port}, metrics on :{running.metrics_port}\n", flush=True)
-    rng = random.Random(0)
-    params = pb.SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95)
-    try:
-        t0 = time.perf_counter()
-        futures = [stub.Generate.future(pb.GenerateRequest(prompt=p, params=params, n=2, user_id=f"user{i}"),
-                                        timeout=600) for i, p in enumerate(PROMPTS[: args.requests])]
-        for i, (prompt, fut) in enumerate(zip(PROMPTS, futures, strict=False)):
-            r = fut.result()
-            a, b = r.completions
-            print(f"[{i}] {prompt}\n    A: {a.text.strip()[:160]!r}\n    B: {b.text.strip()[:160]!r}")
-            chosen, rejected = (a, b) if rng.random() < 0.5 else (b, a)
-            stub.SubmitFeedback(pb.SubmitFeedbackRequest(completion_id=chosen.completion_id,
-                                                         rating=pb.RATING_THUMBS_UP, user_id=f"user{i}"))
-            stub.SubmitFeedback(pb.SubmitFeedbackRequest(completion_id=rejected.completion_id,
-                                                         rating=pb.RATING_THUMBS_DOWN, user_id=f"user{i}"))
-            stub.SubmitPreference(pb.SubmitPreferenceRequest(chosen_completion_id=chosen.completion_id,
-                                                             rejected_completion_id=rejected.completion_id,
-                                                             user_id=f"user{i}"))
-        wall = time.perf_counter() - t0
-        print("\nStreaming: ", end="", flush=True)
-        for chunk in stub.GenerateStream(pb.GenerateRequest(prompt="Count from one to five.", params=params)):
-            print(chunk.text_delta, end="", flush=True)
-        policy = stub.GetPolicy(pb.GetPolicyRequest())
-        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
-        tokens = next(float(line.split()[-1]) for line in text.splitlines()
-                      if line.startswith("rlhf_generation_tokens_total "))
-        print(f"\n\n{len(futures)} requests x 2 candidates in {wall:.1f}s, batched together ({tokens:.0f} tokens, "
-              f"{tokens / wall:.1f} tokens/s on {os.cpu_count()} cores)")
-        print(f"Store: {store.count_completions()} completions, {store.count_feedback()} feedback, "
-              f"policy {policy.version or '(bare base)'} of {policy.base_model}; files in {run_dir}")
-        print("The closed loop (simulated users -> reward service -> PPO trainer -> hot-swap) joins this demo "
-              "with issue 5; each service already runs on its own: rlhf-online serve {generation,reward,trainer}.")
-    finally:
-        running.shutdown(5)
+    registry = AdapterRegistry(run_dir / "state" / "adapters")
+    final = registry.current()
+    kl = float(registry.manifest(final)["metrics"].get("eval/kl", float("nan"))) if final else 0.0
+    prompts = [p.prompt for p in load_prompts("heldout")][: cfg.heldout_prompts or None]
+    hcfg = heldout.HeldoutConfig(samples=cfg.heldout_samples, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, seed=cfg.seed + 20261124)
+    print(f"\nJudging the base and the final policy ({final or 'bare base'}) on {len(prompts)} held-out prompts x "
+          f"{hcfg.samples} replies, fixed seeds ...", flush=True)
+    texts = heldout.generate(model, {"base": None, "final": registry.path(final) if final else None}, prompts, hcfg)
+    personas = cfg.personas.split(",")
+    judged = {label: heldout.judge(texts[label], personas) for label in texts}
+    summary = {label: heldout.summarize(j, seed=cfg.seed) for label, j in judged.items()}
+    extra = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+             "minutes": cfg.minutes, "users": cfg.users, "personas": personas, "loop_seconds": round(loop_seconds, 1),
+             "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": asdict(cfg),
+             "requests": stats.requests, "ratings": stats.thumbs_up + stats.thumbs_down,
+             "preferences": stats.preferences, "failed_requests": sum(stats.errors.values()),
+             "reward_model": monitor.snapshots[-1].reward_version if monitor.snapshots else "",
+             "reward_accuracy": monitor.snapshots[-1].reward_accuracy if monitor.snapshots else float("nan")}
+    report = write.build_report(summary, kl=kl, kl_budget=cfg.kl_budget, rounds=monitor.rounds,
+                                wall_seconds=time.time() - t0, final_version=final, extra=extra)
+    by_version = {v: list(x) for v, x in stats.by_version.items()}
+    write_atomically(run_dir / "report.png", lambda tmp: plot.plot(tmp, monitor.snapshots, monitor.rounds,
+                                                                   by_version, summary, cfg.kl_budget))
+    write.write(run_dir, report, write.markdown(report, monitor.rounds, by_version))
+    with open(run_dir / "heldout_replies.jsonl", "w") as f:
+        import json
+
+        for label, j in judged.items():
+            for text, tox, sent in zip(j.texts, j.toxicity, j.sentiment, strict=True):
+                f.write(json.dumps({"policy": label, "text": text, "toxicity": tox, "sentiment": sent}) + "\n")
+    b, fi = report["base"], report["final"]
+    print(f"\nHeld-out, base -> final: toxicity {b['toxicity']:.4f} -> {fi['toxicity']:.4f} "
+          f"({100 * report['toxicity_change']:+.1f}%), sentiment {b['sentiment']:+.3f} -> {fi['sentiment']:+.3f}, "
+          f"thumbs-up {b['thumbs_up_rate']:.2f} -> {fi['thumbs_up_rate']:.2f}; KL {kl:.2f} (budget {cfg.kl_budget:g}); "
+          f"{report['rounds']} rounds in {report['wall_seconds']:.0f} s.")
+    print(f"Report: {run_dir / 'report.md'} (plot {run_dir / 'report.png'}, data {run_dir / 'report.json'})")
+    os.sync()
     return 0

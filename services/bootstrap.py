@@ -94,12 +94,12 @@ def run_trainer(settings: TrainerSettings) -> int:
     from rlhf_online.adapters.registry import AdapterRegistry
     from rlhf_online.mainthread import MainThreadRunner
     from rlhf_online.ppo.trainer import Trainer, load_base_model
-    from services.trainer import reward_client, start_trainer_server
+    from services.trainer import reward_client, reward_readiness, start_trainer_server
 
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
     trainer = Trainer(settings, open_store(settings.store_url), registry, reward_client(settings.reward_addr),
-                      load_base_model(settings))
+                      load_base_model(settings), reward_readiness(settings.reward_addr))
     runner = MainThreadRunner()
     running = start_trainer_server(trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)

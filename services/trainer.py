@@ -33,6 +33,17 @@ def reward_client(addr: str, timeout: float = 300.0):
     return score
 
 
+def reward_readiness(addr: str, timeout: float = 30.0):
+    """Why the Reward service's scores are not usable yet ("" once they are): no learned model trained so far."""
+    stub = reward_pb2_grpc.RewardStub(grpc.insecure_channel(addr))
+
+    def not_ready() -> str:
+        info = stub.GetRewardModel(reward_pb2.GetRewardModelRequest(), timeout=timeout)
+        return "" if info.version else "the reward service has no trained reward model yet"
+
+    return not_ready
+
+
 def _round_pb(r: RoundResult) -> pb.RoundResult:
     return pb.RoundResult(outcome=r.outcome, version=r.version, reason=r.reason, metrics=r.metrics)
 
@@ -78,7 +89,9 @@ def start_trainer_server(trainer: Trainer, registry: AdapterRegistry, runner: Ma
 
     def loop() -> None:
         last = time.time()
-        while not stop.wait(5.0):
+        # Check every 5 s, or sooner when rounds are meant to run back to back.
+        pause = min(5.0, settings.round_interval_seconds or 5.0)
+        while not stop.wait(pause):
             try:
                 if trainer.due(last):
                     runner.call(trainer.run_round)

@@ -28,8 +28,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None = None) -> Iterator[int]:
-    """`rlhf-online serve SERVICE` as a subprocess (on a free port unless given); yields the port once SERVING."""
+def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None = None,
+                  stop_timeout: float = 60.0) -> Iterator[int]:
+    """`rlhf-online serve SERVICE` as a subprocess (on a free port unless given); yields the port once SERVING.
+
+    On exit it is sent SIGTERM and given `stop_timeout` seconds to drain, then killed.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -52,7 +56,11 @@ def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None
         yield port
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        try:
+            server.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def write_report(out: str | Path, name: str, result: dict, lines: list[str]) -> None:

@@ -167,7 +167,13 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], re
     """
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
     rollouts = collect(policy, tokenizer, batch, cfg, seed=seed)
-    rewards = [float(x) for x in reward_fn(rollouts.prompts, rollouts.texts)]
     kl = float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask).sum(1).mean())
+    return score_evaluation(batch, rollouts.texts, kl, reward_fn)
+
+
+def score_evaluation(prompts: Sequence[str], texts: Sequence[str], kl: float, reward_fn: RewardFn) -> dict[str, Any]:
+    """The evaluation numbers of sampled replies: rewards by `reward_fn`, their mean, the KL, finiteness."""
+    rewards = [float(x) for x in reward_fn(list(prompts), list(texts))]
     return {"eval/reward": sum(rewards) / len(rewards), "eval/kl": kl,
-            "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl])), "rewards": rewards}
+            "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl])), "rewards": rewards,
+            "prompts": list(prompts), "texts": list(texts)}

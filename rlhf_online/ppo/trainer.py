@@ -83,8 +83,12 @@ class Trainer:
     """Runs rounds on its own copy of the model and publishes into the adapter registry."""
 
     def __init__(self, settings: TrainerSettings, store: Store, registry: AdapterRegistry,
-                 reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]]) -> None:
+                 reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]],
+                 reward_not_ready: Callable[[], str] | None = None) -> None:
         self.settings, self.store, self.registry, self.reward_fn = settings, store, registry, reward_fn
+        # Why the reward cannot be trusted yet ("" = it can): rounds against an untrained
+        # learned reward would see all-zero scores and publish pure drift.
+        self.reward_not_ready = reward_not_ready or (lambda: "")
         self.cfg = ppo_config(settings)
         self.load_base = load_base
         _, self.tokenizer = load_base()
@@ -95,6 +99,11 @@ class Trainer:
         self.in_progress = threading.Event()
         self.feedback_at_last_round = 0
         self.rng = random.Random(self.cfg.seed)
+        # The gate's held-out prompts, fixed once there are enough, so evaluations stay comparable
+        # across rounds; and the replies of recent evaluations by (version, prompts): a version's
+        # replies under the fixed seed never change, only the reward model that scores them does.
+        self.eval_prompts: list[str] = []
+        self._eval_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], float]] = {}
 
     def _policy(self, version: str) -> PolicyWithValue:
         """A fresh trainable policy warm-started from `version` ("" = a new LoRA on the bare base)."""
@@ -130,13 +139,14 @@ class Trainer:
         train, held = split_prompts(self.store)
         if len(train) < self.settings.min_prompts:
             return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.settings.min_prompts}")
-        held = (held or train)[: self.settings.eval_prompts]
+        held = self._gate_prompts(held or train)
+        if waiting := self.reward_not_ready():
+            return RoundResult("skipped", reason=waiting)
         current = self.registry.current()
         policy = self._policy(current)
         times: dict[str, float] = {}
         t = time.time()
-        before = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
-                                self.settings.eval_samples_per_prompt)
+        before = self._evaluate(policy, current, held)
         times["time/eval_seconds"] = time.time() - t
         t = time.time()
         batch = [self.rng.choice(train) for _ in range(self.cfg.batch_size)]
@@ -152,11 +162,10 @@ class Trainer:
         times["time/update_seconds"] = time.time() - t
         self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
         t = time.time()
-        after = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
-                               self.settings.eval_samples_per_prompt)
+        after = self._evaluate(policy, None, held)
         times["time/eval_seconds"] += time.time() - t
-        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items() if k != "rewards"},
-                   **{k: v for k, v in after.items() if k != "rewards"}}
+        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
+                   **{k: v for k, v in after.items() if k.startswith("eval/")}}
         passed, reason = gate(after, before, self.settings.kl_budget)
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)
@@ -164,7 +173,36 @@ class Trainer:
                                         metrics={k: v for k, v in numbers.items() if math.isfinite(v)})
         self.registry.activate(version)
         self.registry.prune(self.settings.keep_versions)
+        self._remember(version, held, after)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
+
+    def _gate_prompts(self, held: list[str]) -> list[str]:
+        """The gate's prompts: held-out ones as they are first seen, frozen once there are eval_prompts of them."""
+        want = self.settings.eval_prompts
+        for p in held:
+            if len(self.eval_prompts) >= want:
+                break
+            if p not in self.eval_prompts:
+                self.eval_prompts.append(p)
+        return list(self.eval_prompts)
+
+    def _evaluate(self, policy: PolicyWithValue, version: str | None, held: list[str]) -> dict[str, Any]:
+        """Evaluate on held-out prompts; a version evaluated before on them is only re-scored, not re-sampled."""
+        key = (version, tuple(held))
+        if version is not None and key in self._eval_cache:
+            texts, kl = self._eval_cache[key]
+            prompts = [p for p in held for _ in range(self.settings.eval_samples_per_prompt)]
+            return steps.score_evaluation(prompts, texts, kl, self.reward_fn)
+        result = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
+                                self.settings.eval_samples_per_prompt)
+        if version is not None:
+            self._remember(version, held, result)
+        return result
+
+    def _remember(self, version: str, held: list[str], result: dict[str, Any]) -> None:
+        self._eval_cache[(version, tuple(held))] = (result["texts"], result["eval/kl"])
+        while len(self._eval_cache) > 4:  # only the latest few versions can be CURRENT again soon
+            self._eval_cache.pop(next(iter(self._eval_cache)))
 
     def due(self, last_round_at: float) -> bool:
         """A background round is due: enough new feedback, or the interval passed."""

@@ -1,0 +1,1 @@
+"""The demo report: held-out judging of policies, statistics, the plot and the written report."""

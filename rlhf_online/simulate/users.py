@@ -1,0 +1,191 @@
+"""Simulated users: concurrent gRPC clients that ask for replies and rate them by a hidden preference.
+
+Each user belongs to a persona (simulate.judges.PERSONAS). It calls Generate with a train prompt,
+sometimes with n=2, then sends a thumbs rating for every candidate (SubmitFeedback) and, for a
+pair, which one it prefers (SubmitPreference). The ratings come from the judges plus noise; the
+system under test only ever sees the ratings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from rlhf_online.simulate.judges import PERSONAS, Persona
+
+log = logging.getLogger("rlhf_online.simulate")
+
+
+@dataclass(frozen=True)
+class UserPoolConfig:
+    """How many users, who they are, and how they ask."""
+
+    users: int = 4  # concurrent clients
+    personas: tuple[str, ...] = ("polite", "positive")  # assigned round-robin to users
+    pair_fraction: float = 0.5  # share of requests that ask for n=2 and send a preference
+    noise: float | None = None  # rating flip probability; None keeps each persona's own
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    think_seconds: float = 0.0  # pause between a user's requests
+    timeout_seconds: float = 300.0  # client deadline of each Generate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject settings the pool cannot run with, naming the field."""
+        from rlhf_online.errors import ConfigError
+
+        unknown = [p for p in self.personas if p not in PERSONAS]
+        if unknown or not self.personas:
+            raise ConfigError(f"personas: unknown {unknown or 'empty'}; choose from {', '.join(PERSONAS)}")
+        if self.users < 1:
+            raise ConfigError(f"users: invalid value {self.users} (want >= 1)")
+        if not 0 <= self.pair_fraction <= 1:
+            raise ConfigError(f"pair_fraction: invalid value {self.pair_fraction} (want 0..1)")
+        if self.noise is not None and not 0 <= self.noise <= 0.5:
+            raise ConfigError(f"noise: invalid value {self.noise} (want 0..0.5)")
+
+
+@dataclass
+class PoolStats:
+    """Running totals, safe to read from another thread."""
+
+    requests: int = 0
+    completions: int = 0
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    preferences: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [up, rated]
+
+    @property
+    def thumbs_up_rate(self) -> float:
+        """Share of ratings that were thumbs up (nan before any)."""
+        rated = self.thumbs_up + self.thumbs_down
+        return self.thumbs_up / rated if rated else float("nan")
+
+
+class UserPool:
+    """Runs `config.users` simulated users against a Generation service until stopped."""
+
+    def __init__(self, addr: str, prompts: Sequence[str], config: UserPoolConfig,
+                 events_path: Path | None = None) -> None:
+        if not prompts:
+            raise ValueError("prompts: need at least one prompt to ask")
+        from rlhf_online.v1 import generation_pb2_grpc
+
+        self.config, self.prompts = config, list(prompts)
+        self.channel = grpc.insecure_channel(addr)
+        self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.stats = PoolStats()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._events = open(events_path, "a") if events_path else None  # noqa: SIM115 - closed in stop()
+        self._threads: list[threading.Thread] = []
+
+    def persona_of(self, user: int) -> Persona:
+        """The persona of user number `user` (round-robin), with the pool's noise if set."""
+        p = PERSONAS[self.config.personas[user % len(self.config.personas)]]
+        if self.config.noise is None:
+            return p
+        return Persona(p.name, p.w_sentiment, p.w_toxicity, self.config.noise, p.threshold)
+
+    def start(self) -> UserPool:
+        """Start every user's thread."""
+        for u in range(self.config.users):
+            t = threading.Thread(target=self._user, args=(u,), name=f"user-{u}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Let each user finish the request in hand, then return."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self._events:
+            self._events.close()
+            self._events = None
+        self.channel.close()
+
+    def _user(self, user: int) -> None:
+        rng = random.Random(self.config.seed * 1000 + user)
+        persona = self.persona_of(user)
+        user_id = f"{persona.name}-{user}"
+        while not self._stop.is_set():
+            try:
+                self._one_request(user_id, persona, rng)
+            except grpc.RpcError as e:
+                with self._lock:
+                    self.stats.errors[e.code().name] += 1
+                if self._stop.is_set():
+                    break
+                log.warning("simulated user call failed", extra={"user": user_id, "code": e.code().name,
+                                                                 "detail": e.details()})
+                self._stop.wait(1.0)  # back off instead of hammering a failing server
+            if self.config.think_seconds:
+                self._stop.wait(self.config.think_seconds)
+
+    def _one_request(self, user_id: str, persona: Persona, rng: random.Random) -> None:
+        from rlhf_online.v1 import generation_pb2 as pb
+
+        cfg = self.config
+        n = 2 if rng.random() < cfg.pair_fraction else 1
+        prompt = rng.choice(self.prompts)
+        params = pb.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   seed=rng.getrandbits(48))
+        r = self.stub.Generate(pb.GenerateRequest(prompt=prompt, params=params, n=n, user_id=user_id),
+                               timeout=cfg.timeout_seconds)
+        texts = [c.text for c in r.completions]
+        ratings = persona.rate(texts, rng)
+        for c, rating in zip(r.completions, ratings, strict=True):
+            self.stub.SubmitFeedback(pb.SubmitFeedbackRequest(
+                completion_id=c.completion_id, user_id=user_id,
+                rating=pb.RATING_THUMBS_UP if rating == "thumbs_up" else pb.RATING_THUMBS_DOWN), timeout=30)
+        if n == 2:
+            better = persona.prefer(texts[0], texts[1], rng)
+            chosen, rejected = r.completions[better], r.completions[1 - better]
+            self.stub.SubmitPreference(pb.SubmitPreferenceRequest(
+                chosen_completion_id=chosen.completion_id, rejected_completion_id=rejected.completion_id,
+                user_id=user_id), timeout=30)
+        ups = sum(1 for x in ratings if x == "thumbs_up")
+        with self._lock:
+            s = self.stats
+            s.requests += 1
+            s.completions += len(texts)
+            s.thumbs_up += ups
+            s.thumbs_down += len(texts) - ups
+            s.preferences += n == 2
+            s.by_version[r.policy_version][0] += ups
+            s.by_version[r.policy_version][1] += len(texts)
+            if self._events:
+                self._events.write(json.dumps({"t": time.time(), "user": user_id, "policy_version": r.policy_version,
+                                               "completions": len(texts), "thumbs_up": ups}) + "\n")
+                self._events.flush()
+
+
+def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: float,
+            events_path: Path | None = None, report_every: float = 10.0) -> PoolStats:
+    """Run a pool for `seconds`, logging progress; returns its totals."""
+    pool = UserPool(addr, prompts, config, events_path).start()
+    t0 = time.monotonic()
+    try:
+        while (left := seconds - (time.monotonic() - t0)) > 0:
+            time.sleep(min(report_every, left))
+            s = pool.stats
+            log.info("simulated users", extra={"seconds": round(time.monotonic() - t0), "requests": s.requests,
+                                               "completions": s.completions, "thumbs_up_rate": round(s.thumbs_up_rate, 3),
+                                               "preferences": s.preferences, "errors": dict(s.errors)})
+    finally:
+        pool.stop()
+    return pool.stats

@@ -1,0 +1,43 @@
+"""The whole loop, short: tiny model, three real service processes, simulated users for under a minute."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+
+import pytest
+
+from rlhf_online import demo
+
+
+@pytest.mark.slow
+def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_model_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([
+        "--base-model", str(tiny_model_dir), "--runs-dir", str(tmp_path), "--minutes", "0.9", "--users", "3",
+        "--max-new-tokens", "8", "--heldout-prompts", "6", "--heldout-samples", "1", "--serving-threads", "1",
+        "--training-threads", "1", "--reward-threads", "1", "--eval-prompts", "4", "--batch-size", "4",
+        "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000"])
+    assert demo.main(args) == 0
+    [run] = list(tmp_path.iterdir())
+    report = json.loads((run / "report.json").read_text())
+
+    # Feedback flowed: the users' ratings and preferences are all in the store the services shared.
+    db = sqlite3.connect(run / "state" / "rlhf.db")
+    assert db.execute("select count(*) from feedback").fetchone()[0] == report["ratings"] > 20
+    assert db.execute("select count(*) from preferences").fetchone()[0] == report["preferences"] > 0
+    assert report["failed_requests"] == 0
+
+    # The reward service trained on it, a round ran and published, and users were served the new version.
+    assert report["reward_model"].startswith("r")
+    assert report["rounds_published"] >= 1 and report["final_version"].startswith("v")
+    served = [json.loads(line)["policy_version"] for line in (run / "ratings.jsonl").read_text().splitlines()]
+    assert any(v.startswith("v") for v in served) and served[0] == ""
+
+    # The report: the contract's keys, the markdown and a PNG.
+    for side in ("base", "final"):
+        assert set(report[side]) == {"toxicity", "sentiment", "thumbs_up_rate"}
+    assert report["rounds"] >= 1 and report["wall_seconds"] > 50 and report["kl"] >= 0
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG" and "Held-out" in (run / "report.md").read_text()
