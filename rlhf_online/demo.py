@@ -30,7 +30,7 @@ class DemoConfig:
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
     max_new_tokens: int = 32  # reply length for users, PPO rollouts and the held-out evaluation alike
     temperature: float = 1.0  # sampling temperature for users and the held-out evaluation
-    heldout_samples: int = 3  # replies per held-out prompt and policy in the final evaluation
+    heldout_samples: int = 6  # replies per held-out prompt and policy in the final evaluation (tight CIs)
     heldout_prompts: int = 0  # 0 = all held-out prompts
     base_model: str = "smollm2-135m-instruct"
     data_dir: str = "data"  # where the provisioned model lives
@@ -38,12 +38,12 @@ class DemoConfig:
     serving_threads: int = 1  # torch threads of the generation service (the cores are shared, see DESIGN.md)
     training_threads: int = 1  # torch threads of the trainer
     reward_threads: int = 1
-    batch_size: int = 12  # PPO rollouts per round
+    batch_size: int = 8  # PPO rollouts per round
     num_ppo_epochs: int = 4
     learning_rate: float = 1e-3  # LoRA lr; PPO's early stop on approx. KL bounds each round's step
     init_kl_coef: float = 0.02  # the trainer's starting KL penalty (adapted towards target_kl)
     kl_budget: float = 12.0
-    eval_prompts: int = 8  # the trainer gate's held-out prompts per round (its evaluation costs most of a round)
+    eval_prompts: int = 12  # the trainer gate's held-out prompts per round (its evaluation costs most of a round)
     eval_samples_per_prompt: int = 2
     reward_retrain_min_feedback: int = 32
     seed: int = 0

@@ -4,6 +4,11 @@ Features of (prompt, completion) are [c, p * c]: the completion's embedding carr
 content, and the element-wise product how it relates to what was asked. The head is an MLP to one
 score r; Bradley-Terry models P(a preferred over b) = sigmoid(r_a - r_b), and a thumbs-up is
 modelled as sigmoid(r + bias).
+
+The head is an ensemble of such MLPs, each fit to a bootstrap resample of the feedback. Served
+scores are mean - pessimism * std over the members: where the members disagree — on replies unlike
+anything users rated — the reward is lower, so PPO is not paid for wandering off into text the
+model merely extrapolates to (reward-model overoptimization; Coste et al., 2023).
 """
 
 from __future__ import annotations
@@ -29,22 +34,39 @@ class HeadConfig:
     dropout: float = 0.1
     offset: float = 0.0  # mean raw score on the training completions: served scores are centred on it
     bias: float = 0.0  # pointwise logit of a thumbs-up is r + bias
+    members: int = 1  # heads in the ensemble, each fit to a bootstrap resample
+    pessimism: float = 0.0  # served score = mean - pessimism * std over the members
 
 
 class RewardHead(nn.Module):
-    """[N, 2*dim] features -> [N] scores."""
+    """[N, 2*dim] features -> [members, N] scores (one row per ensemble member)."""
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
-        # hidden == 0: a linear head (logistic / Bradley-Terry regression on the features)
-        self.net = (nn.Linear(2 * cfg.dim, 1) if cfg.hidden == 0 else
+
+        def member() -> nn.Module:
+            # hidden == 0: a linear head (logistic / Bradley-Terry regression on the features)
+            return (nn.Linear(2 * cfg.dim, 1) if cfg.hidden == 0 else
                     nn.Sequential(nn.Linear(2 * cfg.dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.hidden, 1)))
+
+        self.nets = nn.ModuleList(member() for _ in range(cfg.members))
         self.bias = nn.Parameter(torch.tensor(cfg.bias))
+        self.pessimism = cfg.pessimism
+
+    def members(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw scores of every member, [members, N]."""
+        return torch.stack([net(features).squeeze(-1) for net in self.nets])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Raw scores, one per row."""
-        return self.net(features).squeeze(-1)
+        """Mean raw score over the members, [N] (what accuracy and calibration are measured on)."""
+        return self.members(features).mean(0)
+
+    def served(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean minus pessimism times the members' spread, [N]."""
+        r = self.members(features)
+        spread = r.std(0, unbiased=False) if len(self.nets) > 1 else torch.zeros_like(r[0])
+        return r.mean(0) - self.pessimism * spread
 
 
 def features(encoder: TextEncoder, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -70,7 +92,7 @@ class LearnedReward:
         """Centred scores: 0 is an average completion of the training data."""
         if not completions:
             return []
-        raw = self.head(features(self.encoder, prompts, completions))
+        raw = self.head.served(features(self.encoder, prompts, completions))
         return (raw - self.cfg.offset).tolist()
 
     @torch.no_grad()
@@ -92,7 +114,10 @@ class LearnedReward:
         if cfg.dim != encoder.dim:
             raise ValueError(f"reward head {directory} expects a {cfg.dim}-wide encoder, got {encoder.dim}")
         head = RewardHead(cfg)
-        head.load_state_dict(load_file(str(directory / "head.safetensors")))
+        state = load_file(str(directory / "head.safetensors"))
+        # Heads saved before ensembles kept their one MLP under "net."; it is member 0 now.
+        state = {("nets.0." + k[4:] if k.startswith("net.") else k): v for k, v in state.items()}
+        head.load_state_dict(state)
         return cls(encoder, head, cfg, version)
 
 

@@ -39,6 +39,8 @@ class TrainConfig:
     max_pairs_per_prompt: int = 16  # caps the up x down product of a much-rated prompt
     min_train_examples: int = 16  # pairs + singles needed before a model is trained at all
     head_hidden: int = 256  # width of the head's hidden layer; 0 = a linear head
+    ensemble: int = 5  # heads, each fit to a bootstrap resample of the examples
+    pessimism: float = 1.0  # served score = mean - pessimism * std over the heads (0 = plain mean)
     seed: int = 0
 
 
@@ -119,29 +121,43 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
     """Fit a fresh head on the training split (full batch: the features are small and precomputed)."""
     torch.manual_seed(cfg.seed)
     feats, row = _features(encoder, data.train)
-    head_cfg = HeadConfig(dim=encoder.dim, hidden=cfg.head_hidden)
+    head_cfg = HeadConfig(dim=encoder.dim, hidden=cfg.head_hidden, members=cfg.ensemble, pessimism=cfg.pessimism)
     head = RewardHead(head_cfg)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     chosen = torch.tensor([row[a] for a, _ in data.train.pairs], dtype=torch.long)
     rejected = torch.tensor([row[b] for _, b in data.train.pairs], dtype=torch.long)
     single = torch.tensor([row[c] for c, _ in data.train.singles], dtype=torch.long)
     labels = torch.tensor([y for _, y in data.train.singles], dtype=torch.float)
+    # Bootstrap: member k sees each example w[k, i] ~ Multinomial times (one member: every example once).
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def resample(n: int) -> torch.Tensor:
+        if cfg.ensemble == 1 or n == 0:
+            return torch.ones(cfg.ensemble, n)
+        return torch.stack([torch.bincount(torch.randint(n, (n,), generator=gen), minlength=n).float()
+                            for _ in range(cfg.ensemble)])
+
+    w_pair, w_single = resample(len(chosen)), resample(len(single))  # [K, pairs], [K, singles]
     t0 = time.time()
     loss = torch.zeros(())
     head.train()
     for _ in range(cfg.epochs):
-        r = head(feats)  # [N]
+        r = head.members(feats)  # [K, N]
         loss = torch.zeros(())
         if len(chosen):
-            loss = loss + cfg.pairwise_weight * -F.logsigmoid(r[chosen] - r[rejected]).mean()
+            bt = -F.logsigmoid(r[:, chosen] - r[:, rejected])  # [K, pairs]
+            loss = loss + cfg.pairwise_weight * ((bt * w_pair).sum(1) / w_pair.sum(1)).sum()
         if len(single):
-            loss = loss + cfg.pointwise_weight * F.binary_cross_entropy_with_logits(r[single] + head.bias, labels)
+            bce = F.binary_cross_entropy_with_logits(r[:, single] + head.bias, labels.expand(len(r), -1),
+                                                     reduction="none")  # [K, singles]
+            loss = loss + cfg.pointwise_weight * ((bce * w_single).sum(1) / w_single.sum(1)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+    loss = loss / cfg.ensemble
     head.eval()
     with torch.no_grad():
-        offset = float(head(feats).mean()) if len(feats) else 0.0
+        offset = float(head.served(feats).mean()) if len(feats) else 0.0
     head_cfg = replace(head_cfg, offset=offset, bias=float(head.bias.detach()))
     log.info("reward model trained", extra={"version": version, "examples": data.train.examples,
                                             "seconds": round(time.time() - t0, 2), "loss": round(float(loss.detach()), 4)})

@@ -63,3 +63,26 @@ def test_scores_rank_kind_above_rude(filled_store, encoder, tmp_path):
     kind, rude = model.score(["How was your day?"] * 2, ["It was lovely, thank you for asking!",
                                                         "Terrible. Leave me alone, idiot."])
     assert kind > rude
+
+
+def test_the_ensemble_is_pessimistic_where_its_members_disagree(filled_store, encoder, tmp_path):
+    import torch
+
+    from rlhf_online.reward.learned import LearnedReward
+    from rlhf_online.reward.training import train
+
+    data = build_dataset(filled_store, TrainConfig())
+    model = train(encoder, data, TrainConfig(ensemble=4, pessimism=2.0), "r000001")
+    texts = ["Thank you so much for asking!", "Ugh, pathetic and boring.",
+             "zxq vlorp 7731 ##! qwerty zzzz", "The weather in the spreadsheet is purple."]
+    feats = torch.cat([encoder.embed(texts), encoder.embed(["a prompt"] * 4) * encoder.embed(texts)], dim=-1)
+    with torch.no_grad():
+        members = model.head.members(feats)  # [4 members, 4 texts]
+    assert members.shape == (4, 4) and bool((members.std(0) > 0).all())  # bootstrap resamples differ
+    served = torch.tensor(model.score(["a prompt"] * 4, texts)) + model.cfg.offset
+    expected = members.mean(0) - 2.0 * members.std(0, unbiased=False)
+    assert torch.allclose(served, expected, atol=1e-5)
+    # Saved and loaded, the ensemble scores the same.
+    model.save(tmp_path)
+    again = LearnedReward.load(tmp_path, encoder, "r000001")
+    assert again.score(["a prompt"] * 4, texts) == pytest.approx(model.score(["a prompt"] * 4, texts), abs=1e-5)
