@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     from rlhf_online.bench import all as all_benches
-    from rlhf_online.bench import ppo, ppo_round, reward, reward_accuracy, serving
+    from rlhf_online.bench import ppo, ppo_round, reward, reward_accuracy, serving, soak
 
     serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
     reward.add_arguments(bsub.add_parser("reward", help="Score throughput at batch sizes 1, 16, 64"))
@@ -116,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     ppo_round.add_arguments(bsub.add_parser("ppo-round", help="one RunRound through the three services, timed"))
     reward_accuracy.add_arguments(bsub.add_parser("reward-accuracy",
                                                   help="learned reward vs simulated users' hidden preference"))
+    soak.add_arguments(bsub.add_parser("soak", help="steady generation + feedback load with a swap every minute"))
     all_benches.add_arguments(bsub.add_parser("all", help="every benchmark above, collected into all.json / all.md"))
     bench.set_defaults(fn=_bench)
 

@@ -9,10 +9,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from rlhf_online import errors, metrics
 
 log = logging.getLogger("rlhf_online.rpc")
+
+# A status message past grpc's 16 KiB header limit would reach the client as RESOURCE_EXHAUSTED, not its code.
+MAX_DETAILS_CHARS = 512
 
 # The one place where library errors become gRPC status codes.
 STATUS_OF: dict[type[errors.RlhfError], grpc.StatusCode] = {
@@ -33,10 +37,88 @@ def status_of(error: errors.RlhfError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def clip(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """Status details short enough for grpc's header limit (messages may quote what the client sent)."""
+    return details if len(details) <= limit else f"{details[:limit]}... ({len(details) - limit} more characters)"
+
+
 def _split(full_method: str) -> tuple[str, str]:
     """`/rlhf_online.v1.Generation/Generate` -> ("Generation", "Generate")."""
     _, service, method = full_method.split("/")
     return service.rsplit(".", 1)[-1], method
+
+
+class _Malformed:
+    """Stands in for a request that could not be parsed, so the RPC can answer INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _bad_field(data: bytes, message_type: Any, prefix: str = "") -> str:
+    """The path of the first string field of a serialized message that is not UTF-8 ("" if none is found)."""
+    pos, seen = 0, {}
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                chunk, pos = data[pos:pos + size], pos + size
+                field = message_type.fields_by_number.get(number)
+                if field is None:
+                    continue
+                name = prefix + field.name
+                if field.is_repeated:
+                    seen[number] = seen.get(number, -1) + 1
+                    name += f"[{seen[number]}]"
+                if field.type == field.TYPE_STRING:
+                    chunk.decode("utf-8")
+                elif field.type == field.TYPE_MESSAGE and (inner := _bad_field(chunk, field.message_type, name + ".")):
+                    return inner
+            else:
+                return ""
+    except UnicodeDecodeError:
+        return name
+    except IndexError:
+        return ""
+    return ""
+
+
+def _tolerant(deserialize: Callable, full_method: str) -> Callable:
+    """A request deserializer that hands back _Malformed instead of failing (grpc would answer INTERNAL)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            message_type, field = None, ""
+            try:
+                message_type = descriptor_pool.Default().FindMethodByName(full_method[1:].replace("/", ".")).input_type
+                field = _bad_field(data, message_type)
+            except Exception:  # naming the field is best effort; the answer is INVALID_ARGUMENT either way
+                pass
+            if field:
+                return _Malformed(f"{field}: not valid UTF-8")
+            name = message_type.full_name if message_type is not None else "request"
+            return _Malformed(f"request: not a valid {name} message")
+
+    return parse
 
 
 class _Outcome:
@@ -52,7 +134,12 @@ class _Outcome:
             self.done(code)
             if code == grpc.StatusCode.INTERNAL:
                 log.error("rpc failed", extra={"method": self.method, "error": str(error)})
-            context.abort(code, str(error))
+            context.abort(code, clip(str(error)))
+        if not context.is_active():
+            # The client cancelled or its deadline passed, and the handler failed on the way out
+            # (e.g. the engine ended the abandoned request without results): no server error.
+            self.ended_by_client(context)
+            context.abort(self.ended_code(context), "the call ended on the client's side")
         # context.abort() raises; a handler that aborted itself has its code set already.
         code = context.code() if hasattr(context, "code") else None
         if code is not None and code != grpc.StatusCode.OK:
@@ -61,6 +148,17 @@ class _Outcome:
         self.done(grpc.StatusCode.INTERNAL)
         log.exception("unhandled error in rpc", extra={"method": self.method})
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+    @staticmethod
+    def ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+        """DEADLINE_EXCEEDED when the client's deadline passed, CANCELLED when it went away before."""
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+            else grpc.StatusCode.CANCELLED
+
+    def ended_by_client(self, context: grpc.ServicerContext) -> None:
+        """Count an RPC that the client ended (cancelled, deadline passed)."""
+        self.done(self.ended_code(context))
 
     def done(self, code: grpc.StatusCode) -> None:
         """Count the RPC under its code."""
@@ -78,6 +176,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         service, method = _split(details.method)
+        if (handler.unary_unary or handler.unary_stream) and handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer, details.method))
         if handler.unary_unary:
             return handler._replace(unary_unary=self._unary(handler.unary_unary, service, method))
         if handler.unary_stream:
@@ -88,6 +188,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _unary(fn: Callable, service: str, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             outcome = _Outcome(service, method)
+            if isinstance(request, _Malformed):
+                outcome.done(grpc.StatusCode.INVALID_ARGUMENT)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
                 response = fn(request, context)
             except Exception as e:
@@ -101,11 +204,21 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _stream(fn: Callable, service: str, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             outcome = _Outcome(service, method)
+            if isinstance(request, _Malformed):
+                outcome.done(grpc.StatusCode.INVALID_ARGUMENT)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
                 yield from fn(request, context)
+            except GeneratorExit:
+                # grpc stops pulling responses once the client cancelled or its deadline passed.
+                outcome.ended_by_client(context)
+                raise
             except Exception as e:
                 outcome.fail(e, context)
-            outcome.done(grpc.StatusCode.CANCELLED if not context.is_active() else grpc.StatusCode.OK)
+            if context.is_active():
+                outcome.done(grpc.StatusCode.OK)
+            else:
+                outcome.ended_by_client(context)
 
         return wrapped
 

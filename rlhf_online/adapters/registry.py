@@ -18,7 +18,7 @@ from pathlib import Path
 from rlhf_online.artifacts import fsync, publish_dir, verify_dir
 from rlhf_online.errors import InvalidArgument, NotFound
 
-VERSION_RE = re.compile(r"^v\d{6}$")
+VERSION_RE = re.compile(r"^v[0-9]{6}\Z")  # \Z, not $: "v000001\n" is no version
 
 
 class AdapterRegistry:

@@ -1,0 +1,261 @@
+"""Reliability fixtures: in-process servers of the three services, PostgreSQL schemas, adapters, certificates."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+# PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def rpc_code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    """(status code, details) of a call; OK and "" when it returned."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def sample(metric: str, /, **labels: str) -> float:
+    """A Prometheus sample of this process (0 when the series does not exist yet)."""
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def rpcs(service: str, method: str, code: str) -> float:
+    """RPCs of one method that ended with `code`, as the metrics interceptor counted them."""
+    return sample("rlhf_grpc_requests_total", service=service, method=method, code=code)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
+    """Poll until `predicate()` holds; returns the seconds it took (fails the test after `timeout`)."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Generation:
+    """A running in-process generation server and what tests poke at."""
+
+    running: Any
+    stub: Any
+    channel: grpc.Channel
+    engine: Any
+    store: Any
+    settings: Any
+
+
+def slow_model(model: Any, step_delay: float) -> Any:
+    """The model with a sleep before each forward, so generations take long enough to interrupt."""
+    if step_delay:
+        forward = model.forward
+
+        def slow_forward(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(step_delay)
+            return forward(*args, **kwargs)
+
+        model.forward = slow_forward
+    return model
+
+
+def start_generation(tiny: Any, root: Path, step_delay: float = 0.0, **overrides: Any) -> Generation:
+    """A generation server on a fresh copy of the tiny model, configured exactly as production derives it."""
+    from rlhf_online.config import GenerationSettings
+    from rlhf_online.engine.engine import Engine
+    from rlhf_online.store import open_store
+    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+    from services.bootstrap import engine_config
+    from services.generation import start_generation_server
+
+    root.mkdir(parents=True, exist_ok=True)
+    values = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", "data_dir": root, "base_model": "tiny",
+              "store_url": f"sqlite:///{root / 'store.db'}", "grace_seconds": 5, **overrides}
+    settings = GenerationSettings(**values)
+    engine = Engine(slow_model(copy.deepcopy(tiny[0]), step_delay), tiny[1], engine_config(settings)).start()
+    store = open_store(settings.store_url)
+    running = start_generation_server(settings, engine, store)
+    channel = secure_or_plain_channel(running.port, settings)
+    return Generation(running, pb_grpc.GenerationStub(channel), channel, engine, store, settings)
+
+
+def secure_or_plain_channel(port: int, settings: Any) -> grpc.Channel:
+    """A channel to a local server: TLS trusting its own certificate when it serves TLS."""
+    if settings.tls_cert:
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_cert).read_bytes())
+        return grpc.secure_channel(f"localhost:{port}", creds)
+    return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+@pytest.fixture
+def generation(tiny, tmp_path) -> Iterator[Callable[..., Generation]]:
+    """start(step_delay=0, **settings) -> a generation server; all are shut down after the test."""
+    started: list[Generation] = []
+
+    def start(step_delay: float = 0.0, **overrides: Any) -> Generation:
+        g = start_generation(tiny, tmp_path / f"gen{len(started)}", step_delay, **overrides)
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        g.running.shutdown(1)
+
+
+def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
+    """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running)."""
+    from rlhf_online.config import RewardSettings
+    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.store import open_store
+    from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
+    from services.reward import start_reward_server
+
+    root.mkdir(parents=True, exist_ok=True)
+    values = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", "data_dir": root, "reward_model": "sentiment",
+              "store_url": f"sqlite:///{root / 'store.db'}", **overrides}
+    settings = RewardSettings(**values)
+    runtime = RewardRuntime(settings, open_store(settings.store_url))
+    running = start_reward_server(settings, runtime)
+    return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings)), runtime, running
+
+
+def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts: int = 2,
+                  **overrides: Any) -> tuple[Any, Any, Any]:
+    """A trainer server on the tiny model with a scripted reward: (stub, registry, running)."""
+    from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.config import TrainerSettings
+    from rlhf_online.mainthread import MainThreadRunner
+    from rlhf_online.ppo.trainer import Trainer
+    from rlhf_online.store import CompletionRecord, open_store
+    from rlhf_online.v1 import trainer_pb2_grpc as pb_grpc
+    from services.trainer import start_trainer_server
+
+    root.mkdir(parents=True, exist_ok=True)
+    values = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", "data_dir": root, "base_model": "tiny",
+              "store_url": f"sqlite:///{root / 'store.db'}", "round_interval_seconds": 0, "round_min_feedback": 0,
+              "batch_size": 4, "response_length": 6, "eval_prompts": 4, **overrides}
+    settings = TrainerSettings(**values)
+    store = open_store(settings.store_url)
+    store.add_completions([CompletionRecord(completion_id=f"c{i}", prompt=f"Tell me about thing {i}.", messages=(),
+                                            text="ok", policy_version="") for i in range(prompts)])
+    registry = AdapterRegistry(settings.adapter_dir)
+    reward = reward or (lambda prompts, texts: [len(t) / 100 for t in texts])
+    trainer = Trainer(settings, store, registry, reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]))
+    running = start_trainer_server(trainer, registry, MainThreadRunner())
+    return pb_grpc.TrainerStub(secure_or_plain_channel(running.port, settings)), registry, running
+
+
+# ---------------------------------------------------------------------------------------------- stores
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to a fresh, empty PostgreSQL schema of its own (dropped after the test)."""
+    import psycopg
+
+    schema = f"rel_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Saved PEFT adapters: `good0`..`good2` (random LoRAs of the tiny model) and `other_shapes` (another model's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("loras")
+    out = {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(tiny[0]), LoraConfig(r=8, lora_alpha=32, target_modules=LORA_TARGETS,
+                                                                  init_lora_weights=False))
+        model.save_pretrained(root / f"good{seed}")
+        out[f"good{seed}"] = root / f"good{seed}"
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(other, LoraConfig(r=8, target_modules=LORA_TARGETS, init_lora_weights=False)).save_pretrained(
+        root / "other_shapes")
+    out["other_shapes"] = root / "other_shapes"
+    return out
+
+
+def copy_into(src: Path) -> Callable[[Path], None]:
+    """A registry writer that copies a saved adapter's files."""
+
+    def write(directory: Path) -> None:
+        for p in src.iterdir():
+            if p.is_file():
+                shutil.copy(p, directory / p.name)
+
+    return write
+
+
+# ---------------------------------------------------------------------------------------------- TLS
+
+
+def self_signed(directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (openssl, valid one day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def tls_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(certificate, key) the servers under test present."""
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def other_cert(tmp_path_factory) -> Path:
+    """A certificate the servers do not have: a client trusting only it must refuse to talk to them."""
+    return self_signed(tmp_path_factory.mktemp("tls-other"), "other")[0]
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The helpers of this file, for test modules (which cannot import conftest under importlib mode)."""
+
+    class Kit:
+        code = staticmethod(rpc_code)
+        sample = staticmethod(sample)
+        rpcs = staticmethod(rpcs)
+        wait_for = staticmethod(wait_for)
+        start_generation = staticmethod(start_generation)
+        start_reward = staticmethod(start_reward)
+        start_trainer = staticmethod(start_trainer)
+        copy_into = staticmethod(copy_into)
+        self_signed = staticmethod(self_signed)
+        channel = staticmethod(secure_or_plain_channel)
+
+    return Kit

@@ -1,0 +1,140 @@
+"""Graceful shutdown of a real `rlhf-online serve generation` process under load.
+
+SIGTERM while clients generate and send feedback: health turns NOT_SERVING, requests in flight
+finish, new ones are refused with UNAVAILABLE, the process exits 0, and every feedback the
+server acknowledged is in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf_online.v1 import generation_pb2 as pb
+from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+
+CLIENTS = 4
+NEW_TOKENS = 400  # the long requests; client 0 sends short ones, so feedback flows from the start
+
+
+def serving_line(log_path, proc, timeout: float = 120) -> dict:
+    """The server's structured 'serving' log record (it carries the ports)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, f"server exited early:\n{log_path.read_text()[-3000:]}"
+        for line in log_path.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("msg") == "serving":
+                return json.loads(line)
+        time.sleep(0.1)
+    raise AssertionError("no 'serving' log line")
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_under_load(tiny_model_dir, tmp_path):
+    env = {**os.environ, "RLHF_BASE_MODEL": str(tiny_model_dir), "RLHF_DATA_DIR": str(tmp_path),
+           "RLHF_PORT": "0", "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1", "RLHF_GRACE_SECONDS": "30",
+           "RLHF_MAX_NEW_TOKENS": str(NEW_TOKENS), "RLHF_TORCH_THREADS": "1", "RLHF_DTYPE": "float32"}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        serving = serving_line(log_path, proc)
+        channel = grpc.insecure_channel(f"127.0.0.1:{serving['port']}")
+        stub, health = pb_grpc.GenerationStub(channel), health_pb2_grpc.HealthStub(channel)
+        def request(i: int) -> pb.GenerateRequest:
+            return pb.GenerateRequest(prompt="Tell me a long story.", params=pb.SamplingParams(
+                max_new_tokens=NEW_TOKENS if i else 16, temperature=1.0))
+
+        calls: list[tuple[float, float, grpc.StatusCode, str]] = []  # (start, end, code, details)
+        acked: list[tuple[str, str]] = []  # (completion_id, user_id) of acknowledged feedback
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            while True:
+                t0 = time.monotonic()
+                try:
+                    r = stub.Generate(request(i), timeout=120)
+                except grpc.RpcError as e:
+                    with lock:
+                        calls.append((t0, time.monotonic(), e.code(), e.details() or ""))
+                    return
+                with lock:
+                    calls.append((t0, time.monotonic(), grpc.StatusCode.OK, ""))
+                cid = r.completions[0].completion_id
+                try:
+                    stub.SubmitFeedback(pb.SubmitFeedbackRequest(completion_id=cid, rating=pb.RATING_THUMBS_UP,
+                                                                 user_id=f"user{i}"), timeout=30)
+                except grpc.RpcError:
+                    continue  # not acknowledged: nothing to check
+                with lock:
+                    acked.append((cid, f"user{i}"))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        end = time.time() + 60
+        while not (len(acked) >= 3 and metric(serving["metrics_port"], "rlhf_generation_running_rows") >= 2):
+            assert time.time() < end, "the load never got going"
+            time.sleep(0.05)
+
+        sigterm = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        statuses = []
+        while True:
+            try:
+                statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+            except grpc.RpcError as e:
+                statuses.append(e.code())
+            if statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            assert time.monotonic() - sigterm < 10, statuses
+            time.sleep(0.01)
+        not_serving = time.monotonic()
+        # Draining: a new request is refused, not queued behind the ones finishing.
+        code = None
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="new", params=pb.SamplingParams(max_new_tokens=4)), timeout=10)
+        except grpc.RpcError as e:
+            code = e.code()
+        assert code == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(90)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+        exited = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    in_flight = [c for c in calls if c[0] < sigterm < c[1]]
+    assert in_flight, "no request was in flight at SIGTERM"
+    assert all(c[2] == grpc.StatusCode.OK for c in in_flight), in_flight
+    late = [c for c in calls if c[0] > not_serving]
+    assert late and all(c[2] == grpc.StatusCode.UNAVAILABLE for c in late), late
+    assert all(c[2] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE) for c in calls), calls
+    assert exited - sigterm < 30
+
+    from rlhf_online.store import open_store
+
+    with open_store(f"sqlite:///{tmp_path / 'rlhf.db'}") as store:
+        recorded = {(f.completion_id, f.user_id) for f in store.list_feedback()}
+        assert set(acked) <= recorded, set(acked) - recorded
+        ok = sum(1 for c in calls if c[2] == grpc.StatusCode.OK)
+        assert store.count_completions() >= ok
