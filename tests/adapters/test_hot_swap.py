@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from rlhf_online.adapters.watcher import AdapterWatcher
+from rlhf_online.artifacts import write_atomically
 from rlhf_online.config import GenerationSettings
 from rlhf_online.store import open_store
 from rlhf_online.v1 import generation_pb2 as pb
@@ -108,7 +109,9 @@ def test_a_bad_adapter_is_never_served(replica, registry, publish, damage):
     elif damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:100])
     # CURRENT is pointed at it behind the registry's back (activate() itself refuses corrupt versions).
-    (registry.root / "CURRENT").write_text(bad + "\n")
+    # Replaced in one step, as an operator's tool would: a plain write_text could be read half-written
+    # (empty), which names the bare base and would make the test flaky.
+    write_atomically(registry.root / "CURRENT", lambda tmp: tmp.write_text(bad + "\n"))
     end = time.time() + 10
     while swaps("failed") == failed:
         assert time.time() < end, "the bad adapter was not refused"
