@@ -120,6 +120,8 @@ class RewardSettings(CommonSettings):
     reward_dir: Path | None = setting(None, "where trained reward models are kept (default: <data-dir>/reward_models)")
     pin_version: str = setting("", "serve this reward model version (r000003) instead of the newest promoted one")
     retrain_min_feedback: int = setting(32, "new feedback (ratings + preferences) that triggers a background retrain")
+    retrain_growth: float = setting(0.25, "also wait until the feedback grew by this share since the last "
+                                          "training (each retrain costs in proportion to all feedback; 0 = off)")
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
     min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
     heldout_percent: int = setting(20, "share of prompts (by hash) held out to measure accuracy")
@@ -146,6 +148,7 @@ class RewardSettings(CommonSettings):
         for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "max_score_items", "max_text_chars"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("retrain_interval_seconds", self.retrain_interval_seconds, self.retrain_interval_seconds > 0, "> 0")
+        _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")
         _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
 
 

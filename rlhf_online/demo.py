@@ -30,7 +30,7 @@ class DemoConfig:
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
     max_new_tokens: int = 32  # reply length for users, PPO rollouts and the held-out evaluation alike
     temperature: float = 1.0  # sampling temperature for users and the held-out evaluation
-    heldout_samples: int = 6  # replies per held-out prompt and policy in the final evaluation (tight CIs)
+    heldout_samples: int = 10  # replies per held-out prompt and policy in the final evaluation (CIs ~ 1/sqrt)
     heldout_prompts: int = 0  # 0 = all held-out prompts
     base_model: str = "smollm2-135m-instruct"
     data_dir: str = "data"  # where the provisioned model lives

@@ -43,13 +43,18 @@ def main(args: argparse.Namespace) -> int:
     with start_service("reward", env, tmp) as port:
         stub = pb_grpc.RewardStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         rng = random.Random(0)
-        items = [pb.ScoreItem(prompt=f"Write a reply about case {i}.", completion=completion_text(rng)[0])
-                 for i in range(args.items)]
-        assert stub.Score(pb.ScoreRequest(items=items[:8]), timeout=60).reward_model_version == version
+
+        def fresh_items(tag: str) -> list[pb.ScoreItem]:
+            # Texts never scored before: the service caches embeddings, and a repeat must not time the cache.
+            return [pb.ScoreItem(prompt=f"Write a reply about case {tag}-{i}.",
+                                 completion=f"{completion_text(rng)[0]} (ref {tag}-{i})") for i in range(args.items)]
+
+        assert stub.Score(pb.ScoreRequest(items=fresh_items("warmup")[:8]), timeout=60).reward_model_version == version
         rows = []
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             rates = []
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
+                items = fresh_items(f"{bs}-{rep}")
                 t0 = time.perf_counter()
                 for i in range(0, len(items), bs):
                     stub.Score(pb.ScoreRequest(items=items[i:i + bs]), timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rlhf_online.report.timeline import RoundRecord, Snapshot
@@ -51,7 +52,7 @@ def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_ve
         rs = [r for r in rounds if r.outcome == outcome]
         d.scatter([r.t / 60 for r in rs], [r.kl for r in rs], color=color, label=f"{outcome} ({len(rs)})", zorder=3)
     d.axhline(kl_budget, color="tab:red", ls="--", lw=1, label=f"KL budget {kl_budget:g}")
-    d.set(title="PPO rounds: held-out KL to the reference (nats/reply)", xlabel="minutes", ylim=(0, kl_budget * 1.1))
+    d.set(title="PPO rounds: held-out KL to the reference (nats/reply)", xlabel="minutes", ylim=(0, 1.1 * max([kl_budget, *(r.kl for r in rounds if math.isfinite(r.kl))])))
     d.legend(loc="upper left")
 
     # (e) and (f): the held-out verdict of the judges, base vs final, with 95% CIs (own scales)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +18,10 @@ def default_encoder_path() -> Path:
 
 
 class TextEncoder:
-    """Texts -> L2-normalised embeddings [N, dim], in batches, without gradients."""
+    """Texts -> L2-normalised embeddings [N, dim], in batches, without gradients, remembering recent texts."""
 
     def __init__(self, path: Path | str | None = None, *, max_length: int = 256, batch_size: int = 64,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", cache_size: int = 50_000) -> None:  # 0 = no cache
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path) if path else default_encoder_path()
@@ -27,9 +29,32 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(self.path).to(device).eval()
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.dim = int(self.model.config.hidden_size)
+        # Each retraining embeds every completion in the store again and the trainer scores the same
+        # prompts round after round: an LRU of embeddings (50k x 384 floats = 77 MB at most) saves that.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean-pooled, normalised embeddings [N, dim] of the texts; only texts not cached are encoded."""
+        if not texts:
+            return torch.zeros(0, self.dim)
+        with self._lock:  # Score calls and the background retrainer share the cache
+            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            found.update(zip(missing, self._encode(missing), strict=True))
+        if self.cache_size:
+            with self._lock:
+                for t, e in found.items():
+                    self._cache[t] = e
+                    self._cache.move_to_end(t)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return torch.stack([found[t] for t in texts])
 
     @torch.no_grad()
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+    def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Mean-pooled, normalised embeddings of the texts (the sentence-transformers recipe)."""
         out = []
         for i in range(0, len(texts), self.batch_size):

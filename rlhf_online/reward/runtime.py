@@ -118,11 +118,16 @@ class RewardRuntime:
     def _feedback_count(self) -> int:
         return self.store.count_feedback() + self.store.count_preferences()
 
+    def retrain_due(self, feedback: int) -> bool:
+        """Enough new feedback for a background retrain: the configured count, and the configured growth."""
+        new = feedback - self._seen_at_last_train
+        return new >= max(self.settings.retrain_min_feedback, self.settings.retrain_growth * self._seen_at_last_train)
+
     def retrain_forever(self) -> None:
         """Background loop: retrain once enough new feedback arrived since the last training."""
         while not self._stop.wait(self.settings.retrain_interval_seconds):
             try:
-                if self._feedback_count() - self._seen_at_last_train >= self.settings.retrain_min_feedback:
+                if self.retrain_due(self._feedback_count()):
                     self.train()
             except Exception:  # a failed training is logged; the served model stays
                 log.exception("background reward training failed")

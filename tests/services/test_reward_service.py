@@ -79,6 +79,13 @@ def test_background_retraining_after_enough_new_feedback(reward):
         time.sleep(0.2)
 
 
+def test_retraining_waits_for_the_count_and_for_growth(reward):
+    _, runtime, _ = reward(retrain_min_feedback=32, retrain_growth=0.25)
+    assert not runtime.retrain_due(31) and runtime.retrain_due(32)
+    runtime._seen_at_last_train = 400  # later retrains wait for 25% more feedback, not 32 more
+    assert not runtime.retrain_due(432) and not runtime.retrain_due(499) and runtime.retrain_due(500)
+
+
 def test_pinned_version_stays_served(reward, tmp_path):
     stub, runtime, running = reward()
     fill_store(runtime.store)
