@@ -99,7 +99,7 @@ def run_trainer(settings: TrainerSettings) -> int:
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
     trainer = Trainer(settings, open_store(settings.store_url), registry, reward_client(settings.reward_addr),
-                      load_base_model(settings), reward_readiness(settings.reward_addr))
+                      load_base_model(settings), reward_readiness(settings.reward_addr, settings.admin_token))
     runner = MainThreadRunner()
     running = start_trainer_server(trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)

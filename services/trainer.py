@@ -33,13 +33,31 @@ def reward_client(addr: str, timeout: float = 300.0):
     return score
 
 
-def reward_readiness(addr: str, timeout: float = 30.0):
-    """Why the Reward service's scores are not usable yet ("" once they are): no learned model trained so far."""
+def reward_readiness(addr: str, admin_token: str = "", timeout: float = 30.0, ask_every: float = 30.0):
+    """Why the Reward service's scores are not usable yet ("" once they are): no learned model trained so far.
+
+    With none, it asks the service to train one now (at most every `ask_every` seconds): its own
+    retrainer waits for a batch of new feedback, while an operator's RunRound should not wait for that.
+    """
     stub = reward_pb2_grpc.RewardStub(grpc.insecure_channel(addr))
+    metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+    last_ask = [float("-inf")]
 
     def not_ready() -> str:
-        info = stub.GetRewardModel(reward_pb2.GetRewardModelRequest(), timeout=timeout)
-        return "" if info.version else "the reward service has no trained reward model yet"
+        if stub.GetRewardModel(reward_pb2.GetRewardModelRequest(), timeout=timeout).version:
+            return ""
+        waiting = "the reward service has no trained reward model yet"
+        if time.monotonic() - last_ask[0] < ask_every:
+            return waiting
+        last_ask[0] = time.monotonic()
+        try:
+            r = stub.Train(reward_pb2.TrainRewardRequest(), timeout=600, metadata=metadata)
+        except grpc.RpcError as e:
+            return f"{waiting}; asking it to train one failed: {e.code().name}: {e.details()}"
+        if r.promoted:
+            log.info("asked the reward service for a first model", extra={"version": r.model.version})
+            return ""
+        return f"{waiting} ({r.reason or 'not promoted'})"
 
     return not_ready
 

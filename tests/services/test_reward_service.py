@@ -124,3 +124,20 @@ def test_train_needs_the_admin_token(reward):
     right = (("authorization", "Bearer s3cret"),)
     assert stub.Train(pb.TrainRewardRequest(), timeout=60, metadata=right).reason
     assert stub.Score(pb.ScoreRequest(items=ITEMS), timeout=10).scores  # scoring needs no token
+
+
+def test_the_trainer_asks_for_a_first_reward_model_instead_of_waiting(reward, monkeypatch):
+    from services.trainer import reward_readiness
+
+    stub, runtime, running = reward(admin_token="s3cret", retrain_interval_seconds=3600)
+    trainings = []
+    real_train = runtime.train
+    monkeypatch.setattr(runtime, "train", lambda: (trainings.append(1), real_train())[1])
+    addr = f"127.0.0.1:{running.port}"
+    readiness = reward_readiness(addr, "s3cret", ask_every=3600)
+    assert "no trained reward model yet" in readiness() and len(trainings) == 1  # nothing to train on yet
+    assert "no trained reward model yet" in readiness() and len(trainings) == 1  # asks at most every ask_every
+    fill_store(runtime.store)
+    assert "UNAUTHENTICATED" in reward_readiness(addr, "wrong", ask_every=0)()
+    assert reward_readiness(addr, "s3cret", ask_every=0)() == ""
+    assert stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10).version == "r000001"
