@@ -44,9 +44,11 @@ class RunningServer:
             return
         log.info("draining", extra={"grace_seconds": grace})
         deadline = time.monotonic() + grace
-        self.health.enter_graceful_shutdown()
+        # Refuse new work before health says NOT_SERVING: whoever sees NOT_SERVING must find new
+        # requests refused (the other order let one slip in between, under load).
         for fn in self.on_drain:
             fn()
+        self.health.enter_graceful_shutdown()
         # The server keeps answering meanwhile, so probes see NOT_SERVING and new work gets UNAVAILABLE.
         while any(b() for b in self.busy) and time.monotonic() < deadline:
             time.sleep(0.05)
