@@ -39,11 +39,13 @@ class TextEncoder:
         """Mean-pooled, normalised embeddings [N, dim] of the texts; only texts not cached are encoded."""
         if not texts:
             return torch.zeros(0, self.dim)
+        unique = list(dict.fromkeys(texts))
         with self._lock:  # Score calls and the background retrainer share the cache
-            found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
-        missing = [t for t in dict.fromkeys(texts) if t not in found]
+            found = {t: self._cache[t] for t in unique if t in self._cache}
+        missing = [t for t in unique if t not in found]
         if missing:
-            found.update(zip(missing, self._encode(missing), strict=True))
+            # Rows are cloned: a view would keep its whole encoded batch alive in the cache.
+            found.update((t, e.clone()) for t, e in zip(missing, self._encode(missing), strict=True))
         if self.cache_size:
             with self._lock:
                 for t, e in found.items():

@@ -70,12 +70,9 @@ class RewardHead(nn.Module):
 
 
 def features(encoder: TextEncoder, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-    """[N, 2*dim] features of (prompt, completion) pairs; identical texts are embedded once."""
-    unique = list(dict.fromkeys([*prompts, *completions]))
-    index = {t: i for i, t in enumerate(unique)}
-    emb = encoder.embed(unique)
-    p = emb[[index[t] for t in prompts]]
-    c = emb[[index[t] for t in completions]]
+    """[N, 2*dim] features of (prompt, completion) pairs; identical texts are embedded once (by the encoder)."""
+    emb = encoder.embed([*prompts, *completions])
+    p, c = emb[:len(prompts)], emb[len(prompts):]
     return torch.cat([c, p * c], dim=-1)
 
 
