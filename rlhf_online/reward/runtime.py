@@ -35,11 +35,13 @@ class RewardRuntime:
         self.settings, self.store = settings, store
         self.spec = parse_spec(settings.reward_model)
         names = {n for n, _ in self.spec}
-        self.encoder = TextEncoder(settings.encoder or None, device=settings.device) if "learned" in names else None
+        self.encoder = (TextEncoder(settings.encoder or None, layer=settings.encoder_layer, device=settings.device)
+                        if "learned" in names else None)
         self.registry = RewardRegistry(settings.reward_dir)
         self.classifier = (ClassifierReward(settings.reward_classifier, settings.reward_label or 0)
                            if "classifier" in names else None)
         self.train_config = TrainConfig(heldout_percent=settings.heldout_percent, epochs=settings.train_epochs,
+                                        head_hidden=settings.head_hidden,
                                         min_train_examples=settings.min_train_examples)
         self._train_lock = threading.Lock()
         self._learned: RewardModel = UntrainedReward()

@@ -31,14 +31,14 @@ class TrainConfig:
     """Knobs of one reward-model training."""
 
     heldout_percent: int = 20  # share of prompts (by hash) kept out of training
-    epochs: int = 300
+    epochs: int = 1000
     lr: float = 1e-3
     weight_decay: float = 1e-2
     pairwise_weight: float = 1.0
     pointwise_weight: float = 1.0
     max_pairs_per_prompt: int = 16  # caps the up x down product of a much-rated prompt
     min_train_examples: int = 16  # pairs + singles needed before a model is trained at all
-    head_hidden: int = 256  # width of the head's hidden layer; 0 = a linear head
+    head_hidden: int = 0  # width of the head's hidden layer; 0 = a linear head (measured best, see learned.py)
     ensemble: int = 5  # heads, each fit to a bootstrap resample of the examples
     pessimism: float = 1.0  # served score = mean - pessimism * std over the heads (0 = plain mean)
     seed: int = 0
@@ -83,7 +83,7 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
     preferences = store.list_preferences()
     ids = {f.completion_id for f in feedback} | {p.chosen_completion_id for p in preferences} | \
         {p.rejected_completion_id for p in preferences}
-    comps = {i: store.get_completion(i) for i in ids}
+    comps = {i: store.get_completion(i) for i in sorted(ids)}  # sorted: a set's order changes per process
     splits = {True: Split(), False: Split()}
 
     def split_of(cid: str) -> Split:
@@ -102,7 +102,7 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
             continue  # a preference across prompts says little about either reply
         split_of(p.rejected_completion_id)
         split_of(p.chosen_completion_id).pairs.append((p.chosen_completion_id, p.rejected_completion_id))
-    for key in ups.keys() & downs.keys():
+    for key in sorted(ups.keys() & downs.keys()):  # sorted: the same examples in the same order every run
         implied = [(u, d) for u in sorted(ups[key]) for d in sorted(downs[key]) if u != d]
         splits[is_heldout(key, cfg.heldout_percent)].pairs.extend(implied[: cfg.max_pairs_per_prompt])
     return Dataset(train=splits[False], heldout=splits[True], feedback_seen=len(feedback) + len(preferences))
@@ -121,7 +121,8 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
     """Fit a fresh head on the training split (full batch: the features are small and precomputed)."""
     torch.manual_seed(cfg.seed)
     feats, row = _features(encoder, data.train)
-    head_cfg = HeadConfig(dim=encoder.dim, hidden=cfg.head_hidden, members=cfg.ensemble, pessimism=cfg.pessimism)
+    head_cfg = HeadConfig(dim=encoder.dim, encoder_layer=encoder.layer, hidden=cfg.head_hidden,
+                          members=cfg.ensemble, pessimism=cfg.pessimism)
     head = RewardHead(head_cfg)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     chosen = torch.tensor([row[a] for a, _ in data.train.pairs], dtype=torch.long)

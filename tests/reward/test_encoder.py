@@ -1,7 +1,8 @@
-"""The sentence encoder's embedding cache: same vectors as a fresh encode, bounded, skipped when disabled."""
+"""The sentence encoder: its embedding cache (same vectors as a fresh encode, bounded, off at 0) and the pooled layer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -27,3 +28,29 @@ def test_the_cache_stays_within_its_size_and_zero_disables_it(encoder, monkeypat
     monkeypatch.setattr(encoder, "_cache", type(encoder._cache)())
     encoder.embed(["uncached"])
     assert not encoder._cache
+
+
+def test_the_pooled_layer_is_the_full_models_hidden_state_of_that_layer(encoder):
+    import torch
+    from transformers import AutoModel
+
+    from rlhf_online.reward.encoder import TextEncoder
+
+    assert encoder.layer == 3 and len(encoder.model.encoder.layer) == 3  # layers above it are not computed
+    full = AutoModel.from_pretrained(encoder.path).eval()
+    texts = ["a short warm reply", "a longer and much ruder reply than the first one"]
+    batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = full(**batch, output_hidden_states=True).hidden_states  # embeddings + 6 layers
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    for layer, enc in ((3, encoder), (-1, TextEncoder(layer=-1, cache_size=0))):
+        pooled = torch.nn.functional.normalize((states[layer] * mask).sum(1) / mask.sum(1), dim=-1)
+        assert torch.allclose(enc.embed(texts), pooled, atol=1e-5)
+
+
+def test_a_layer_the_encoder_lacks_is_a_config_error():
+    from rlhf_online.errors import ConfigError
+    from rlhf_online.reward.encoder import TextEncoder
+
+    with pytest.raises(ConfigError, match="encoder_layer: 7"):
+        TextEncoder(layer=7)

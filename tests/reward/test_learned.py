@@ -22,19 +22,37 @@ def test_dataset_uses_thumbs_pairs_and_preferences_and_holds_out_by_prompt(fille
 def test_learns_the_hidden_preference_well_above_chance(filled_store, encoder, tmp_path):
     manifest, promoted, reason = RewardRegistry(tmp_path / "rm").train_and_gate(filled_store, encoder, TrainConfig())
     m = manifest["metrics"]
-    # Measured 0.90 pairwise / 0.81 pointwise on this data (52 held-out pairs); chance is 0.5.
+    # Measured 0.85 pairwise / 0.73 pointwise on this data (52 held-out pairs; 0.90 / 0.81 with the
+    # earlier last-layer MLP head, which does worse on real replies); chance is 0.5.
     assert m["pairwise_accuracy"] >= 0.78, m
-    assert m["pointwise_accuracy"] >= 0.70, m
+    assert m["pointwise_accuracy"] >= 0.65, m
     assert 0.0 <= m["ece"] <= 1.0 and 0.0 <= m["brier"] <= 1.0
     assert promoted and manifest["version"] == "r000001" and reason == "first reward model"
 
 
-def test_a_worse_candidate_is_kept_but_not_promoted(filled_store, encoder, tmp_path):
+def test_a_worse_candidate_is_kept_but_not_promoted(filled_store, encoder, tmp_path, monkeypatch):
+    import torch
+    from torch import nn
+
+    import rlhf_online.reward.registry as registry_module
+
     registry = RewardRegistry(tmp_path / "rm")
     registry.train_and_gate(filled_store, encoder, TrainConfig())
-    # epochs=0 leaves the head at its random init: a candidate no better than chance.
-    manifest, promoted, reason = registry.train_and_gate(filled_store, encoder, TrainConfig(epochs=0))
+    real_train = registry_module.train
+
+    def backwards(*args, **kwargs):  # a candidate that ranks every pair the wrong way round
+        model = real_train(*args, **kwargs)
+        with torch.no_grad():
+            for net in model.head.nets:
+                last = net if isinstance(net, nn.Linear) else net[-1]
+                last.weight.neg_()
+                last.bias.neg_()
+        return model
+
+    monkeypatch.setattr(registry_module, "train", backwards)
+    manifest, promoted, reason = registry.train_and_gate(filled_store, encoder, TrainConfig())
     assert not promoted and "held-out pairwise accuracy" in reason
+    assert manifest["metrics"]["pairwise_accuracy"] < 0.5 < manifest["metrics"]["previous_pairwise_accuracy"]
     assert registry.current() == "r000001" and registry.versions() == ["r000001", "r000002"]
     assert registry.manifest("r000002")["promoted"] is False
 
@@ -86,3 +104,39 @@ def test_the_ensemble_is_pessimistic_where_its_members_disagree(filled_store, en
     model.save(tmp_path)
     again = LearnedReward.load(tmp_path, encoder, "r000001")
     assert again.score(["a prompt"] * 4, texts) == pytest.approx(model.score(["a prompt"] * 4, texts), abs=1e-5)
+
+
+def test_a_head_trained_on_another_encoder_layer_is_refused(filled_store, encoder, tmp_path):
+    from rlhf_online.reward.encoder import TextEncoder
+
+    registry = RewardRegistry(tmp_path / "rm")
+    registry.train_and_gate(filled_store, encoder, TrainConfig())
+    with pytest.raises(ValueError, match="trained on encoder layer 3, but the encoder pools layer 6"):
+        registry.load("r000001", TextEncoder(layer=-1))
+
+
+def test_an_mlp_head_trains_saves_and_loads(filled_store, encoder, tmp_path):
+    registry = RewardRegistry(tmp_path / "rm")
+    manifest, _, _ = registry.train_and_gate(filled_store, encoder, TrainConfig(head_hidden=64, epochs=300))
+    assert manifest["metrics"]["pairwise_accuracy"] >= 0.7, manifest["metrics"]
+    model = registry.load("r000001", encoder)
+    assert model.cfg.hidden == 64 and model.cfg.encoder_layer == 3
+    kind, rude = model.score(["How was your day?"] * 2, ["It was lovely, thank you!", "Terrible. Leave me alone, idiot."])
+    assert kind > rude
+
+
+def test_the_dataset_is_in_the_same_order_in_every_process(tmp_path):
+    # The heads' bootstrap resamples index the examples by position: an order that followed string
+    # hashing (a set's) gave another reward model in every process from the same feedback.
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys; from rlhf_online.simulate.synthetic import fill_store; "
+              "from rlhf_online.store import open_store; from rlhf_online.reward.training import TrainConfig, build_dataset; "
+              "s = open_store(sys.argv[1]); fill_store(s) if not s.count_feedback() else None; "
+              "d = build_dataset(s, TrainConfig()); print(json.dumps([d.train.pairs, d.train.singles, list(d.train.completions)]))")
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    outs = [subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert outs[0] == outs[1] and len(outs[0]) > 1000
