@@ -107,11 +107,12 @@ def test_the_ensemble_is_pessimistic_where_its_members_disagree(filled_store, en
 
 
 def test_a_head_trained_on_another_encoder_layer_is_refused(filled_store, encoder, tmp_path):
+    from rlhf_online.errors import ConfigError
     from rlhf_online.reward.encoder import TextEncoder
 
     registry = RewardRegistry(tmp_path / "rm")
     registry.train_and_gate(filled_store, encoder, TrainConfig())
-    with pytest.raises(ValueError, match="trained on encoder layer 3, but the encoder pools layer 6"):
+    with pytest.raises(ConfigError, match="encoder_layer: .* trained on encoder layer 3, but the encoder pools layer 6"):
         registry.load("r000001", TextEncoder(layer=-1))
 
 
