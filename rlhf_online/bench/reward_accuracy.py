@@ -22,10 +22,10 @@ from pathlib import Path
 
 from rlhf_online.bench.common import machine, write_report
 
-# (name, encoder layer, head hidden width, epochs or None for TrainConfig's): the default, and the
+# (name, encoder layer, TrainConfig fields that differ from its defaults): the default, and the
 # default before 2026-12-03
-VARIANTS = (("default (layer 3, linear head)", 3, 0, None),
-            ("baseline (last layer, MLP 256)", -1, 256, 300))
+VARIANTS = (("default (layer 3, linear head)", 3, {}),
+            ("baseline (last layer, MLP 256)", -1, {"head_hidden": 256, "epochs": 300}))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,11 +135,11 @@ def main(args: argparse.Namespace) -> int:
             store.add_preference(ids[k + choice], ids[k + 1 - choice], user)
     hidden = [persona.preference(texts) for texts in replies[len(train):]]
     rows, results = [], []
-    for name, layer, head_hidden, epochs in VARIANTS:
+    for v, (name, layer, overrides) in enumerate(VARIANTS):
         encoder = TextEncoder(layer=layer)
         # Every train prompt trains (the registry's own held-out slice would take 20% of them away).
-        registry = RewardRegistry(tmp / f"reward_models_{layer}_{head_hidden}")
-        cfg = TrainConfig(heldout_percent=0, head_hidden=head_hidden, epochs=epochs or TrainConfig.epochs)
+        registry = RewardRegistry(tmp / f"reward_models_{v}")
+        cfg = TrainConfig(heldout_percent=0, **overrides)
         manifest, _, _ = registry.train_and_gate(store, encoder, cfg)
         model = registry.load(manifest["version"], encoder)
         per_prompt: list[list[bool]] = []
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         n = sum(len(r) for r in per_prompt)
         acc = sum(sum(r) for r in per_prompt) / n if n else float("nan")
         lo, hi = bootstrap_interval(per_prompt, random.Random(args.seed))
-        results.append({"reward": name, "encoder_layer": encoder.layer, "head_hidden": head_hidden,
+        results.append({"reward": name, "encoder_layer": encoder.layer, "head_hidden": cfg.head_hidden,
                         "pairwise_accuracy": acc, "ci95": [lo, hi], "heldout_pairs": n, "ties_skipped": ties,
                         "clear_pairs": len(clear), "pairwise_accuracy_clear": sum(clear) / len(clear) if clear else float("nan"),
                         "reward_model": manifest["version"], "train_metrics": manifest["metrics"]})

@@ -45,9 +45,6 @@ class TextEncoder:
         if isinstance(stack, torch.nn.ModuleList):
             # BERT-style: drop the layers above the pooled one, so nothing is computed only to be ignored
             self.model.encoder.layer = stack[:self.layer]
-            self._pick = None
-        else:
-            self._pick = self.layer
         # Each retraining embeds every completion in the store again and the trainer scores the same
         # prompts round after round: an LRU of embeddings (50k x 384 floats = 77 MB at most) saves that.
         self.cache_size = cache_size
@@ -81,8 +78,7 @@ class TextEncoder:
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
-            res = self.model(**batch, output_hidden_states=self._pick is not None)
-            hidden = res.last_hidden_state if self._pick is None else res.hidden_states[self._pick]  # [B, T, dim]
+            hidden = self.model(**batch, output_hidden_states=True).hidden_states[self.layer]  # [B, T, dim]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())

@@ -31,7 +31,6 @@ def test_the_cache_stays_within_its_size_and_zero_disables_it(encoder, monkeypat
 
 
 def test_the_pooled_layer_is_the_full_models_hidden_state_of_that_layer(encoder):
-    import torch
     from transformers import AutoModel
 
     from rlhf_online.reward.encoder import TextEncoder

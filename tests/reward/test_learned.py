@@ -25,7 +25,7 @@ def test_learns_the_hidden_preference_well_above_chance(filled_store, encoder, t
     # Measured 0.85 pairwise / 0.73 pointwise on this data (52 held-out pairs; 0.90 / 0.81 with the
     # earlier last-layer MLP head, which does worse on real replies); chance is 0.5.
     assert m["pairwise_accuracy"] >= 0.78, m
-    assert m["pointwise_accuracy"] >= 0.65, m
+    assert m["pointwise_accuracy"] >= 0.70, m
     assert 0.0 <= m["ece"] <= 1.0 and 0.0 <= m["brier"] <= 1.0
     assert promoted and manifest["version"] == "r000001" and reason == "first reward model"
 
