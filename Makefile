@@ -13,10 +13,11 @@ demo: $(STAMP) $(MODEL)
 
 test: $(STAMP) $(MODEL) deploy-tools
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -rs -p no:cacheprovider
 
 # promtool and prometheus for tests/deploy: the Debian package prometheus, installed once when
-# missing and we are root (its service is not left running); elsewhere those tests skip, saying why.
+# missing and we are root (its service is not left running); elsewhere those tests skip, saying why
+# (`-rs` lists every skip with its reason; CI sets RLHF_FAIL_ON_SKIP=1, so there a skip fails the run).
 .PHONY: deploy-tools
 deploy-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \

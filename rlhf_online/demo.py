@@ -25,6 +25,9 @@ class DemoConfig:
     """Every knob of the demo; each is a flag of `rlhf-online demo`."""
 
     minutes: float = 10.0  # how long the simulated users ask and rate
+    # Past --minutes, keep the users going until they rated a reply of a published version, for at most this
+    # many more minutes (0 = stop at --minutes): a short run then always shows the whole loop, however slow the machine.
+    until_served_minutes: float = 0.0
     users: int = 6  # concurrent simulated users
     personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
@@ -56,8 +59,9 @@ class DemoConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want > 0); set --{_flag(name)}")
-        if self.heldout_prompts < 0:
-            raise ConfigError(f"heldout_prompts: invalid value {self.heldout_prompts} (want >= 0)")
+        for name in ("heldout_prompts", "until_served_minutes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want >= 0); set --{_flag(name)}")
 
 
 def _flag(name: str) -> str:
@@ -119,10 +123,19 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
         pool = UserPool(f"127.0.0.1:{ports['generation']}", prompts, users, run_dir / "ratings.jsonl").start()
         monitor = Monitor(*(f"127.0.0.1:{ports[s]}" for s in ("generation", "reward", "trainer")), pool, run_dir)
         deadline = monitor.t0 + cfg.minutes * 60
+        give_up = deadline + cfg.until_served_minutes * 60
+
+        def users_go_on() -> bool:
+            now = time.time()
+            if now < deadline:
+                return True
+            return now < give_up and not any(pool.versions_rated())  # "" alone: nothing published served yet
+
         next_line = 0.0
         try:
-            while time.time() < deadline:
-                time.sleep(min(5.0, max(0.0, deadline - time.time())))
+            while users_go_on():
+                now = time.time()
+                time.sleep(min(5.0, deadline - now) if now < deadline else 1.0)
                 snap = monitor.poll()
                 if snap.t >= next_line:
                     print(monitor.line(snap), flush=True)

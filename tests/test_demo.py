@@ -12,11 +12,15 @@ from rlhf_online import demo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_model_dir, tmp_path):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
+    # Half a minute of users, then on until a published version's reply was rated (an event, not a time
+    # window: a loaded machine takes longer to train a reward model and run a round, up to 8 more minutes).
     args = parser.parse_args([
-        "--base-model", str(tiny_model_dir), "--runs-dir", str(tmp_path), "--minutes", "0.9", "--users", "3",
+        "--base-model", str(tiny_model_dir), "--runs-dir", str(tmp_path), "--minutes", "0.5",
+        "--until-served-minutes", "8", "--users", "3",
         "--max-new-tokens", "8", "--heldout-prompts", "6", "--heldout-samples", "1", "--serving-threads", "1",
         "--training-threads", "1", "--reward-threads", "1", "--eval-prompts", "4", "--batch-size", "4",
         "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000"])
@@ -39,5 +43,5 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
     # The report: the contract's keys, the markdown and a PNG.
     for side in ("base", "final"):
         assert set(report[side]) == {"toxicity", "sentiment", "thumbs_up_rate"}
-    assert report["rounds"] >= 1 and report["wall_seconds"] > 50 and report["kl"] >= 0
+    assert report["rounds"] >= 1 and report["loop_seconds"] >= 30 and report["kl"] >= 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG" and "Held-out" in (run / "report.md").read_text()

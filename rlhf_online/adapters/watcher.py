@@ -26,11 +26,15 @@ class AdapterWatcher:
     def __init__(self, registry: AdapterRegistry, engine: Engine, *, base_model: str, poll_seconds: float = 2.0) -> None:
         self.registry, self.engine, self.base_model, self.poll_seconds = registry, engine, base_model, poll_seconds
         self.refused: set[str] = set()  # versions that failed: not retried until CURRENT moves on
+        self.polls = 0  # checks started so far
+        self.switched_on_poll = 0  # the number of the check that made the latest switch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> str:
         """One poll: switch to CURRENT if it changed; returns the version served afterwards."""
+        self.polls += 1
+        poll = self.polls
         wanted = self.registry.current()
         if wanted == self.engine.policy_version or wanted in self.refused:
             return self.engine.policy_version
@@ -47,6 +51,7 @@ class AdapterWatcher:
                       extra={"version": wanted, "serving": self.engine.policy_version, "error": str(e)})
             return self.engine.policy_version
         seconds = time.perf_counter() - t0
+        self.switched_on_poll = poll
         metrics.ADAPTER_SWAPS.labels("ok").inc()
         metrics.ADAPTER_SWAP_SECONDS.observe(seconds)
         log.info("policy switched", extra={"version": wanted or "(base)", "seconds": round(seconds, 3)})

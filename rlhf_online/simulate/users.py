@@ -107,6 +107,11 @@ class UserPool:
             self._threads.append(t)
         return self
 
+    def versions_rated(self) -> list[str]:
+        """The policy versions whose replies users have rated so far ("" = the bare base)."""
+        with self._lock:
+            return sorted(self.stats.by_version)
+
     def stop(self, timeout: float = 60.0) -> None:
         """Let each user finish the request in hand, then return."""
         self._stop.set()

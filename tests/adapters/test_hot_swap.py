@@ -74,12 +74,16 @@ def test_swaps_under_load_drop_nothing_and_pin_each_request(replica, registry, p
     for v in order:
         registry.activate(v)
         wait_serving(stub, v)
-        time.sleep(0.3)  # let requests run on it
+        switched = time.monotonic()
+        end = time.time() + 60
+        while not any(t >= switched and got == v for t, got in list(served)):  # requests really ran on it
+            assert time.time() < end, f"no request started after the switch was served by {v!r}"
+            time.sleep(0.02)
     stop.set()
     for t in threads:
         t.join()
     assert not errors
-    assert len(served) > 20
+    assert len(served) >= len(order)
     for start, version in served:
         # the version the replica served when this request started, or one it switched to later
         at_start = [v for t, v in switches if t <= start][-1]
@@ -87,7 +91,7 @@ def test_swaps_under_load_drop_nothing_and_pin_each_request(replica, registry, p
         assert version in allowed, (version, allowed)
     assert {v for _, v in served} >= {versions[0], versions[1], versions[2], ""}
     assert stub.GetPolicy(pb.GetPolicyRequest(), timeout=5).version == versions[2]
-    end = time.time() + 5
+    end = time.time() + 30
     while engine.loaded_versions() != [versions[2]]:  # the old ones are unloaded once nothing uses them
         assert time.time() < end, engine.loaded_versions()
         time.sleep(0.02)
@@ -112,7 +116,7 @@ def test_a_bad_adapter_is_never_served(replica, registry, publish, damage):
     # Replaced in one step, as an operator's tool would: a plain write_text could be read half-written
     # (empty), which names the bare base and would make the test flaky.
     write_atomically(registry.root / "CURRENT", lambda tmp: tmp.write_text(bad + "\n"))
-    end = time.time() + 10
+    end = time.time() + 30
     while swaps("failed") == failed:
         assert time.time() < end, "the bad adapter was not refused"
         time.sleep(0.02)

@@ -50,9 +50,42 @@ def test_requests_finish_on_the_version_they_started_on(make_engine, tiny, adapt
     on_new = engine.submit(ids, PARAMS)
     rest = "".join(e.delta for e in events)
     assert on_base.version == "" and on_new.version == "v000001"
-    assert first.delta + rest == base_text  # decoded in a mixed batch, still the base policy's output
+    assert first.delta + rest == base_text  # the swap mid-request left its version alone
     assert on_new.result()[0].text == lora_text
     assert engine.policy_version == "v000001"
+
+
+def test_rows_of_two_versions_decode_in_one_batch(make_engine, tiny, adapter_dir):
+    """A request on the base and one on an adapter share decode steps, and each gets its own policy's text."""
+    import threading
+
+    from rlhf_online.engine.engine import BASE
+
+    engine = make_engine()
+    ids = engine.encode_prompt(PROMPT)
+    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
+    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
+    engine.load_adapter("v000001", adapter_dir)  # loaded, not current: new requests still go to the base
+    calls: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+    forward = engine._forward
+
+    def gated(adapters, **kw):  # records each step's adapter per row; holds the first step until released
+        calls.append(list(adapters))
+        entered.set()
+        assert release.wait(30), "the test never released the engine"
+        return forward(adapters, **kw)
+
+    engine._forward = gated
+    on_base = engine.submit(ids, PARAMS)
+    assert entered.wait(30), "the base request was never prefilled"
+    # The engine is inside the base request's first step: the second request is certain to join it.
+    engine.set_current("v000001")
+    on_new = engine.submit(ids, PARAMS)
+    release.set()
+    assert on_base.result()[0].text == base_text and on_new.result()[0].text == lora_text
+    assert on_base.version == "" and on_new.version == "v000001"
+    assert any(sorted(c) == [BASE, "v000001"] for c in calls), calls  # one forward carried both versions
 
 
 def test_idle_old_version_is_unloaded(make_engine, adapter_dir):
@@ -65,7 +98,7 @@ def test_idle_old_version_is_unloaded(make_engine, adapter_dir):
     engine.set_current("v000002")
     ids = engine.encode_prompt(PROMPT)
     engine.submit(ids, SamplingParams(max_new_tokens=2)).result()  # a step runs the unloader
-    end = time.time() + 5
+    end = time.time() + 30
     while engine.loaded_versions() != ["v000002"] and time.time() < end:
         time.sleep(0.05)
     assert engine.loaded_versions() == ["v000002"]
@@ -87,7 +120,7 @@ def test_retired_version_is_unloaded_even_when_the_server_goes_idle(make_engine,
     engine.set_current("v000001")
     engine.submit(engine.encode_prompt(PROMPT), SamplingParams(max_new_tokens=2)).result()
     engine.set_current("")  # no request follows: only the idle loop can unload it
-    end = time.time() + 5
+    end = time.time() + 30
     while engine.loaded_versions():
         assert time.time() < end, "retired adapter stayed loaded on an idle server"
         time.sleep(0.02)

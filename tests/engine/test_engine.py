@@ -25,7 +25,7 @@ def hf_greedy(tiny, prompt_ids: list[int], max_new_tokens: int) -> str:
     return tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
 
 
-def wait_until(cond, timeout: float = 10.0) -> bool:
+def wait_until(cond, timeout: float = 30.0) -> bool:
     end = time.time() + timeout
     while time.time() < end:
         if cond():
@@ -120,11 +120,11 @@ def test_cancel_frees_the_slot(make_engine):
     engine = make_engine(step_delay=0.01)
     h = engine.submit(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_new_tokens=500, temperature=1.0))
     next(h.events())
-    steps = engine.stats["steps"]
     h.cancel()
     assert wait_until(lambda: engine.busy == 0)
-    time.sleep(0.2)
-    assert engine.stats["steps"] - steps < 5  # no compute is spent on it after the cancel
+    steps = engine.stats["steps"]
+    time.sleep(0.2)  # ~20 steps' time: an engine still decoding the cancelled row would count them
+    assert engine.stats["steps"] == steps  # idle: no compute is spent on it after the cancel
 
 
 def test_full_queue_is_resource_exhausted(make_engine):

@@ -84,4 +84,6 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
     # per-token score); the bound leaves margin under the weakest.
     assert after["eval/reward"] > before["eval/reward"] + 0.05
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3
-    assert after["eval/finite"] == 1.0 and after["eval/kl"] < cfg.target_kl * 2
+    # Held-out KL after 10 rounds measured 2.90 / 2.70 / 3.15 with seeds 0 / 1 / 2: the adaptive controller keeps
+    # it under its target (6), with room to spare; a policy that did not move would show 0.
+    assert after["eval/finite"] == 1.0 and 0.5 < after["eval/kl"] < cfg.target_kl

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
+from support import sample, wait_for
 
 # PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -30,9 +30,6 @@ def rpc_code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
-def sample(metric: str, /, **labels: str) -> float:
-    """A Prometheus sample of this process (0 when the series does not exist yet)."""
-    return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
 def rpcs(service: str, method: str, code: str) -> float:
@@ -40,13 +37,6 @@ def rpcs(service: str, method: str, code: str) -> float:
     return sample("rlhf_grpc_requests_total", service=service, method=method, code=code)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
-    """Poll until `predicate()` holds; returns the seconds it took (fails the test after `timeout`)."""
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(interval)
-    return time.monotonic() - t0
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -62,6 +52,7 @@ class Generation:
     engine: Any
     store: Any
     settings: Any
+    watcher: Any  # its AdapterWatcher
 
 
 def slow_model(model: Any, step_delay: float) -> Any:
@@ -94,7 +85,15 @@ def start_generation(tiny: Any, root: Path, step_delay: float = 0.0, **overrides
     store = open_store(settings.store_url)
     running = start_generation_server(settings, engine, store)
     channel = secure_or_plain_channel(running.port, settings)
-    return Generation(running, pb_grpc.GenerationStub(channel), channel, engine, store, settings)
+    return Generation(running, pb_grpc.GenerationStub(channel), channel, engine, store, settings, watcher_of(running))
+
+
+def watcher_of(running: Any) -> Any:
+    """The adapter watcher a generation server stops when it drains."""
+    from rlhf_online.adapters.watcher import AdapterWatcher
+
+    [watcher] = [f.__self__ for f in running.on_drain if isinstance(getattr(f, "__self__", None), AdapterWatcher)]
+    return watcher
 
 
 def secure_or_plain_channel(port: int, settings: Any) -> grpc.Channel:

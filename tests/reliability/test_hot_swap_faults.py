@@ -113,30 +113,28 @@ def test_bad_adapter_under_load(fault, generation, kit, lora_dirs, tmp_path):
         t_bad = time.monotonic()
         kit.wait_for(lambda: kit.sample("rlhf_adapter_swaps_total", outcome="failed") == failed + 1, 10,
                      f"the replica to refuse the {fault} adapter")
-        time.sleep(3 * POLL)  # a few more polls: refused once, not retried over and over
+        polls = g.watcher.polls
+        kit.wait_for(lambda: g.watcher.polls >= polls + 3, 30, "three more polls")  # refused once, not retried
         assert kit.sample("rlhf_adapter_swaps_total", outcome="failed") == failed + 1
         assert serving() == v2 and bad not in g.engine.loaded_versions()
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{g.running.metrics_port}/metrics",
                                               timeout=5).read().decode()
         assert f'rlhf_adapter_swaps_total{{outcome="failed"}} {failed + 1}' in metrics_text
 
-        # Roll back to the older good version: the replica notices within one poll interval; the rest of the
-        # time is the swap itself (validating and loading the adapter), which the replica measures.
-        swaps_done = kit.sample("rlhf_adapter_swap_duration_seconds_count")
-        swap_seconds = kit.sample("rlhf_adapter_swap_duration_seconds_sum")
+        # Roll back to the older good version: the replica switches on the first poll that starts after the
+        # activation (counted in polls, not seconds, so a loaded machine cannot make it flaky).
         t_rollback = time.monotonic()
+        polls = g.watcher.polls
         registry.activate(v1)
-        took = kit.wait_for(lambda: serving() == v1, 10, "the rollback")
-        kit.wait_for(lambda: kit.sample("rlhf_adapter_swap_duration_seconds_count") > swaps_done, 5, "the swap's timing")
-        swap = kit.sample("rlhf_adapter_swap_duration_seconds_sum") - swap_seconds
-        assert took - swap < POLL + 0.5, f"rollback noticed after {took - swap:.2f} s with a {POLL} s poll"
+        kit.wait_for(lambda: serving() == v1, 30, "the rollback")
+        assert g.watcher.switched_on_poll <= polls + 1, (g.watcher.switched_on_poll, polls)
         # And the replica still swaps normally afterwards: nothing of a half-loaded bad adapter lingers
         # (PEFT would make leftovers the active adapter when the one serving now is unloaded).
         v4 = registry.publish(kit.copy_into(lora_dirs["good2"]), base_model="tiny", parent=v1)
         for v in (v4, v2):
             registry.activate(v)
-            kit.wait_for(lambda v=v: serving() == v, 10, f"the replica to serve {v}")
-            time.sleep(0.2)
+            kit.wait_for(lambda v=v: serving() == v, 30, f"the replica to serve {v}")
+            kit.wait_for(lambda v=v: any(x == v for _, x in list(served)), 30, f"a reply from {v}")
     finally:
         stop.set()
         for t in threads:

@@ -69,8 +69,9 @@ def test_more_clients_than_the_queue_holds(generation, kit):
     others = [(c, d) for c, _, d in results if c not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]
     assert not others, others[:3]
     assert len(ok) >= MAX_BATCH * 3 and len(refused) >= CLIENTS, (len(ok), len(refused))
-    # Refused at once, with a reason the client can act on.
-    assert max(s for s, _ in refused) < 3.0, sorted(s for s, _ in refused)[-3:]
+    # Refused at once (the margin holds on a loaded 2-core machine; a refusal after waiting for a batch slot
+    # would take up to the 120 s deadline), with a reason the client can act on.
+    assert max(s for s, _ in refused) < 10.0, sorted(s for s, _ in refused)[-3:]
     assert all("queue full" in d or "Concurrent RPC limit" in d for _, d in refused), refused[0]
     # Admitted ones waited for at most a queue's worth of work ahead of them, never for the whole crowd.
     one = min(ok)

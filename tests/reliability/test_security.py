@@ -58,8 +58,14 @@ def test_admin_rpcs_need_the_token(admin_servers, kit, method):
 
 def test_other_rpcs_need_no_token(admin_servers):
     tstub, _, rstub = admin_servers
-    assert tstub.GetStatus(tr.GetStatusRequest(), timeout=10).rounds_total >= 0
-    assert tstub.ListPolicies(tr.ListPoliciesRequest(), timeout=10).current == ""
+    # Read-only trainer RPCs answer without a token and report the trainer's real state: a round run
+    # with the token shows up in the next tokenless GetStatus.
+    before = tstub.GetStatus(tr.GetStatusRequest(), timeout=10)
+    result = tstub.RunRound(tr.RunRoundRequest(), timeout=60, metadata=RIGHT)
+    after = tstub.GetStatus(tr.GetStatusRequest(), timeout=10)
+    assert after.rounds_total == before.rounds_total + 1
+    assert after.last_round.outcome == result.outcome and not after.round_in_progress
+    assert tstub.ListPolicies(tr.ListPoliciesRequest(), timeout=10).current == after.current
     assert len(rstub.Score(rw.ScoreRequest(items=[rw.ScoreItem(prompt="p", completion="c")]), timeout=10).scores) == 1
     assert rstub.GetRewardModel(rw.GetRewardModelRequest(), timeout=10).version == "sentiment"
 
@@ -91,8 +97,9 @@ def tls_server(service, tiny, root, kit, tls_pair):
 
         def good(channel):
             from rlhf_online.v1 import generation_pb2_grpc
-            return generation_pb2_grpc.GenerationStub(channel).Generate(
+            reply = generation_pb2_grpc.GenerationStub(channel).Generate(
                 pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=2)), timeout=10)
+            return len(reply.completions) == 1 and reply.completions[0].completion_id != ""
 
         return g.running, good
     if service == "reward":
@@ -102,14 +109,15 @@ def tls_server(service, tiny, root, kit, tls_pair):
             from rlhf_online.v1 import reward_pb2_grpc
             stub = reward_pb2_grpc.RewardStub(channel)
             stub.Train(rw.TrainRewardRequest(), timeout=30, metadata=RIGHT)  # a token travels over TLS too
-            return stub.Score(rw.ScoreRequest(items=[rw.ScoreItem(completion="c")]), timeout=10)
+            return len(stub.Score(rw.ScoreRequest(items=[rw.ScoreItem(completion="c")]), timeout=10).scores) == 1
 
         return running, good
     _, _, running = kit.start_trainer(tiny, root, tls_cert=cert, tls_key=key)
 
     def good(channel):
         from rlhf_online.v1 import trainer_pb2_grpc
-        return trainer_pb2_grpc.TrainerStub(channel).GetStatus(tr.GetStatusRequest(), timeout=10)
+        status = trainer_pb2_grpc.TrainerStub(channel).GetStatus(tr.GetStatusRequest(), timeout=10)
+        return status.rounds_total == 0 and status.current == ""  # a fresh trainer's real state
 
     return running, good
 
@@ -120,7 +128,7 @@ def test_tls(service, tiny, tmp_path, kit, tls_pair, other_cert):
     try:
         cert = tls_pair[0].read_bytes()
         secure = grpc.secure_channel(f"localhost:{running.port}", grpc.ssl_channel_credentials(cert))
-        assert good(secure)
+        assert good(secure) is True
         # A plaintext client cannot reach the TLS port.
         plain = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         got, details = kit.code(lambda: good(plain))
@@ -129,7 +137,7 @@ def test_tls(service, tiny, tmp_path, kit, tls_pair, other_cert):
         stranger = grpc.secure_channel(f"localhost:{running.port}",
                                        grpc.ssl_channel_credentials(other_cert.read_bytes()))
         assert kit.code(lambda: good(stranger))[0] == grpc.StatusCode.UNAVAILABLE
-        assert good(secure)  # and the server still serves
+        assert good(secure) is True  # and the server still serves
     finally:
         running.shutdown(1)
 

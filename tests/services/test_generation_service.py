@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import admitted, wait_for
 
 from rlhf_online.config import GenerationSettings
 from rlhf_online.store import open_store
@@ -187,14 +188,16 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(served):
 
     t = threading.Thread(target=in_flight)
     t.start()
-    time.sleep(0.3)
-    stopper = threading.Thread(target=running.shutdown, args=(10,))
+    wait_for(admitted(running), 30, "the request to start decoding")
+    assert t.is_alive()  # 60 tokens at >= 20 ms a step: still decoding when the drain begins
+    stopper = threading.Thread(target=running.shutdown, args=(30,))
     stopper.start()
-    time.sleep(0.2)
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving, 30,
+             "health to turn NOT_SERVING")
     assert code(lambda: stub.Generate(pb.GenerateRequest(prompt="new", params=PARAMS), timeout=5))[0] == \
         grpc.StatusCode.UNAVAILABLE
-    t.join(30)
-    stopper.join(30)
+    t.join(60)
+    stopper.join(60)
     assert result["r"].completions[0].completion_tokens == 60
     assert code(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2))[0] == grpc.StatusCode.UNAVAILABLE

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+from support import admitted, wait_for
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
@@ -48,6 +48,15 @@ def post(url: str, body: dict) -> tuple[int, dict, dict]:
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
+
+
+def health_status(url: str) -> int:
+    """The HTTP status of GET /health."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def test_client_generate_with_details_params_and_logging(http):
@@ -112,13 +121,13 @@ def test_validation_errors_are_the_clients_own_exception(http):
 
 
 def test_overload_is_429(http, wait_queue_depth):
-    url, _, _ = http(step_delay=0.02, max_batch_size=1, max_queue=1)
+    url, _, running = http(step_delay=0.02, max_batch_size=1, max_queue=1)
     long = {"inputs": "Go on.", "parameters": {"max_new_tokens": 300, "do_sample": True}}
     threads = [threading.Thread(target=post, args=(f"{url}/generate", long), daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-        time.sleep(0.3)  # the first runs, the second waits in the queue
-    wait_queue_depth(1)
+    threads[0].start()
+    wait_for(admitted(running), 30, "the first request to start decoding")  # the only batch slot taken
+    threads[1].start()
+    wait_queue_depth(1, timeout=30)  # the second waits in the one queue place
     with pytest.raises(OverloadedError):
         Client(url, timeout=30).generate("one more", max_new_tokens=2)
 
@@ -151,15 +160,13 @@ def test_info_health_and_drain(http):
     t = threading.Thread(target=lambda: result.update(r=post(f"{url}/generate", {
         "inputs": "Go on.", "parameters": {"max_new_tokens": 50}})))
     t.start()
-    time.sleep(0.3)
-    stopper = threading.Thread(target=running.shutdown, args=(10,))
+    wait_for(admitted(running), 30, "the request to start decoding")
+    assert t.is_alive()  # 50 tokens at >= 20 ms a step: still decoding when the drain begins
+    stopper = threading.Thread(target=running.shutdown, args=(30,))
     stopper.start()
-    time.sleep(0.2)
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"{url}/health", timeout=5)
-    assert e.value.code == 503
+    wait_for(lambda: health_status(url) == 503, 30, "/health to answer 503")
     assert post(f"{url}/generate", {"inputs": "new", "parameters": {"max_new_tokens": 2}})[0] == 503
-    t.join(30)
-    stopper.join(30)
+    t.join(60)
+    stopper.join(60)
     status, headers, body = result["r"]  # in flight when the drain began: it finished
     assert status == 200 and body["generated_text"] and headers["X-Generated-Tokens"] == "50"

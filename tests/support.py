@@ -1,0 +1,27 @@
+"""Helpers shared by test modules (importable as `support`: pytest's pythonpath names tests/)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
+    """Poll until `predicate()` holds; returns the seconds it took (fails the test after `timeout`)."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+def sample(metric: str, /, **labels: str) -> float:
+    """A Prometheus sample of this process (0 when the series does not exist yet)."""
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def admitted(running) -> Callable[[], bool]:
+    """True once a generation server's engine has work and none of it is still queued: it is decoding."""
+    return lambda: any(b() for b in running.busy) and sample("rlhf_generation_queue_depth") == 0
