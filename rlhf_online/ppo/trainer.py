@@ -52,7 +52,7 @@ def ppo_config(settings: TrainerSettings) -> PPOConfig:
 
 def split_prompts(store: Store, heldout_percent: int = 20) -> tuple[list[str], list[str]]:
     """Distinct logged plain prompts, split (by a hash of the text) into training and held-out ones."""
-    prompts = sorted({c.prompt for c in store.list_completions() if c.prompt})
+    prompts = store.distinct_prompts()
     held = [p for p in prompts if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 100 < heldout_percent]
     return [p for p in prompts if p not in set(held)], held
 

@@ -83,7 +83,7 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
     preferences = store.list_preferences()
     ids = {f.completion_id for f in feedback} | {p.chosen_completion_id for p in preferences} | \
         {p.rejected_completion_id for p in preferences}
-    comps = {i: store.get_completion(i) for i in ids}
+    comps = store.get_completions(ids)  # feedback references existing completions (a foreign key)
     splits = {True: Split(), False: Split()}
 
     def split_of(cid: str) -> Split:

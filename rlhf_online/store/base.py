@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,14 @@ class Store(ABC):
     @abstractmethod
     def get_completion(self, completion_id: str) -> CompletionRecord:
         """One completion, or NotFound."""
+
+    @abstractmethod
+    def get_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        """The completions with these ids, in the order first given; ids not in the store are left out."""
+
+    @abstractmethod
+    def distinct_prompts(self, after_created_at: float = 0.0) -> list[str]:
+        """Distinct non-empty plain prompts of completions created after a time, in code-point order."""
 
     @abstractmethod
     def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:

@@ -12,13 +12,13 @@ COMPLETION_COLUMNS = ("id, created_at, prompt, messages, text, policy_version, u
                       "prompt_tokens, completion_tokens, finish_reason, metadata")
 
 
-def limited(sql: str, args: list[Any], limit: int | None, placeholder: str = "?") -> tuple[str, list[Any]]:
-    """The query with a LIMIT clause when one was asked for."""
+def limited(sql: str, args: list[Any], limit: int | None) -> tuple[str, list[Any]]:
+    """The query (in `?` placeholders) with a LIMIT clause when one was asked for."""
     if limit is None:
         return sql, args
     if limit < 0:
         raise InvalidArgument("limit", f"must be >= 0, got {limit}")
-    return f"{sql} LIMIT {placeholder}", [*args, limit]
+    return f"{sql} LIMIT ?", [*args, limit]
 
 
 def to_json(field_name: str, value: Any) -> str:

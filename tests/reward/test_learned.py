@@ -19,6 +19,16 @@ def test_dataset_uses_thumbs_pairs_and_preferences_and_holds_out_by_prompt(fille
     assert all(is_heldout(k, 20) for k in heldout_prompts)
 
 
+def test_the_dataset_reads_its_completions_in_batches(filled_store, monkeypatch):
+    def one_at_a_time(completion_id):
+        raise AssertionError("build_dataset fetched a completion on its own")
+
+    monkeypatch.setattr(filled_store, "get_completion", one_at_a_time)
+    data = build_dataset(filled_store, TrainConfig())
+    referenced = {f.completion_id for f in filled_store.list_feedback()}
+    assert referenced <= data.train.completions.keys() | data.heldout.completions.keys()
+
+
 def test_learns_the_hidden_preference_well_above_chance(filled_store, encoder, tmp_path):
     manifest, promoted, reason = RewardRegistry(tmp_path / "rm").train_and_gate(filled_store, encoder, TrainConfig())
     m = manifest["metrics"]

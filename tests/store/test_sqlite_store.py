@@ -225,6 +225,38 @@ def test_context_manager_closes(store_url: str) -> None:
     s.close()  # closing twice is harmless
 
 
+def test_get_completions_in_the_order_given_leaving_out_unknown_ids(store: Store) -> None:
+    recs = {cid: completion(cid, text=f"reply {cid}", created_at=t) for t, cid in enumerate(["a", "b", "c"], 1)}
+    store.add_completions(list(recs.values()))
+    got = store.get_completions(["c", "ghost", "a", "c"])
+    assert list(got) == ["c", "a"]  # first-given order, a repeat once, the unknown id left out
+    assert got == {"c": recs["c"], "a": recs["a"]}
+    assert store.get_completions(iter(["b"])) == {"b": store.get_completion("b")}
+    assert store.get_completions([]) == {}
+
+
+def test_get_completions_beyond_one_query(store: Store) -> None:
+    from rlhf_online.store.sql import IDS_PER_QUERY
+
+    n = 2 * IDS_PER_QUERY + 1  # three queries, the last of one id
+    store.add_completions([completion(f"c{i:05d}") for i in range(n)])
+    wanted = [f"c{i:05d}" for i in reversed(range(n))]
+    got = store.get_completions(wanted)
+    assert list(got) == wanted
+    assert all(rec.completion_id == cid for cid, rec in got.items())
+
+
+def test_distinct_prompts(store: Store) -> None:
+    prompts = ["b", "B", "a", "é", "Z", "_x", "a b", "b"]  # code-point order differs from any locale's
+    store.add_completions([completion(f"c{i}", prompt=p, created_at=100.0 + i) for i, p in enumerate(prompts)])
+    store.add_completions([completion("chat", prompt="", messages=(("user", "hi"),), created_at=50.0)])
+    every = store.distinct_prompts()
+    assert every == ["B", "Z", "_x", "a", "a b", "b", "é"]
+    assert every == sorted({c.prompt for c in store.list_completions() if c.prompt})  # what split_prompts used
+    assert store.distinct_prompts(after_created_at=103.0) == ["Z", "_x", "a b", "b"]  # strictly after
+    assert store.distinct_prompts(after_created_at=1e12) == []
+
+
 # ---------------------------------------------------------------------- migrations
 
 

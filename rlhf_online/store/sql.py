@@ -1,0 +1,214 @@
+"""Every query of the store, written once; a backend adds only its connections and its Dialect.
+
+The two databases agree on almost all of the SQL used here (`ON CONFLICT ... DO NOTHING` for the
+idempotent inserts, `COUNT`, `LIMIT`, `IN`). What differs is small and lives in one place: the
+placeholder style (`Dialect.placeholder`), the auto-increment key of the migrations (rendered by
+`migrations.render` for `Dialect.name`), and how a transaction is opened, which each backend
+implements (`_transaction`, `_reading`, `_migration_transaction`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
+from rlhf_online.store.base import (
+    CompletionRecord,
+    FeedbackRecord,
+    PreferenceRecord,
+    Store,
+    check_preference_pair,
+    check_rating,
+)
+from rlhf_online.store.migrations import BOOKKEEPING, LATEST, MIGRATIONS, render
+from rlhf_online.store.rows import COMPLETION_COLUMNS, completion_record, completion_row, limited
+
+# Ids per `IN (...)` query of get_completions: under SQLite's oldest bound-parameter limit (999).
+IDS_PER_QUERY = 500
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one database spells what the two do not share."""
+
+    name: str  # the key of migrations.SERIAL_PK: "sqlite" | "postgresql"
+    placeholder: str  # "?" (sqlite3) or "%s" (psycopg)
+
+    def sql(self, query: str) -> str:
+        """A query written with `?` placeholders in this dialect's (queries here hold no literal ? or %)."""
+        return query if self.placeholder == "?" else query.replace("?", self.placeholder)
+
+
+SQLITE = Dialect("sqlite", "?")
+POSTGRESQL = Dialect("postgresql", "%s")
+
+
+class SqlStore(Store):
+    """A Store over a DB-API database; subclasses supply the dialect, the connections and the transactions.
+
+    A cursor from `_transaction()` is inside one transaction, committed durably on normal exit and
+    rolled back on an exception; one from `_reading()` sees committed data.
+    """
+
+    dialect: Dialect
+    where: str  # names the database in errors
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Any]:
+        """A cursor inside a write transaction."""
+
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[Any]:
+        """A cursor for reads."""
+
+    def _migration_transaction(self) -> AbstractContextManager[Any]:
+        """A write transaction that no other process migrates alongside (by default: `_transaction`)."""
+        return self._transaction()
+
+    def _execute(self, cur: Any, query: str, args: Sequence[Any] = ()) -> Any:
+        """Run a `?`-placeholder query on a cursor, in the dialect's placeholders."""
+        cur.execute(self.dialect.sql(query), args)
+        return cur
+
+    def _read(self, query: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """All rows of one query."""
+        with self._reading() as cur:
+            return self._execute(cur, query, args).fetchall()
+
+    # ------------------------------------------------------------------ schema
+
+    def _migrate(self) -> None:
+        """Apply every migration newer than the stored version, each in its own transaction."""
+        with self._migration_transaction() as cur:
+            cur.execute(BOOKKEEPING)
+            current = _version(cur)
+        if current > LATEST:
+            raise ConfigError(f"store_url: {self.where} has schema version {current}, newer than this "
+                              f"code knows ({LATEST}); upgrade rlhf-online")
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            with self._migration_transaction() as cur:
+                # Another process may have applied it while this one waited for the lock.
+                if _version(cur) >= migration.version:
+                    continue
+                for statement in migration.statements:
+                    cur.execute(render(statement, self.dialect.name))
+                self._execute(cur, "INSERT INTO schema_migrations (version, description, applied_at) "
+                              "VALUES (?, ?, ?)", (migration.version, migration.description, time.time()))
+
+    def schema_version(self) -> int:
+        """The newest migration applied."""
+        with self._reading() as cur:
+            return _version(cur)
+
+    # ------------------------------------------------------------------ writes
+
+    def add_completions(self, records: Sequence[CompletionRecord]) -> None:
+        """Insert completions in one transaction (InvalidArgument on a duplicate id)."""
+        now = time.time()
+        rows = [completion_row(r, now) for r in records]  # serialise before opening the transaction
+        if not rows:
+            return
+        insert = (f"INSERT INTO completions ({COMPLETION_COLUMNS}) VALUES ({', '.join(['?'] * 12)}) "
+                  "ON CONFLICT (id) DO NOTHING")
+        with self._transaction() as cur:
+            for row in rows:
+                if self._execute(cur, insert, row).rowcount != 1:
+                    raise InvalidArgument("completion_id", f"{row[0]!r} already exists")
+
+    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:
+        """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
+        check_rating(rating)
+        with self._transaction() as cur:
+            self._require_completion(cur, completion_id)
+            return self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at) "
+                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (completion_id, user_id) DO NOTHING",
+                                 (completion_id, user_id, rating, comment, time.time())).rowcount == 1
+
+    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str) -> bool:
+        """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
+        check_preference_pair(chosen_completion_id, rejected_completion_id)
+        with self._transaction() as cur:
+            self._require_completion(cur, chosen_completion_id)
+            self._require_completion(cur, rejected_completion_id)
+            return self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at) "
+                                 "VALUES (?, ?, ?, ?) ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
+                                 (chosen_completion_id, rejected_completion_id, user_id, time.time())).rowcount == 1
+
+    def _require_completion(self, cur: Any, completion_id: str) -> None:
+        """NotFound unless the completion exists (rows are never deleted, so the check cannot go stale)."""
+        if self._execute(cur, "SELECT 1 FROM completions WHERE id = ?", (completion_id,)).fetchone() is None:
+            raise NotFound("completion", completion_id)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_completion(self, completion_id: str) -> CompletionRecord:
+        """One completion, or NotFound."""
+        rows = self._read(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE id = ?", (completion_id,))
+        if not rows:
+            raise NotFound("completion", completion_id)
+        return completion_record(rows[0])
+
+    def get_completions(self, completion_ids: Iterable[str]) -> dict[str, CompletionRecord]:
+        """The completions with these ids, in the order first given; ids not in the store are left out."""
+        wanted = list(dict.fromkeys(completion_ids))
+        found: dict[str, CompletionRecord] = {}
+        for k in range(0, len(wanted), IDS_PER_QUERY):
+            chunk = wanted[k:k + IDS_PER_QUERY]
+            rows = self._read(f"SELECT {COMPLETION_COLUMNS} FROM completions "
+                              f"WHERE id IN ({', '.join(['?'] * len(chunk))})", chunk)
+            found.update((row[0], completion_record(row)) for row in rows)
+        return {cid: found[cid] for cid in wanted if cid in found}
+
+    def distinct_prompts(self, after_created_at: float = 0.0) -> list[str]:
+        """Distinct non-empty plain prompts of completions created after a time, in code-point order."""
+        rows = self._read("SELECT DISTINCT prompt FROM completions WHERE created_at > ? AND prompt <> ''",
+                          (after_created_at,))
+        # Sorted here, not by ORDER BY: PostgreSQL would order by the database's collation, not by code point.
+        return sorted(prompt for (prompt,) in rows)
+
+    def list_completions(self, after_created_at: float = 0.0, limit: int | None = None) -> list[CompletionRecord]:
+        """Completions created after a time, oldest first."""
+        query, args = limited(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE created_at > ? "
+                              "ORDER BY created_at, id", [after_created_at], limit)
+        return [completion_record(row) for row in self._read(query, args)]
+
+    def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
+        """Feedback with seq > after_seq, in seq order."""
+        query, args = limited("SELECT seq, completion_id, user_id, rating, comment, created_at FROM feedback "
+                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
+        return [FeedbackRecord(*row) for row in self._read(query, args)]
+
+    def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
+        """Preferences with seq > after_seq, in seq order."""
+        query, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at FROM preferences "
+                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
+        return [PreferenceRecord(*row) for row in self._read(query, args)]
+
+    def count_feedback(self) -> int:
+        """Number of feedback rows."""
+        return self._count("feedback")
+
+    def count_preferences(self) -> int:
+        """Number of preference rows."""
+        return self._count("preferences")
+
+    def count_completions(self) -> int:
+        """Number of completions."""
+        return self._count("completions")
+
+    def _count(self, table: str) -> int:
+        """Rows in one of the store's own tables (never a caller's string)."""
+        return int(self._read(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def _version(cur: Any) -> int:
+    """The newest applied migration, 0 for a fresh database (no placeholders: valid in every dialect)."""
+    cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    return int(cur.fetchone()[0])
