@@ -40,6 +40,8 @@ from rlhf_online.errors import DeadlineExceeded, InvalidArgument, ResourceExhaus
 
 log = logging.getLogger("rlhf_online.engine")
 
+# What a client is told when a forward pass fails: the cause (a torch message, maybe paths) stays in the log.
+GENERATION_FAILED = "generation failed on the server; the cause is in its log"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -317,9 +319,10 @@ class Engine:
                 run()
             try:
                 self._step()
-            except Exception as e:  # a failed forward fails its requests, not the server
+            except Exception:  # a failed forward fails its requests, not the server
                 log.exception("decode step failed", extra={"rows": len(self._rows)})
-                self._fail_all(RlhfError(f"generation failed: {e}"))
+                failed = self._fail_all(RlhfError(GENERATION_FAILED))
+                metrics.REQUESTS_FINISHED.labels("failed").inc(failed)
 
     def _step(self) -> None:
         """Evict, admit, decode one token for every row."""
@@ -375,10 +378,11 @@ class Engine:
         if take:
             try:
                 self._prefill(take)
-            except Exception as e:
+            except Exception:
                 log.exception("prefill failed", extra={"requests": len(take)})
                 for req in take:
-                    finish_request(req, RlhfError(f"prefill failed: {e}"))
+                    finish_request(req, RlhfError(GENERATION_FAILED))
+                metrics.REQUESTS_FINISHED.labels("failed").inc(len(take))
 
     def _adapter_of(self, req: GenerationRequest) -> str:
         return self._adapters.get(req.version or "", BASE)
@@ -501,8 +505,8 @@ class Engine:
             self._batch.select(keep)
         metrics.RUNNING_ROWS.set(len(self._rows))
 
-    def _fail_all(self, error: RlhfError) -> None:
-        """Fail every queued and running request with `error` and reset the batch."""
+    def _fail_all(self, error: RlhfError) -> int:
+        """Fail every queued and running request with `error` and reset the batch; returns how many."""
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()
@@ -512,3 +516,4 @@ class Engine:
         self._rows, self._batch = [], None
         metrics.RUNNING_ROWS.set(0)
         metrics.QUEUE_DEPTH.set(0)
+        return len(waiting) + len(reqs)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rlhf_online.errors import ConfigError
+from rlhf_online.errors import ConfigError, Unavailable
 from rlhf_online.store.sql import POSTGRESQL, SqlStore
 
 MIGRATION_LOCK = 0x726C6866  # advisory-lock key: one process migrates at a time ("rlhf")
@@ -24,7 +24,10 @@ class PostgresStore(SqlStore):
         self.url = url
         try:
             # Every call commits before it returns (autocommit off + an explicit transaction).
-            self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=True, timeout=connect_timeout)
+            # `check`: a connection is tested as it leaves the pool, so one that a database restart (or a
+            # dropped link) killed is replaced instead of failing the request that drew it.
+            self._pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=True, timeout=connect_timeout,
+                                        check=ConnectionPool.check_connection)
             self._pool.wait(timeout=connect_timeout)
         except Exception as e:
             from rlhf_online.store import redact
@@ -40,9 +43,21 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[Any]:
-        """A cursor inside one transaction: committed on normal exit, rolled back on an exception."""
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        """A cursor inside one transaction: committed on normal exit, rolled back on an exception.
+
+        The database out of reach (restarting, no connection within connect_timeout) is Unavailable: the
+        caller may retry, and nothing of the failed call was committed.
+        """
+        import psycopg
+        from psycopg_pool import PoolClosed
+
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except PoolClosed:
+            raise Unavailable("the store is closed") from None
+        except psycopg.OperationalError as e:
+            raise Unavailable(f"the store's database is unreachable ({type(e).__name__}); retry") from e
 
     _reading = _transaction  # a read-only transaction per call: each sees one consistent snapshot
 
