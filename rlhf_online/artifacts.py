@@ -55,12 +55,16 @@ def write_json_atomically(path: Path, data: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
 
 
-def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | None = None) -> Path:
+def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | None = None, *,
+                replace: bool = True) -> Path:
     """Build a directory with `write(tmp)`, add manifest.json (file hashes + `manifest`), then rename it into place.
 
     Readers see either no `target` or a complete one, never a partial directory. An existing
-    `target` is moved aside first and removed after (used to refresh a cached conversion).
+    `target` is moved aside first and removed after (used to refresh a cached conversion), or,
+    with replace=False, left alone: FileExistsError.
     """
+    if not replace and target.exists():
+        raise FileExistsError(f"{target} exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -72,9 +76,11 @@ def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | No
         fsync(tmp)
         old = None
         if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} exists")
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)
-        os.rename(tmp, target)
+        os.rename(tmp, target)  # onto a directory someone just filled: ENOTEMPTY, never a replacement
         fsync(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rlhf_online.data.split import HELDOUT_PERCENT
 from rlhf_online.errors import ConfigError
+from rlhf_online.registry import REWARD_PREFIX, is_version
 
 T = TypeVar("T", bound="CommonSettings")
 
@@ -107,7 +108,20 @@ class GenerationSettings(CommonSettings):
 
 
 @dataclass(frozen=True)
-class RewardSettings(CommonSettings):
+class HeldoutSettings(CommonSettings):
+    """The held-out share of the services that split logged prompts by hash (reward, trainer)."""
+
+    heldout_percent: int = setting(HELDOUT_PERCENT, "share of prompts (by hash) held out to measure accuracy "
+                                                    "and gate rounds (keep it the same for reward and trainer)")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad value."""
+        super().validate()
+        _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
+
+
+@dataclass(frozen=True)
+class RewardSettings(HeldoutSettings):
     """The Reward service (port 50052)."""
 
     port: int = setting(50052, "gRPC port (0 = pick a free one and log it)")
@@ -127,7 +141,6 @@ class RewardSettings(CommonSettings):
                                           "training (each retrain costs in proportion to all feedback; 0 = off)")
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
     min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
-    heldout_percent: int = setting(20, "share of prompts (by hash) held out to measure accuracy")
     train_epochs: int = setting(1000, "full-batch epochs of the reward head")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
@@ -146,7 +159,7 @@ class RewardSettings(CommonSettings):
         names = [n for n, _ in parse_spec(self.reward_model)]
         if "classifier" in names and not self.reward_classifier:
             raise ConfigError("reward_classifier: required when reward_model uses 'classifier'")
-        _check("pin_version", self.pin_version, not self.pin_version or re.match(r"^r\d{6}$", self.pin_version),
+        _check("pin_version", self.pin_version, not self.pin_version or is_version(self.pin_version, REWARD_PREFIX),
                "a version like r000003")
         for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "max_score_items", "max_text_chars"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
@@ -154,11 +167,10 @@ class RewardSettings(CommonSettings):
         _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")
         _check("encoder_layer", self.encoder_layer, self.encoder_layer >= -1, ">= -1 (-1 = the last layer)")
         _check("head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = a linear head)")
-        _check("heldout_percent", self.heldout_percent, 1 <= self.heldout_percent <= 50, "in 1..50")
 
 
 @dataclass(frozen=True)
-class TrainerSettings(CommonSettings):
+class TrainerSettings(HeldoutSettings):
     """The Trainer service (port 50053); PPO knobs keep the names of rlhf_online.ppo.config.PPOConfig."""
 
     port: int = setting(50053, "gRPC port (0 = pick a free one and log it)")

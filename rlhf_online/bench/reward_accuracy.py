@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     from rlhf_online.data.prompts import load_prompts
     from rlhf_online.reward.encoder import TextEncoder
     from rlhf_online.reward.registry import RewardRegistry
-    from rlhf_online.reward.training import TrainConfig
+    from rlhf_online.reward.training import TrainConfig, train_and_gate
     from rlhf_online.simulate.judges import PERSONAS
     from rlhf_online.store import CompletionRecord, open_store
 
@@ -137,10 +137,10 @@ def main(args: argparse.Namespace) -> int:
     rows, results = [], []
     for v, (name, layer, overrides) in enumerate(VARIANTS):
         encoder = TextEncoder(layer=layer)
-        # Every train prompt trains (the registry's own held-out slice would take 20% of them away).
+        # Every train prompt trains (training's own held-out slice would take 20% of them away).
         registry = RewardRegistry(tmp / f"reward_models_{v}")
         cfg = TrainConfig(heldout_percent=0, **overrides)
-        manifest, _, _ = registry.train_and_gate(store, encoder, cfg)
+        manifest, _, _ = train_and_gate(registry, store, encoder, cfg)
         model = registry.load(manifest["version"], encoder)
         per_prompt: list[list[bool]] = []
         clear: list[bool] = []

@@ -1,1 +1,1 @@
-"""Data shipped with the package: the demo's prompt set."""
+"""Data shipped with the package (the demo's prompt set) and the held-out split of logged prompts."""

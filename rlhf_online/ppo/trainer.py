@@ -8,7 +8,6 @@ recorded as rejected with the reason and the next round starts again from the se
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -24,6 +23,7 @@ import torch
 from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.config import TrainerSettings
+from rlhf_online.data.split import is_heldout
 from rlhf_online.ppo import steps
 from rlhf_online.ppo.config import PPOConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
@@ -50,10 +50,10 @@ def ppo_config(settings: TrainerSettings) -> PPOConfig:
                      init_kl_coef=settings.init_kl_coef, adaptive_kl=settings.adaptive_kl, target_kl=settings.target_kl)
 
 
-def split_prompts(store: Store, heldout_percent: int = 20) -> tuple[list[str], list[str]]:
+def split_prompts(store: Store, heldout_percent: int) -> tuple[list[str], list[str]]:
     """Distinct logged plain prompts, split (by a hash of the text) into training and held-out ones."""
     prompts = store.distinct_prompts()
-    held = [p for p in prompts if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 100 < heldout_percent]
+    held = [p for p in prompts if is_heldout(p, heldout_percent)]
     return [p for p in prompts if p not in set(held)], held
 
 
@@ -136,7 +136,7 @@ class Trainer:
 
     def _round(self) -> RoundResult:
         self.feedback_at_last_round = self.store.count_feedback()
-        train, held = split_prompts(self.store)
+        train, held = split_prompts(self.store, self.settings.heldout_percent)
         if len(train) < self.settings.min_prompts:
             return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.settings.min_prompts}")
         held = self._gate_prompts(held or train)

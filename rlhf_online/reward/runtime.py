@@ -22,7 +22,7 @@ from rlhf_online.reward.models import (
     parse_spec,
 )
 from rlhf_online.reward.registry import RewardRegistry
-from rlhf_online.reward.training import TrainConfig
+from rlhf_online.reward.training import TrainConfig, train_and_gate
 from rlhf_online.store import Store
 
 log = logging.getLogger("rlhf_online.reward")
@@ -107,7 +107,7 @@ class RewardRuntime:
         with self._train_lock:
             seen = self._feedback_count()
             t0 = time.time()
-            manifest, promoted, reason = self.registry.train_and_gate(self.store, self.encoder, self.train_config)
+            manifest, promoted, reason = train_and_gate(self.registry, self.store, self.encoder, self.train_config)
             self._seen_at_last_train = seen
             if manifest.get("version"):
                 metrics.REWARD_TRAINING_SECONDS.observe(time.time() - t0)

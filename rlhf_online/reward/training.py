@@ -2,25 +2,27 @@
 
 Data: single thumbs (pointwise, logistic), explicit preferences, and thumbs-up vs thumbs-down
 completions of the same prompt (pairwise, Bradley-Terry). The held-out slice is chosen by a hash
-of the prompt, so a prompt is always on the same side as data grows and held-out pairs test
-generalisation to prompts the model never trained on.
+of the prompt (rlhf_online.data.split, the same rule as the PPO gate's), so a prompt is always on
+the same side as data grows and held-out pairs test generalisation to prompts the model never
+trained on. A trained candidate is promoted unless it is worse than the current model beyond noise.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import HeadConfig, LearnedReward, RewardHead, features
+from rlhf_online.reward.registry import RewardRegistry
 from rlhf_online.store import CompletionRecord, Store
 
 log = logging.getLogger("rlhf_online.reward")
@@ -30,7 +32,7 @@ log = logging.getLogger("rlhf_online.reward")
 class TrainConfig:
     """Knobs of one reward-model training."""
 
-    heldout_percent: int = 20  # share of prompts (by hash) kept out of training
+    heldout_percent: int = HELDOUT_PERCENT  # share of prompts (by hash) kept out of training
     epochs: int = 1000
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -70,11 +72,6 @@ class Dataset:
 def prompt_key(c: CompletionRecord) -> str:
     """What identifies 'the same prompt': its text, or its chat messages."""
     return c.prompt or json.dumps(c.messages)
-
-
-def is_heldout(key: str, percent: int) -> bool:
-    """Deterministic split by prompt."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100 < percent
 
 
 def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
@@ -201,3 +198,41 @@ def accuracy_margin(accuracy: float, n: int, z: float = 1.96) -> float:
         return 1.0
     p = min(max(accuracy, 0.05), 0.95)
     return z * math.sqrt(2 * p * (1 - p) / n)
+
+
+def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder,
+                   cfg: TrainConfig) -> tuple[dict, bool, str]:
+    """Train a candidate on all feedback; promote it unless it is worse than the current one beyond noise.
+
+    Returns (the candidate's manifest, promoted, reason). Every trained candidate is kept in the
+    registry, promoted or not, so that its metrics can be audited.
+    """
+    t0 = time.time()
+    data = build_dataset(store, cfg)
+    if data.train.examples < cfg.min_train_examples:
+        reason = f"not enough feedback: {data.train.examples} training examples < {cfg.min_train_examples}"
+        return {"version": "", "metrics": {}, "feedback_seen": data.feedback_seen}, False, reason
+    model = train(encoder, data, cfg, registry.next_version())  # the name it will be published under
+    metrics = evaluate(model, encoder, data.heldout)
+    metrics["train_examples"] = float(data.train.examples)
+    metrics["train_seconds"] = round(time.time() - t0, 3)
+    current = registry.current()
+    promoted, reason = True, "first reward model" if not current else ""
+    if current:
+        previous = evaluate(registry.load(current, encoder), encoder, data.heldout)
+        new_acc, old_acc = metrics.get("pairwise_accuracy"), previous.get("pairwise_accuracy")
+        metrics["previous_pairwise_accuracy"] = old_acc if old_acc is not None else float("nan")
+        if new_acc is None or old_acc is None:
+            reason = "no held-out pairs to compare on; promoted on training loss"
+        else:
+            margin = accuracy_margin(old_acc, len(data.heldout.pairs))
+            promoted = new_acc >= old_acc - margin
+            reason = (f"held-out pairwise accuracy {new_acc:.3f} vs {current} {old_acc:.3f} "
+                      f"(allowed drop {margin:.3f} on {len(data.heldout.pairs)} pairs)")
+    fields = {"parent": current, "metrics": metrics, "feedback_seen": data.feedback_seen,
+              "train_config": asdict(cfg), "promoted": promoted, "reason": reason, "encoder": str(encoder.path)}
+    version = registry.publish(model.save, **fields)
+    if promoted:
+        registry.activate(version)
+    log.info("reward model candidate", extra={"version": version, "promoted": promoted, "reason": reason})
+    return {"version": version, **fields}, promoted, reason

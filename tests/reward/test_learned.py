@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from rlhf_online.data.split import is_heldout
 from rlhf_online.reward.registry import RewardRegistry
-from rlhf_online.reward.training import TrainConfig, build_dataset, is_heldout, prompt_key
+from rlhf_online.reward.training import TrainConfig, build_dataset, prompt_key, train_and_gate
 from rlhf_online.store import open_store
 
 
@@ -30,7 +31,7 @@ def test_the_dataset_reads_its_completions_in_batches(filled_store, monkeypatch)
 
 
 def test_learns_the_hidden_preference_well_above_chance(filled_store, encoder, tmp_path):
-    manifest, promoted, reason = RewardRegistry(tmp_path / "rm").train_and_gate(filled_store, encoder, TrainConfig())
+    manifest, promoted, reason = train_and_gate(RewardRegistry(tmp_path / "rm"), filled_store, encoder, TrainConfig())
     m = manifest["metrics"]
     # Measured 0.85 pairwise / 0.73 pointwise on this data (52 held-out pairs; 0.90 / 0.81 with the
     # earlier last-layer MLP head, which does worse on real replies); chance is 0.5.
@@ -59,11 +60,11 @@ def test_a_worse_candidate_is_kept_but_not_promoted(filled_store, encoder, tmp_p
     import torch
     from torch import nn
 
-    import rlhf_online.reward.registry as registry_module
+    import rlhf_online.reward.training as training_module
 
     registry = RewardRegistry(tmp_path / "rm")
-    registry.train_and_gate(filled_store, encoder, TrainConfig())
-    real_train = registry_module.train
+    train_and_gate(registry, filled_store, encoder, TrainConfig())
+    real_train = training_module.train
 
     def backwards(*args, **kwargs):  # a candidate that ranks every pair the wrong way round
         model = real_train(*args, **kwargs)
@@ -74,8 +75,8 @@ def test_a_worse_candidate_is_kept_but_not_promoted(filled_store, encoder, tmp_p
                 last.bias.neg_()
         return model
 
-    monkeypatch.setattr(registry_module, "train", backwards)
-    manifest, promoted, reason = registry.train_and_gate(filled_store, encoder, TrainConfig())
+    monkeypatch.setattr(training_module, "train", backwards)
+    manifest, promoted, reason = train_and_gate(registry, filled_store, encoder, TrainConfig())
     assert not promoted and "held-out pairwise accuracy" in reason
     assert manifest["metrics"]["pairwise_accuracy"] < 0.5 < manifest["metrics"]["previous_pairwise_accuracy"]
     assert registry.current() == "r000001" and registry.versions() == ["r000001", "r000002"]
@@ -84,13 +85,13 @@ def test_a_worse_candidate_is_kept_but_not_promoted(filled_store, encoder, tmp_p
 
 def test_too_little_feedback_trains_nothing(tmp_path, encoder):
     store = open_store(f"sqlite:///{tmp_path / 'empty.db'}")
-    manifest, promoted, reason = RewardRegistry(tmp_path / "rm").train_and_gate(store, encoder, TrainConfig())
+    manifest, promoted, reason = train_and_gate(RewardRegistry(tmp_path / "rm"), store, encoder, TrainConfig())
     assert not promoted and manifest["version"] == "" and "not enough feedback" in reason
 
 
 def test_a_tampered_version_is_refused(filled_store, encoder, tmp_path):
     registry = RewardRegistry(tmp_path / "rm")
-    registry.train_and_gate(filled_store, encoder, TrainConfig())
+    train_and_gate(registry, filled_store, encoder, TrainConfig())
     head = tmp_path / "rm" / "r000001" / "head.safetensors"
     data = bytearray(head.read_bytes())
     data[-1] ^= 0xFF
@@ -99,9 +100,24 @@ def test_a_tampered_version_is_refused(filled_store, encoder, tmp_path):
         registry.load("r000001", encoder)
 
 
+def test_a_registry_with_the_old_pointer_file_is_served_and_gated_against(filled_store, encoder, tmp_path):
+    import json
+
+    registry = RewardRegistry(tmp_path / "rm")
+    train_and_gate(registry, filled_store, encoder, TrainConfig(epochs=100))
+    # The pointer as registries wrote it before CURRENT was shared with the adapter registry.
+    (registry.root / "CURRENT").unlink()
+    (registry.root / "CURRENT.json").write_text(json.dumps({"version": "r000001", "promoted_at": 1.0}))
+    old = RewardRegistry(registry.root)
+    assert old.current() == "r000001" and old.load("r000001", encoder).version == "r000001"
+    manifest, promoted, reason = train_and_gate(old, filled_store, encoder, TrainConfig(epochs=100))
+    assert manifest["version"] == "r000002" and manifest["parent"] == "r000001" and "vs r000001" in reason
+    assert old.current() == ("r000002" if promoted else "r000001")
+
+
 def test_scores_rank_kind_above_rude(filled_store, encoder, tmp_path):
     registry = RewardRegistry(tmp_path / "rm")
-    registry.train_and_gate(filled_store, encoder, TrainConfig())
+    train_and_gate(registry, filled_store, encoder, TrainConfig())
     model = registry.load(registry.current(), encoder)
     kind, rude = model.score(["How was your day?"] * 2, ["It was lovely, thank you for asking!",
                                                         "Terrible. Leave me alone, idiot."])
@@ -136,14 +152,14 @@ def test_a_head_trained_on_another_encoder_layer_is_refused(filled_store, encode
     from rlhf_online.reward.encoder import TextEncoder
 
     registry = RewardRegistry(tmp_path / "rm")
-    registry.train_and_gate(filled_store, encoder, TrainConfig())
+    train_and_gate(registry, filled_store, encoder, TrainConfig())
     with pytest.raises(ConfigError, match="encoder_layer: .* trained on encoder layer 3, but the encoder pools layer 6"):
         registry.load("r000001", TextEncoder(layer=-1))
 
 
 def test_an_mlp_head_trains_saves_and_loads(filled_store, encoder, tmp_path):
     registry = RewardRegistry(tmp_path / "rm")
-    manifest, _, _ = registry.train_and_gate(filled_store, encoder, TrainConfig(head_hidden=64, epochs=300))
+    manifest, _, _ = train_and_gate(registry, filled_store, encoder, TrainConfig(head_hidden=64, epochs=300))
     assert manifest["metrics"]["pairwise_accuracy"] >= 0.7, manifest["metrics"]
     model = registry.load("r000001", encoder)
     assert model.cfg.hidden == 64 and model.cfg.encoder_layer == 3
