@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from prometheus_client import REGISTRY
 
@@ -25,3 +26,24 @@ def sample(metric: str, /, **labels: str) -> float:
 def admitted(running) -> Callable[[], bool]:
     """True once a generation server's engine has work and none of it is still queued: it is decoding."""
     return lambda: any(b() for b in running.busy) and sample("rlhf_generation_queue_depth") == 0
+
+
+# PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def pg_schema(prefix: str = "t") -> Iterator[str]:
+    """A URL to a fresh, empty PostgreSQL schema of its own, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")

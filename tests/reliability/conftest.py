@@ -6,7 +6,6 @@ import copy
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from support import sample, wait_for
+from support import pg_schema, sample, wait_for
 
-# PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -168,14 +165,8 @@ def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A URL to a fresh, empty PostgreSQL schema of its own (dropped after the test)."""
-    import psycopg
-
-    schema = f"rel_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema("rel") as url:
+        yield url
 
 
 # ---------------------------------------------------------------------------------------------- adapters

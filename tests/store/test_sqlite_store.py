@@ -8,15 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import pg_schema
 
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from rlhf_online.store import CompletionRecord, Store, open_store
 from rlhf_online.store.migrations import LATEST, MIGRATIONS, SERIAL_PK, render
 from rlhf_online.store.sqlite import SqliteStore
 
-# PostgreSQL runs on 127.0.0.1:5432 (trust auth, database `test`) on every development and CI machine.
 BACKENDS = ["sqlite", "postgresql"]
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -25,16 +24,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    import uuid
-
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture
