@@ -11,7 +11,7 @@ import torch
 from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings, TrainerSettings
 from rlhf_online.engine.engine import Engine, EngineConfig
 from rlhf_online.engine.request import Limits
-from rlhf_online.models.provision import load_model, resolve_base_model
+from rlhf_online.models.provision import load_model, pick_dtype, resolve_base_model
 from rlhf_online.store import open_store
 
 log = logging.getLogger("rlhf_online.bootstrap")
@@ -30,25 +30,6 @@ def engine_config(settings: GenerationSettings) -> EngineConfig:
                         limits=Limits(max_prompt_tokens=settings.max_prompt_tokens,
                                       max_new_tokens=settings.max_new_tokens,
                                       max_n=min(settings.max_n, settings.max_batch_size)))
-
-
-def native_bf16(device: str) -> bool:
-    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    # Without these instructions bf16 is emulated on the CPU and slower than fp32.
-    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def pick_dtype(setting: str, device: str) -> torch.dtype:
-    """The weights' dtype for a `--dtype` setting."""
-    if setting == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
 def build_engine(settings: GenerationSettings) -> Engine:

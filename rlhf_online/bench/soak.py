@@ -309,8 +309,7 @@ def table(result: dict) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the soak, write soak.json and soak.md, print the table; 0 only if it passed."""
-    from rlhf_online.models.provision import resolve_base_model
-    from services.bootstrap import pick_dtype
+    from rlhf_online.models.provision import pick_dtype, resolve_base_model
 
     model_dir = resolve_base_model(args.base_model, Path(args.data_dir))
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
