@@ -49,7 +49,7 @@ def test_bad_values_are_refused_by_name(argv, env, name):
 
 
 def test_serve_with_a_bad_value_exits_2_naming_it():
-    r = subprocess.run([sys.executable, "-m", "rlhf_online.cli", "serve", "generation", "--max-batch-size", "0"],
+    r = subprocess.run([sys.executable, "-m", "services.cli", "serve", "generation", "--max-batch-size", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "max_batch_size" in r.stderr and "--max-batch-size" in r.stderr

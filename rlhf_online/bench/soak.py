@@ -96,7 +96,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, **env, "RLHF_PORT": str(self.port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
         with open(log_path, "w") as server_log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
                                          stdout=subprocess.DEVNULL, stderr=server_log)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
         deadline = time.time() + 300
