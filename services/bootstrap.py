@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_online import config
 from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings, TrainerSettings
 from rlhf_online.engine.engine import Engine, EngineConfig
 from rlhf_online.engine.request import Limits
@@ -57,11 +58,11 @@ def run_generation(settings: GenerationSettings) -> int:
 
 def run_reward(settings: RewardSettings) -> int:
     """`rlhf-online serve reward`: serve until SIGTERM, then drain and exit 0."""
-    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from services.reward import start_reward_server
 
     set_threads(settings)
-    runtime = RewardRuntime(settings, open_store(settings.store_url))
+    runtime = RewardRuntime(config.project(RewardConfig, settings), open_store(settings.store_url))
     running = start_reward_server(settings, runtime)
     running.on_stopped.append(runtime.runner.stop)
     running.shutdown_on_signal(settings.grace_seconds)
@@ -79,10 +80,12 @@ def run_trainer(settings: TrainerSettings) -> int:
 
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
-    trainer = Trainer(settings, open_store(settings.store_url), registry, reward_client(settings.reward_addr),
-                      load_base_model(settings), reward_readiness(settings.reward_addr, settings.admin_token))
+    base = load_base_model(resolve_base_model(settings.base_model, Path(settings.data_dir)), settings.device)
+    trainer = Trainer(settings.trainer, settings.ppo, open_store(settings.store_url), registry,
+                      reward_client(settings.reward_addr), base, base_model=settings.base_model,
+                      reward_not_ready=reward_readiness(settings.reward_addr, settings.admin_token))
     runner = MainThreadRunner()
-    running = start_trainer_server(trainer, registry, runner)
+    running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)
     runner.run_forever()
     running.stopped.wait()
