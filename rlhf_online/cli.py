@@ -1,30 +1,52 @@
-"""`rlhf-online` command line: serve, model, bench, demo."""
+"""The library's commands of `rlhf-online`: model, bench, policies, demo, simulate.
+
+The program itself (its parser, `main` and the `serve` command) is services/cli.py: starting a
+service is the services layer's job, and the library never imports it. Each `add_*` function
+adds one command; a command's module is imported only when that command runs (or shows its help).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from rlhf_online import config, logs
+from rlhf_online import logs
 from rlhf_online.errors import ConfigError, RlhfError
 
-log = logging.getLogger("rlhf_online.cli")
+BENCHES = {
+    "serving": "concurrent gRPC clients vs sequential model.generate",
+    "reward": "Score throughput at batch sizes 1, 16, 64",
+    "ppo": "PPO update throughput, ours vs TRL 1.12 (needs .venv-bench)",
+    "ppo-round": "one RunRound through the three services, timed",
+    "reward-accuracy": "learned reward vs simulated users' hidden preference",
+    "soak": "steady generation + feedback load with a swap every minute",
+    "all": "every benchmark above, collected into all.json / all.md",
+}
 
-SERVICES = {"generation": config.GenerationSettings, "reward": config.RewardSettings,
-            "trainer": config.TrainerSettings}
 
+class LazySubcommands(argparse._SubParsersAction):
+    """Subcommands whose flags are added when the subcommand is chosen, so only its module is imported."""
 
-def _serve(args: argparse.Namespace) -> int:
-    """Start one service and block until SIGTERM."""
-    settings = config.build(SERVICES[args.service], args)
-    logs.configure(settings.log_level)
-    from services import bootstrap
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flag_adders: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
-    return {"generation": bootstrap.run_generation, "reward": bootstrap.run_reward,
-            "trainer": bootstrap.run_trainer}[args.service](settings)
+    def add_lazy(self, name: str, help: str, add_flags: Callable[[argparse.ArgumentParser], None],
+                 **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose flags `add_flags` adds only if it is chosen."""
+        self.flag_adders[name] = add_flags
+        return self.add_parser(name, help=help, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        """Add the chosen subcommand's flags, then parse its arguments as argparse does."""
+        add_flags = self.flag_adders.pop(values[0], None)
+        if add_flags is not None:
+            add_flags(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _model_fetch(args: argparse.Namespace) -> int:
@@ -36,11 +58,33 @@ def _model_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model(sub: LazySubcommands) -> None:
+    """`model fetch`."""
+    model = sub.add_parser("model", help="model provisioning")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    fetch = msub.add_parser("fetch", help="convert the built-in smollm2-135m-instruct into <data-dir>/models")
+    fetch.add_argument("--data-dir", default="data")
+    fetch.add_argument("--force", action="store_true", help="convert again even if present")
+    fetch.set_defaults(fn=_model_fetch)
+
+
+def _bench_module(name: str):
+    """The module of benchmark `name` (`ppo-round` -> rlhf_online.bench.ppo_round)."""
+    return importlib.import_module(f"rlhf_online.bench.{name.replace('-', '_')}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run a benchmark and write its JSON and Markdown table."""
-    import importlib
+    return _bench_module(args.bench_command).main(args)
 
-    return importlib.import_module(f"rlhf_online.bench.{args.bench_command.replace('-', '_')}").main(args)
+
+def add_bench(sub: LazySubcommands) -> None:
+    """`bench NAME`: each benchmark's module adds its flags, imported only when it is the one chosen."""
+    bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, action=LazySubcommands)
+    for name, help in BENCHES.items():
+        bsub.add_lazy(name, help, lambda p, name=name: _bench_module(name).add_arguments(p))
+    bench.set_defaults(fn=_bench)
 
 
 def _policies(args: argparse.Namespace) -> int:
@@ -65,11 +109,37 @@ def _policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_policies(sub: LazySubcommands) -> None:
+    """`policies list|activate|rollback` on the adapter registry."""
+    policies = sub.add_parser("policies", help="the adapter registry: list, activate, rollback")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
+    where.add_argument("--adapter-dir", default=os.environ.get("RLHF_ADAPTER_DIR"))
+    psub = policies.add_subparsers(dest="policies_command", required=True)
+    psub.add_parser("list", parents=[where], help="published versions; * marks CURRENT")
+    psub.add_parser("activate", parents=[where], help="make VERSION current ('' = bare base)").add_argument("version")
+    psub.add_parser("rollback", parents=[where], help="activate the newest version older than CURRENT")
+    policies.set_defaults(fn=_policies)
+
+
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    from rlhf_online import demo
+
+    demo.add_arguments(p)
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The end-to-end demo."""
     from rlhf_online import demo
 
     return demo.main(args)
+
+
+def add_demo(sub: LazySubcommands) -> None:
+    """`demo`: its flags are rlhf_online.demo.DemoConfig's."""
+    demo = sub.add_lazy("demo", "the whole loop on the embedded defaults: users, reward, PPO, hot-swaps, report",
+                        _demo_flags)
+    demo.set_defaults(fn=_demo)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -87,55 +157,8 @@ def _simulate(args: argparse.Namespace) -> int:
     return 1 if stats.errors else 0
 
 
-def parser() -> argparse.ArgumentParser:
-    """The full argument parser."""
-    p = argparse.ArgumentParser(prog="rlhf-online", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run a service until SIGTERM")
-    services = serve.add_subparsers(dest="service", required=True)
-    for name, cls in SERVICES.items():
-        config.add_arguments(services.add_parser(name, help=cls.__doc__), cls)
-    serve.set_defaults(fn=_serve)
-
-    model = sub.add_parser("model", help="model provisioning")
-    msub = model.add_subparsers(dest="model_command", required=True)
-    fetch = msub.add_parser("fetch", help="convert the built-in smollm2-135m-instruct into <data-dir>/models")
-    fetch.add_argument("--data-dir", default="data")
-    fetch.add_argument("--force", action="store_true", help="convert again even if present")
-    fetch.set_defaults(fn=_model_fetch)
-
-    bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown table)")
-    bsub = bench.add_subparsers(dest="bench_command", required=True)
-    from rlhf_online.bench import all as all_benches
-    from rlhf_online.bench import ppo, ppo_round, reward, reward_accuracy, serving, soak
-
-    serving.add_arguments(bsub.add_parser("serving", help="concurrent gRPC clients vs sequential model.generate"))
-    reward.add_arguments(bsub.add_parser("reward", help="Score throughput at batch sizes 1, 16, 64"))
-    ppo.add_arguments(bsub.add_parser("ppo", help="PPO update throughput, ours vs TRL 1.12 (needs .venv-bench)"))
-    ppo_round.add_arguments(bsub.add_parser("ppo-round", help="one RunRound through the three services, timed"))
-    reward_accuracy.add_arguments(bsub.add_parser("reward-accuracy",
-                                                  help="learned reward vs simulated users' hidden preference"))
-    soak.add_arguments(bsub.add_parser("soak", help="steady generation + feedback load with a swap every minute"))
-    all_benches.add_arguments(bsub.add_parser("all", help="every benchmark above, collected into all.json / all.md"))
-    bench.set_defaults(fn=_bench)
-
-    policies = sub.add_parser("policies", help="the adapter registry: list, activate, rollback")
-    where = argparse.ArgumentParser(add_help=False)
-    where.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
-    where.add_argument("--adapter-dir", default=os.environ.get("RLHF_ADAPTER_DIR"))
-    psub = policies.add_subparsers(dest="policies_command", required=True)
-    psub.add_parser("list", parents=[where], help="published versions; * marks CURRENT")
-    psub.add_parser("activate", parents=[where], help="make VERSION current ('' = bare base)").add_argument("version")
-    psub.add_parser("rollback", parents=[where], help="activate the newest version older than CURRENT")
-    policies.set_defaults(fn=_policies)
-
-    from rlhf_online import demo as demo_module
-
-    demo = sub.add_parser("demo", help="the whole loop on the embedded defaults: users, reward, PPO, hot-swaps, report")
-    demo_module.add_arguments(demo)
-    demo.set_defaults(fn=_demo)
-
+def add_simulate(sub: LazySubcommands) -> None:
+    """`simulate`: simulated users against a running Generation service."""
     simulate = sub.add_parser("simulate", help="simulated users asking and rating through a Generation service")
     simulate.add_argument("--addr", default="127.0.0.1:50051", help="host:port of the Generation service")
     simulate.add_argument("--seconds", type=float, default=60.0, help="how long to run")
@@ -149,13 +172,16 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--events", default=None, help="append one JSON line per answered request here")
     simulate.add_argument("--seed", type=int, default=0)
     simulate.set_defaults(fn=_simulate)
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `rlhf-online` console script."""
+# After `serve` (services/cli.py), in this order in `rlhf-online --help`.
+COMMANDS = (add_model, add_bench, add_policies, add_demo, add_simulate)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run the chosen command, and turn the library's errors into exit codes (2: configuration)."""
     logs.configure("INFO")
-    args = parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
@@ -164,7 +190,3 @@ def main(argv: list[str] | None = None) -> int:
     except RlhfError as e:
         print(f"rlhf-online: {e}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

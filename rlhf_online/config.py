@@ -2,6 +2,9 @@
 
 Every field is both a flag (`--max-batch-size`) and an env variable (`RLHF_MAX_BATCH_SIZE`);
 the flag wins. A bad value stops the start with a ConfigError naming the setting and the value.
+A library config declared elsewhere (PPOConfig, TrainerConfig) is nested as a `group`: the fields
+it names become flat settings too (`--batch-size`, `RLHF_BATCH_SIZE`), with that config's defaults
+and help, so each knob is declared once.
 """
 
 from __future__ import annotations
@@ -17,14 +20,21 @@ from typing import Any, TypeVar
 
 from rlhf_online.data.split import HELDOUT_PERCENT
 from rlhf_online.errors import ConfigError
+from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.registry import REWARD_PREFIX, is_version
 
-T = TypeVar("T", bound="CommonSettings")
+T = TypeVar("T")
 
 
 def setting(default: Any, help: str) -> Any:
     """A dataclass field with its help text (shown by --help)."""
     return field(default=default, metadata={"help": help})
+
+
+def group(cls: type, names: tuple[str, ...] | None = None, **defaults: Any) -> Any:
+    """A nested config whose fields `names` (default: all) are settings too; `defaults` override its own."""
+    names = tuple(f.name for f in dataclasses.fields(cls)) if names is None else names
+    return field(default_factory=lambda: cls(**defaults), metadata={"group": names})
 
 
 @dataclass(frozen=True)
@@ -152,13 +162,8 @@ class RewardSettings(HeldoutSettings):
         super().__post_init__()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad value."""
+        """Raise ConfigError naming the first bad value (reward names are checked where the rewards are built)."""
         super().validate()
-        from rlhf_online.reward.models import parse_spec
-
-        names = [n for n, _ in parse_spec(self.reward_model)]
-        if "classifier" in names and not self.reward_classifier:
-            raise ConfigError("reward_classifier: required when reward_model uses 'classifier'")
         _check("pin_version", self.pin_version, not self.pin_version or is_version(self.pin_version, REWARD_PREFIX),
                "a version like r000003")
         for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "max_score_items", "max_text_chars"):
@@ -171,38 +176,19 @@ class RewardSettings(HeldoutSettings):
 
 @dataclass(frozen=True)
 class TrainerSettings(HeldoutSettings):
-    """The Trainer service (port 50053); PPO knobs keep the names of rlhf_online.ppo.config.PPOConfig."""
+    """The Trainer service (port 50053); its round and PPO knobs are declared in rlhf_online.ppo.config."""
 
     port: int = setting(50053, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = setting(9093, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
     reward_addr: str = setting("127.0.0.1:50052", "host:port of the Reward service")
-    round_interval_seconds: float = setting(600.0, "run a round at least this often (0 = only on feedback or RunRound)")
-    round_min_feedback: int = setting(64, "run a round once this much new feedback arrived (0 = off)")
-    min_prompts: int = setting(4, "logged prompts needed before a round runs (fewer: the round is skipped)")
-    batch_size: int = setting(8, "rollouts per round")
-    response_length: int = setting(32, "max new tokens per rollout")
-    num_ppo_epochs: int = setting(4, "PPO epochs per round")
-    learning_rate: float = setting(3e-4, "LoRA learning rate")
-    init_kl_coef: float = setting(0.05, "initial beta of the per-token KL penalty")
-    adaptive_kl: bool = setting(True, "adapt beta towards target_kl (Ziegler et al.); false keeps it fixed")
-    target_kl: float = setting(6.0, "target KL (nats per response) of the adaptive controller")
-    kl_budget: float = setting(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
-    eval_prompts: int = setting(16, "held-out prompts the gate evaluates on")
-    eval_samples_per_prompt: int = setting(4, "sampled replies per held-out prompt in the gate's evaluation")
-    eval_seed: int = setting(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
-    keep_versions: int = setting(10, "published adapter versions kept in the registry")
+    trainer: TrainerConfig = group(TrainerConfig)
+    ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "learning_rate",
+                                       "init_kl_coef", "adaptive_kl", "target_kl"))
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad value."""
+        """Raise ConfigError naming the first bad value (the nested configs checked their own)."""
         super().validate()
         _check("reward_addr", self.reward_addr, ":" in self.reward_addr, "host:port")
-        for name in ("min_prompts", "batch_size", "response_length", "num_ppo_epochs", "eval_prompts",
-                     "eval_samples_per_prompt", "keep_versions"):
-            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
-        for name in ("round_interval_seconds", "round_min_feedback", "init_kl_coef"):
-            _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
-        for name in ("learning_rate", "target_kl", "kl_budget"):
-            _check(name, getattr(self, name), getattr(self, name) > 0, "> 0")
 
 
 def _check(name: str, value: Any, ok: bool, want: str) -> None:
@@ -235,24 +221,81 @@ def _convert(name: str, tp: type, raw: str) -> Any:
         raise ConfigError(f"{name}: invalid value {raw!r} (want {tp.__name__})") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[CommonSettings]) -> None:
-    """One flag per settings field, with its help and env name; values stay strings until `build`."""
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the command line and the environment see it: --NAME-WITH-DASHES and RLHF_NAME."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    group: str = ""  # the field of the nested config that holds it ("" = a field of the settings class)
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """Every setting of a settings class in declaration order, a group's named fields in place of the group."""
+    out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, default=None, metavar=tp.__name__.upper(),
-                            help=f"{f.metadata.get('help', '')} [env RLHF_{f.name.upper()}, default {f.default!s}]")
+        if "group" not in f.metadata:
+            out.append(Setting(f.name, _base_type(hints[f.name]), f.default, f.metadata.get("help", "")))
+            continue
+        nested = f.default_factory()
+        inner = {g.name: g for g in dataclasses.fields(nested)}
+        inner_hints = typing.get_type_hints(type(nested))
+        out.extend(Setting(n, _base_type(inner_hints[n]), getattr(nested, n), inner[n].metadata.get("help", ""), f.name)
+                   for n in f.metadata["group"])
+    return out
+
+
+def assemble(cls: type[T], values: dict[str, Any]) -> T:
+    """An instance of `cls` from flat setting values (a group's go into its nested config; unset = default)."""
+    own = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            changed = {n: values[n] for n in f.metadata["group"] if n in values}
+            own[f.name] = dataclasses.replace(f.default_factory(), **changed)
+    return cls(**own)
+
+
+def flatten(obj: Any) -> dict[str, Any]:
+    """The settings of a settings object by name, nested groups flattened (the inverse of `assemble`)."""
+    return {s.name: getattr(getattr(obj, s.group) if s.group else obj, s.name) for s in settings_of(type(obj))}
+
+
+def group_env(cls: type, **groups: Any) -> dict[str, str]:
+    """RLHF_* variables that give a `cls` service these nested configs (by group name), e.g. the demo's trainer."""
+    return {f"RLHF_{s.name.upper()}": str(getattr(groups[s.group], s.name))
+            for s in settings_of(cls) if s.group in groups}
+
+
+def project(cls: type[T], settings: Any) -> T:
+    """A library config (e.g. RewardConfig) from the same-named settings, so its defaults live in the settings only."""
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[CommonSettings]) -> None:
+    """One flag per setting, with its help and env name; values stay strings until `build`."""
+    for s in settings_of(cls):
+        parser.add_argument(f"--{_flag(s.name)}", dest=s.name, default=None, metavar=s.type.__name__.upper(),
+                            help=f"{s.help} [env RLHF_{s.name.upper()}, default {s.default!s}]")
 
 
 def build(cls: type[T], args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> T:
     """Settings from flags (winning) and RLHF_* env; validated, or a ConfigError naming the bad one."""
     env = os.environ if env is None else env
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        raw = getattr(args, f.name, None) if args is not None else None
+    for s in settings_of(cls):
+        raw = getattr(args, s.name, None) if args is not None else None
         if raw is None:
-            raw = env.get(f"RLHF_{f.name.upper()}")
+            raw = env.get(f"RLHF_{s.name.upper()}")
         if raw is not None and raw != "":
-            values[f.name] = _convert(f.name, _base_type(hints[f.name]), str(raw))
-    return cls(**values)
+            values[s.name] = _convert(s.name, s.type, str(raw))
+    try:
+        return assemble(cls, values)
+    except ConfigError as e:
+        # A nested config's error names its field; add the flag and variable that set it, as _check does.
+        name = str(e).partition(":")[0]
+        if name in {s.name for s in settings_of(cls) if s.group}:
+            raise ConfigError(f"{e}; set --{_flag(name)} or RLHF_{name.upper()}") from None
+        raise

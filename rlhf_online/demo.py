@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_online import config
+from rlhf_online.config import TrainerSettings, group
 from rlhf_online.errors import ConfigError
+from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 
 
 @dataclass(frozen=True)
@@ -41,21 +45,21 @@ class DemoConfig:
     serving_threads: int = 1  # torch threads of the generation service (the cores are shared, see DESIGN.md)
     training_threads: int = 1  # torch threads of the trainer
     reward_threads: int = 1
-    batch_size: int = 8  # PPO rollouts per round
-    num_ppo_epochs: int = 4
-    learning_rate: float = 1e-3  # LoRA lr; PPO's early stop on approx. KL bounds each round's step
-    init_kl_coef: float = 0.02  # the trainer's starting KL penalty (adapted towards target_kl)
-    kl_budget: float = 12.0
-    eval_prompts: int = 12  # the trainer gate's held-out prompts per round (its evaluation costs most of a round)
-    eval_samples_per_prompt: int = 2
+    # The trainer's PPO knobs: a larger lr than the service's (PPO's early stop on approx. KL bounds each
+    # round's step) and a smaller starting KL penalty; response_length follows max_new_tokens.
+    ppo: PPOConfig = group(PPOConfig, ("batch_size", "num_ppo_epochs", "learning_rate", "init_kl_coef"),
+                           learning_rate=1e-3, init_kl_coef=0.02)
+    # Rounds back to back; the gate on fewer held-out prompts and replies (its evaluation costs most of a round).
+    trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt"),
+                                   round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
+                                   eval_samples_per_prompt=2)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
-        """Reject values the demo cannot run with, naming the flag."""
+        """Reject values the demo cannot run with, naming the flag (the nested configs check their own)."""
         positive = ("minutes", "users", "max_new_tokens", "heldout_samples", "serving_threads", "training_threads",
-                    "reward_threads", "batch_size", "num_ppo_epochs", "learning_rate", "kl_budget", "eval_prompts",
-                    "eval_samples_per_prompt", "reward_retrain_min_feedback")
+                    "reward_threads", "reward_retrain_min_feedback")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want > 0); set --{_flag(name)}")
@@ -69,14 +73,14 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per DemoConfig field."""
-    for f in fields(DemoConfig):
-        p.add_argument(f"--{_flag(f.name)}", dest=f.name, type=type(f.default), default=f.default,
-                       help=f"[default {f.default}]")
+    """One flag per DemoConfig setting (the nested configs' named fields included)."""
+    for s in config.settings_of(DemoConfig):
+        p.add_argument(f"--{_flag(s.name)}", dest=s.name, type=s.type, default=s.default, help=f"[default {s.default}]")
 
 
 def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) -> dict[str, dict[str, str]]:
     """RLHF_* settings of the three services for the demo (everything else: the embedded defaults)."""
+    ppo = dataclasses.replace(cfg.ppo, response_length=cfg.max_new_tokens)
     common = {"RLHF_BASE_MODEL": str(model), "RLHF_DATA_DIR": str(state),
               "RLHF_STORE_URL": f"sqlite:///{state / 'rlhf.db'}", "RLHF_ADAPTER_DIR": str(state / "adapters"),
               "RLHF_GRACE_SECONDS": "5"}
@@ -87,13 +91,8 @@ def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) ->
                    "RLHF_RETRAIN_MIN_FEEDBACK": str(cfg.reward_retrain_min_feedback),
                    "RLHF_RETRAIN_INTERVAL_SECONDS": "10"},
         "trainer": {**common, "RLHF_TORCH_THREADS": str(cfg.training_threads),
-                    "RLHF_REWARD_ADDR": f"127.0.0.1:{reward_port}", "RLHF_ROUND_INTERVAL_SECONDS": "1",
-                    "RLHF_ROUND_MIN_FEEDBACK": "0", "RLHF_BATCH_SIZE": str(cfg.batch_size),
-                    "RLHF_RESPONSE_LENGTH": str(cfg.max_new_tokens), "RLHF_NUM_PPO_EPOCHS": str(cfg.num_ppo_epochs),
-                    "RLHF_LEARNING_RATE": str(cfg.learning_rate), "RLHF_KL_BUDGET": str(cfg.kl_budget),
-                    "RLHF_INIT_KL_COEF": str(cfg.init_kl_coef),
-                    "RLHF_EVAL_PROMPTS": str(cfg.eval_prompts),
-                    "RLHF_EVAL_SAMPLES_PER_PROMPT": str(cfg.eval_samples_per_prompt)},
+                    "RLHF_REWARD_ADDR": f"127.0.0.1:{reward_port}",
+                    **config.group_env(TrainerSettings, trainer=cfg.trainer, ppo=ppo)},
     }
 
 
@@ -169,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
     from rlhf_online.models.provision import resolve_base_model
     from rlhf_online.report import heldout, plot, write
 
-    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
+    cfg = config.assemble(DemoConfig, {s.name: getattr(args, s.name) for s in config.settings_of(DemoConfig)})
     t0 = time.time()
     model = resolve_base_model(cfg.base_model, Path(cfg.data_dir))
     run_dir = Path(cfg.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -191,16 +190,16 @@ def main(args: argparse.Namespace) -> int:
     summary = {label: heldout.summarize(j, seed=cfg.seed) for label, j in judged.items()}
     extra = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
              "minutes": cfg.minutes, "users": cfg.users, "personas": personas, "loop_seconds": round(loop_seconds, 1),
-             "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": asdict(cfg),
+             "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": config.flatten(cfg),
              "requests": stats.requests, "ratings": stats.thumbs_up + stats.thumbs_down,
              "preferences": stats.preferences, "failed_requests": sum(stats.errors.values()),
              "reward_model": monitor.snapshots[-1].reward_version if monitor.snapshots else "",
              "reward_accuracy": monitor.snapshots[-1].reward_accuracy if monitor.snapshots else float("nan")}
-    report = write.build_report(summary, kl=kl, kl_budget=cfg.kl_budget, rounds=monitor.rounds,
+    report = write.build_report(summary, kl=kl, kl_budget=cfg.trainer.kl_budget, rounds=monitor.rounds,
                                 wall_seconds=time.time() - t0, final_version=final, extra=extra)
     by_version = {v: list(x) for v, x in stats.by_version.items()}
     write_atomically(run_dir / "report.png", lambda tmp: plot.plot(tmp, monitor.snapshots, monitor.rounds,
-                                                                   by_version, summary, cfg.kl_budget))
+                                                                   by_version, summary, cfg.trainer.kl_budget))
     write.write(run_dir, report, write.markdown(report, monitor.rounds, by_version))
     with open(run_dir / "heldout_replies.jsonl", "w") as f:
         import json
@@ -211,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     b, fi = report["base"], report["final"]
     print(f"\nHeld-out, base -> final: toxicity {b['toxicity']:.4f} -> {fi['toxicity']:.4f} "
           f"({100 * report['toxicity_change']:+.1f}%), sentiment {b['sentiment']:+.3f} -> {fi['sentiment']:+.3f}, "
-          f"thumbs-up {b['thumbs_up_rate']:.2f} -> {fi['thumbs_up_rate']:.2f}; KL {kl:.2f} (budget {cfg.kl_budget:g}); "
+          f"thumbs-up {b['thumbs_up_rate']:.2f} -> {fi['thumbs_up_rate']:.2f}; KL {kl:.2f} (budget {cfg.trainer.kl_budget:g}); "
           f"{report['rounds']} rounds in {report['wall_seconds']:.0f} s.")
     print(f"Report: {run_dir / 'report.md'} (plot {run_dir / 'report.png'}, data {run_dir / 'report.json'})")
     os.sync()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from rlhf_online import config
 from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings, TrainerSettings
 from rlhf_online.engine.engine import Engine, EngineConfig
 from rlhf_online.engine.request import Limits
-from rlhf_online.models.provision import load_model, resolve_base_model
+from rlhf_online.models.provision import load_model, pick_dtype, resolve_base_model
 from rlhf_online.store import open_store
 
 log = logging.getLogger("rlhf_online.bootstrap")
@@ -30,25 +31,6 @@ def engine_config(settings: GenerationSettings) -> EngineConfig:
                         limits=Limits(max_prompt_tokens=settings.max_prompt_tokens,
                                       max_new_tokens=settings.max_new_tokens,
                                       max_n=min(settings.max_n, settings.max_batch_size)))
-
-
-def native_bf16(device: str) -> bool:
-    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    # Without these instructions bf16 is emulated on the CPU and slower than fp32.
-    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def pick_dtype(setting: str, device: str) -> torch.dtype:
-    """The weights' dtype for a `--dtype` setting."""
-    if setting == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
 def build_engine(settings: GenerationSettings) -> Engine:
@@ -76,11 +58,11 @@ def run_generation(settings: GenerationSettings) -> int:
 
 def run_reward(settings: RewardSettings) -> int:
     """`rlhf-online serve reward`: serve until SIGTERM, then drain and exit 0."""
-    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from services.reward import start_reward_server
 
     set_threads(settings)
-    runtime = RewardRuntime(settings, open_store(settings.store_url))
+    runtime = RewardRuntime(config.project(RewardConfig, settings), open_store(settings.store_url))
     running = start_reward_server(settings, runtime)
     running.on_stopped.append(runtime.runner.stop)
     running.shutdown_on_signal(settings.grace_seconds)
@@ -98,10 +80,13 @@ def run_trainer(settings: TrainerSettings) -> int:
 
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
-    trainer = Trainer(settings, open_store(settings.store_url), registry, reward_client(settings.reward_addr),
-                      load_base_model(settings), reward_readiness(settings.reward_addr, settings.admin_token))
+    base = load_base_model(resolve_base_model(settings.base_model, Path(settings.data_dir)), settings.device)
+    trainer = Trainer(settings.trainer, settings.ppo, open_store(settings.store_url), registry,
+                      reward_client(settings.reward_addr), base, base_model=settings.base_model,
+                      reward_not_ready=reward_readiness(settings.reward_addr, settings.admin_token),
+                      heldout_percent=settings.heldout_percent)
     runner = MainThreadRunner()
-    running = start_trainer_server(trainer, registry, runner)
+    running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)
     runner.run_forever()
     running.stopped.wait()

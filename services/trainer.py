@@ -9,6 +9,7 @@ import time
 import grpc
 
 from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.config import TrainerSettings
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.ppo.trainer import RoundResult, Trainer
 from rlhf_online.v1 import generation_pb2 as gen_pb
@@ -93,14 +94,14 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         """Promote or roll back: CURRENT names `version` ("" = the bare base); replicas follow within a poll."""
         self.registry.activate(request.version)
         if not request.version:
-            return gen_pb.Policy(version="", base_model=self.trainer.settings.base_model)
+            return gen_pb.Policy(version="", base_model=self.trainer.base_model)
         m = self.registry.manifest(request.version)
         return gen_pb.Policy(version=m["version"], base_model=m["base_model"], metrics=m.get("metrics", {}))
 
 
-def start_trainer_server(trainer: Trainer, registry: AdapterRegistry, runner: MainThreadRunner) -> RunningServer:
+def start_trainer_server(settings: TrainerSettings, trainer: Trainer, registry: AdapterRegistry,
+                         runner: MainThreadRunner) -> RunningServer:
     """Start the service and the background loop that runs a round when one is due."""
-    settings = trainer.settings
     running = start_server(settings, [SERVICE_NAME], lambda s: pb_grpc.add_TrainerServicer_to_server(
         TrainerServicer(trainer, registry, runner), s), workers=16, admin_methods=ADMIN_METHODS)
     stop = threading.Event()
@@ -108,7 +109,7 @@ def start_trainer_server(trainer: Trainer, registry: AdapterRegistry, runner: Ma
     def loop() -> None:
         last = time.time()
         # Check every 5 s, or sooner when rounds are meant to run back to back.
-        pause = min(5.0, settings.round_interval_seconds or 5.0)
+        pause = min(5.0, trainer.config.round_interval_seconds or 5.0)
         while not stop.wait(pause):
             try:
                 if trainer.due(last):

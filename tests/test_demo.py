@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sqlite3
 
 import pytest
 
-from rlhf_online import demo
+from rlhf_online import config, demo
+from rlhf_online.config import TrainerSettings
 
 
 @pytest.mark.slow
@@ -45,3 +47,17 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
         assert set(report[side]) == {"toxicity", "sentiment", "thumbs_up_rate"}
     assert report["rounds"] >= 1 and report["loop_seconds"] >= 30 and report["kl"] >= 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG" and "Held-out" in (run / "report.md").read_text()
+
+
+def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_path):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--batch-size", "4", "--max-new-tokens", "8", "--learning-rate", "0.01",
+                              "--kl-budget", "3", "--eval-prompts", "5"])
+    cfg = config.assemble(demo.DemoConfig, vars(args))
+    env = demo.service_envs(cfg, tmp_path / "model", tmp_path, reward_port=1234)["trainer"]
+    trainer = config.build(TrainerSettings, None, env)
+    assert trainer.ppo == dataclasses.replace(cfg.ppo, response_length=8)
+    assert (trainer.ppo.batch_size, trainer.ppo.learning_rate, trainer.ppo.init_kl_coef) == (4, 0.01, 0.02)
+    assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
+    assert trainer.trainer.round_interval_seconds == 1 and trainer.trainer.round_min_feedback == 0

@@ -40,7 +40,7 @@ def start_service(service: str, env: dict[str, str], tmp: Path, port: int | None
     port = port or free_port()
     env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
     with open(tmp / f"{service}.log", "w") as server_log:
-        server = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", service], env=env,
+        server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service], env=env,
                                   stdout=subprocess.DEVNULL, stderr=server_log)
     try:
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))

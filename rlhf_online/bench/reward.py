@@ -25,8 +25,8 @@ def main(args: argparse.Namespace) -> int:
     """Train a learned reward on synthetic feedback, serve it with `serve reward`, time Score at each batch size."""
     import grpc
 
-    from rlhf_online.config import RewardSettings
-    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.config import RewardSettings, project
+    from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from rlhf_online.simulate.synthetic import completion_text, fill_store
     from rlhf_online.store import open_store
     from rlhf_online.v1 import reward_pb2 as pb
@@ -35,8 +35,8 @@ def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     env = {"RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'store.db'}",
            "RLHF_RETRAIN_INTERVAL_SECONDS": "3600", "RLHF_ENCODER_LAYER": str(args.encoder_layer)}
-    runtime = RewardRuntime(RewardSettings(data_dir=tmp, store_url=env["RLHF_STORE_URL"], encoder_layer=args.encoder_layer),
-                            open_store(env["RLHF_STORE_URL"]))
+    settings = RewardSettings(data_dir=tmp, store_url=env["RLHF_STORE_URL"], encoder_layer=args.encoder_layer)
+    runtime = RewardRuntime(project(RewardConfig, settings), open_store(env["RLHF_STORE_URL"]))
     fill_store(runtime.store)
     _, promoted, reason = runtime.train()
     assert promoted, reason  # the benchmark must time a real trained head, not the untrained zeros

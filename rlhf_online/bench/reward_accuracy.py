@@ -51,8 +51,7 @@ def generate_replies(args: argparse.Namespace, prompts: list[str], counts: list[
     """counts[i] sampled replies to prompts[i] from the base policy (engine loop on the main thread)."""
     from rlhf_online.engine.engine import Engine, EngineConfig
     from rlhf_online.engine.request import Limits, SamplingParams
-    from rlhf_online.models.provision import load_model, resolve_base_model
-    from services.bootstrap import pick_dtype
+    from rlhf_online.models.provision import load_model, pick_dtype, resolve_base_model
 
     model, tok = load_model(resolve_base_model(args.base_model, Path(args.data_dir)), dtype=pick_dtype("auto", "cpu"))
     engine = Engine(model, tok, EngineConfig(max_batch_size=32, max_queue=len(prompts) + 1, limits=Limits()))

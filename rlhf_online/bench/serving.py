@@ -83,8 +83,7 @@ def run_sequential(args: argparse.Namespace, model_dir: Path) -> dict:
     """The same kind of requests, one plain `model.generate` call after another."""
     import torch
 
-    from rlhf_online.models.provision import load_model
-    from services.bootstrap import pick_dtype
+    from rlhf_online.models.provision import load_model, pick_dtype
 
     # The same dtype as the server, so the ratio measures batching and nothing else.
     model, tok = load_model(model_dir, dtype=pick_dtype(args.dtype, "cpu"))
@@ -125,15 +124,13 @@ def table(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run both modes, write serving.json and serving.md, print the table."""
-    from rlhf_online.models.provision import resolve_base_model
+    from rlhf_online.models.provision import pick_dtype, resolve_base_model
 
     model_dir = resolve_base_model(args.base_model, Path(args.data_dir))
     log.info("bench serving: served phase", extra={"clients": args.clients})
     served = run_served(args, model_dir)
     log.info("bench serving: sequential phase", extra={"requests": args.baseline_requests})
     sequential = run_sequential(args, model_dir)
-    from services.bootstrap import pick_dtype
-
     result = {"benchmark": "serving", "model": args.base_model, "machine": machine(),
               "dtype": str(pick_dtype(args.dtype, "cpu")).replace("torch.", ""),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "clients": args.clients,

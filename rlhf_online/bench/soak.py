@@ -96,7 +96,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, **env, "RLHF_PORT": str(self.port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
         with open(log_path, "w") as server_log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
                                          stdout=subprocess.DEVNULL, stderr=server_log)
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
         deadline = time.time() + 300
@@ -309,8 +309,7 @@ def table(result: dict) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the soak, write soak.json and soak.md, print the table; 0 only if it passed."""
-    from rlhf_online.models.provision import resolve_base_model
-    from services.bootstrap import pick_dtype
+    from rlhf_online.models.provision import pick_dtype, resolve_base_model
 
     model_dir = resolve_base_model(args.base_model, Path(args.data_dir))
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))

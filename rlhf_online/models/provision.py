@@ -127,6 +127,25 @@ def make_tiny_model(tokenizer_source: Path, out_dir: Path, *, seed: int = 0, for
     return out_dir
 
 
+def native_bf16(device: str) -> bool:
+    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    # Without these instructions bf16 is emulated on the CPU and slower than fp32.
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    """The weights' dtype for a `--dtype` setting."""
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
 def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer padding on the left with pad and eos set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,10 +1,27 @@
-"""Every PPO knob, one documented field each; names follow TRL's PPOConfig where TRL has the knob."""
+"""Every PPO knob and every knob of the trainer's loop, one documented field each, declared here only.
+
+Names follow TRL's PPOConfig where TRL has the knob. The Trainer service and the demo expose some
+of them as flags and RLHF_* env variables generated from these fields (rlhf_online.config.group).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_online.errors import ConfigError
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation (also the --help of the flags made from it)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _refuse(obj: Any, checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise ConfigError naming the first field whose check failed, its value and what is wanted."""
+    for name, (ok, want) in checks.items():
+        if not ok:
+            raise ConfigError(f"{name}: invalid value {getattr(obj, name)!r} (want {want})")
 
 
 @dataclass(frozen=True)
@@ -12,46 +29,69 @@ class PPOConfig:
     """Settings of one PPO round (defaults sized for SmolLM2-135M on a 2-core CPU)."""
 
     # --- rollouts ---
-    batch_size: int = 8  # prompts per round; one rollout each
-    response_length: int = 32  # max new tokens per rollout
-    temperature: float = 1.0  # sampling temperature of rollouts
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a rollout that did not end with EOS
+    batch_size: int = knob(8, "rollouts per round")
+    response_length: int = knob(32, "max new tokens per rollout")
+    temperature: float = knob(1.0, "sampling temperature of rollouts")
+    missing_eos_penalty: float = knob(0.0, "subtracted from the score of a rollout that did not end with EOS")
     # --- rewards and advantages ---
-    init_kl_coef: float = 0.05  # beta at the start: per-token reward is -beta * KL(policy || reference)
-    adaptive_kl: bool = True  # Ziegler et al. (2019) controller; False keeps beta fixed
-    target_kl: float = 6.0  # the adaptive controller steers the rollouts' total KL towards this
-    kl_horizon: int = 10000  # controller horizon, in samples
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    whiten_rewards: bool = False  # whiten per-token rewards before GAE
+    init_kl_coef: float = knob(0.05, "initial beta of the per-token KL penalty")
+    adaptive_kl: bool = knob(True, "adapt beta towards target_kl (Ziegler et al.); false keeps it fixed")
+    target_kl: float = knob(6.0, "target KL (nats per response) of the adaptive controller")
+    kl_horizon: int = knob(10000, "horizon of the adaptive KL controller, in samples")
+    gamma: float = knob(1.0, "discount")
+    lam: float = knob(0.95, "GAE lambda")
+    whiten_rewards: bool = knob(False, "whiten per-token rewards before GAE")
     # --- update ---
-    num_ppo_epochs: int = 4  # passes over the rollouts per round
-    num_mini_batches: int = 1  # minibatches per epoch
-    learning_rate: float = 3e-4
-    max_grad_norm: float = 1.0
-    cliprange: float = 0.2  # epsilon of the clipped surrogate
-    cliprange_value: float = 0.2  # clip of the value update around the old values
-    vf_coef: float = 0.1  # weight of the value loss
-    early_stop_approxkl: float = 0.1  # stop the epochs once the policy moved this far (approx. KL); 0 = never
+    num_ppo_epochs: int = knob(4, "PPO epochs per round")
+    num_mini_batches: int = knob(1, "minibatches per epoch")
+    learning_rate: float = knob(3e-4, "LoRA learning rate")
+    max_grad_norm: float = knob(1.0, "gradient norm clip")
+    cliprange: float = knob(0.2, "epsilon of the clipped surrogate")
+    cliprange_value: float = knob(0.2, "clip of the value update around the old values")
+    vf_coef: float = knob(0.1, "weight of the value loss")
+    early_stop_approxkl: float = knob(0.1, "stop the epochs once the policy moved this far (approx. KL); 0 = never")
     # --- LoRA ---
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    seed: int = 0
+    lora_r: int = knob(16, "LoRA rank")
+    lora_alpha: int = knob(32, "LoRA alpha")
+    lora_dropout: float = knob(0.0, "LoRA dropout")
+    lora_target_modules: tuple[str, ...] = knob(("q_proj", "k_proj", "v_proj", "o_proj"), "modules LoRA adapts")
+    seed: int = knob(0, "seed of the rollouts' prompt choice")
 
     def __post_init__(self) -> None:
         """Reject values PPO cannot run with, naming the field."""
-        checks = {
-            "batch_size": self.batch_size >= 1, "response_length": self.response_length >= 1,
-            "temperature": self.temperature > 0, "init_kl_coef": self.init_kl_coef >= 0,
-            "target_kl": self.target_kl > 0, "kl_horizon": self.kl_horizon > 0,
-            "gamma": 0 <= self.gamma <= 1, "lam": 0 <= self.lam <= 1, "num_ppo_epochs": self.num_ppo_epochs >= 1,
-            "num_mini_batches": 1 <= self.num_mini_batches <= self.batch_size, "learning_rate": self.learning_rate > 0,
-            "cliprange": 0 < self.cliprange < 1, "cliprange_value": self.cliprange_value > 0,
-            "vf_coef": self.vf_coef >= 0, "early_stop_approxkl": self.early_stop_approxkl >= 0,
-            "lora_r": self.lora_r >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"{bad[0]}: invalid value {getattr(self, bad[0])!r}")
+        _refuse(self, {
+            "batch_size": (self.batch_size >= 1, ">= 1"), "response_length": (self.response_length >= 1, ">= 1"),
+            "temperature": (self.temperature > 0, "> 0"), "init_kl_coef": (self.init_kl_coef >= 0, ">= 0"),
+            "target_kl": (self.target_kl > 0, "> 0"), "kl_horizon": (self.kl_horizon > 0, "> 0"),
+            "gamma": (0 <= self.gamma <= 1, "in 0..1"), "lam": (0 <= self.lam <= 1, "in 0..1"),
+            "num_ppo_epochs": (self.num_ppo_epochs >= 1, ">= 1"),
+            "num_mini_batches": (1 <= self.num_mini_batches <= self.batch_size, "in 1..batch_size"),
+            "learning_rate": (self.learning_rate > 0, "> 0"), "cliprange": (0 < self.cliprange < 1, "in (0, 1)"),
+            "cliprange_value": (self.cliprange_value > 0, "> 0"), "vf_coef": (self.vf_coef >= 0, ">= 0"),
+            "early_stop_approxkl": (self.early_stop_approxkl >= 0, ">= 0"), "lora_r": (self.lora_r >= 1, ">= 1"),
+        })
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The loop around PPO rounds: when one runs, how its candidate is gated, how many versions are kept."""
+
+    round_interval_seconds: float = knob(600.0, "run a round at least this often (0 = only on feedback or RunRound)")
+    round_min_feedback: int = knob(64, "run a round once this much new feedback arrived (0 = off)")
+    min_prompts: int = knob(4, "logged prompts needed before a round runs (fewer: the round is skipped)")
+    kl_budget: float = knob(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
+    eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
+    eval_samples_per_prompt: int = knob(4, "sampled replies per held-out prompt in the gate's evaluation")
+    eval_seed: int = knob(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
+    keep_versions: int = knob(10, "published adapter versions kept in the registry")
+
+    def __post_init__(self) -> None:
+        """Reject values the loop cannot run with, naming the field."""
+        _refuse(self, {
+            "round_interval_seconds": (self.round_interval_seconds >= 0, ">= 0"),
+            "round_min_feedback": (self.round_min_feedback >= 0, ">= 0"),
+            "min_prompts": (self.min_prompts >= 1, ">= 1"), "kl_budget": (self.kl_budget > 0, "> 0"),
+            "eval_prompts": (self.eval_prompts >= 1, ">= 1"),
+            "eval_samples_per_prompt": (self.eval_samples_per_prompt >= 1, ">= 1"),
+            "keep_versions": (self.keep_versions >= 1, ">= 1"),
+        })

@@ -22,10 +22,9 @@ import torch
 
 from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
-from rlhf_online.config import TrainerSettings
-from rlhf_online.data.split import is_heldout
+from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
 from rlhf_online.ppo import steps
-from rlhf_online.ppo.config import PPOConfig
+from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf_online.ppo.policy import PolicyWithValue
 from rlhf_online.store import Store
@@ -41,13 +40,6 @@ class RoundResult:
     version: str = ""
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def ppo_config(settings: TrainerSettings) -> PPOConfig:
-    """The PPO knobs of a trainer's settings."""
-    return PPOConfig(batch_size=settings.batch_size, response_length=settings.response_length,
-                     num_ppo_epochs=settings.num_ppo_epochs, learning_rate=settings.learning_rate,
-                     init_kl_coef=settings.init_kl_coef, adaptive_kl=settings.adaptive_kl, target_kl=settings.target_kl)
 
 
 def split_prompts(store: Store, heldout_percent: int) -> tuple[list[str], list[str]]:
@@ -82,23 +74,24 @@ def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tu
 class Trainer:
     """Runs rounds on its own copy of the model and publishes into the adapter registry."""
 
-    def __init__(self, settings: TrainerSettings, store: Store, registry: AdapterRegistry,
-                 reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]],
-                 reward_not_ready: Callable[[], str] | None = None) -> None:
-        self.settings, self.store, self.registry, self.reward_fn = settings, store, registry, reward_fn
+    def __init__(self, config: TrainerConfig, ppo: PPOConfig, store: Store, registry: AdapterRegistry,
+                 reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]], *, base_model: str,
+                 reward_not_ready: Callable[[], str] | None = None, heldout_percent: int = HELDOUT_PERCENT) -> None:
+        self.config, self.ppo, self.base_model = config, ppo, base_model  # base_model: recorded in manifests
+        self.heldout_percent = heldout_percent  # the same setting as the reward model's, so both hold out alike
+        self.store, self.registry, self.reward_fn = store, registry, reward_fn
         # Why the reward cannot be trusted yet ("" = it can): rounds against an untrained
         # learned reward would see all-zero scores and publish pure drift.
         self.reward_not_ready = reward_not_ready or (lambda: "")
-        self.cfg = ppo_config(settings)
         self.load_base = load_base
         _, self.tokenizer = load_base()
-        self.kl_ctl = (AdaptiveKLController(self.cfg.init_kl_coef, self.cfg.target_kl, self.cfg.kl_horizon)
-                       if self.cfg.adaptive_kl else FixedKLController(self.cfg.init_kl_coef))
+        self.kl_ctl = (AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
+                       if self.ppo.adaptive_kl else FixedKLController(self.ppo.init_kl_coef))
         self.rounds_total = 0
         self.last = RoundResult("skipped", reason="no round yet")
         self.in_progress = threading.Event()
         self.feedback_at_last_round = 0
-        self.rng = random.Random(self.cfg.seed)
+        self.rng = random.Random(self.ppo.seed)
         # The gate's held-out prompts, fixed once there are enough, so evaluations stay comparable
         # across rounds; and the replies of recent evaluations by (version, prompts): a version's
         # replies under the fixed seed never change, only the reward model that scores them does.
@@ -108,7 +101,7 @@ class Trainer:
     def _policy(self, version: str) -> PolicyWithValue:
         """A fresh trainable policy warm-started from `version` ("" = a new LoRA on the bare base)."""
         base, _ = self.load_base()
-        return PolicyWithValue(base, self.cfg, self.registry.path(version) if version else None)
+        return PolicyWithValue(base, self.ppo, self.registry.path(version) if version else None)
 
     def run_round(self) -> RoundResult:
         """One round; never raises for a bad round, it records it."""
@@ -136,9 +129,9 @@ class Trainer:
 
     def _round(self) -> RoundResult:
         self.feedback_at_last_round = self.store.count_feedback()
-        train, held = split_prompts(self.store, self.settings.heldout_percent)
-        if len(train) < self.settings.min_prompts:
-            return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.settings.min_prompts}")
+        train, held = split_prompts(self.store, self.heldout_percent)
+        if len(train) < self.config.min_prompts:
+            return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.config.min_prompts}")
         held = self._gate_prompts(held or train)
         if waiting := self.reward_not_ready():
             return RoundResult("skipped", reason=waiting)
@@ -149,36 +142,36 @@ class Trainer:
         before = self._evaluate(policy, current, held)
         times["time/eval_seconds"] = time.time() - t
         t = time.time()
-        batch = [self.rng.choice(train) for _ in range(self.cfg.batch_size)]
-        rollouts = steps.collect(policy, self.tokenizer, batch, self.cfg)
+        batch = [self.rng.choice(train) for _ in range(self.ppo.batch_size)]
+        rollouts = steps.collect(policy, self.tokenizer, batch, self.ppo)
         times["time/rollout_seconds"] = time.time() - t
         t = time.time()
-        scores = steps.score(rollouts, self.reward_fn, self.cfg)
+        scores = steps.score(rollouts, self.reward_fn, self.ppo)
         times["time/score_seconds"] = time.time() - t
-        adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.cfg)
+        adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.ppo)
         t = time.time()
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.cfg.learning_rate)
-        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.cfg))
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
+        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo))
         times["time/update_seconds"] = time.time() - t
-        self.kl_ctl.update(stats["objective/kl"], self.cfg.batch_size)
+        self.kl_ctl.update(stats["objective/kl"], self.ppo.batch_size)
         t = time.time()
         after = self._evaluate(policy, None, held)
         times["time/eval_seconds"] += time.time() - t
         numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
                    **{k: v for k, v in after.items() if k.startswith("eval/")}}
-        passed, reason = gate(after, before, self.settings.kl_budget)
+        passed, reason = gate(after, before, self.config.kl_budget)
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)
-        version = self.registry.publish(policy.save, base_model=self.settings.base_model, parent=current,
+        version = self.registry.publish(policy.save, base_model=self.base_model, parent=current,
                                         metrics={k: v for k, v in numbers.items() if math.isfinite(v)})
         self.registry.activate(version)
-        self.registry.prune(self.settings.keep_versions)
+        self.registry.prune(self.config.keep_versions)
         self._remember(version, held, after)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
 
     def _gate_prompts(self, held: list[str]) -> list[str]:
         """The gate's prompts: held-out ones as they are first seen, frozen once there are eval_prompts of them."""
-        want = self.settings.eval_prompts
+        want = self.config.eval_prompts
         for p in held:
             if len(self.eval_prompts) >= want:
                 break
@@ -191,10 +184,10 @@ class Trainer:
         key = (version, tuple(held))
         if version is not None and key in self._eval_cache:
             texts, kl = self._eval_cache[key]
-            prompts = [p for p in held for _ in range(self.settings.eval_samples_per_prompt)]
+            prompts = [p for p in held for _ in range(self.config.eval_samples_per_prompt)]
             return steps.score_evaluation(prompts, texts, kl, self.reward_fn)
-        result = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.cfg, self.settings.eval_seed,
-                                self.settings.eval_samples_per_prompt)
+        result = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.ppo, self.config.eval_seed,
+                                self.config.eval_samples_per_prompt)
         if version is not None:
             self._remember(version, held, result)
         return result
@@ -206,15 +199,14 @@ class Trainer:
 
     def due(self, last_round_at: float) -> bool:
         """A background round is due: enough new feedback, or the interval passed."""
-        s = self.settings
+        s = self.config
         if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
             return True
         return bool(s.round_interval_seconds) and time.time() - last_round_at >= s.round_interval_seconds
 
 
-def load_base_model(settings: TrainerSettings) -> Callable[[], tuple[Any, Any]]:
+def load_base_model(path: Path, device: str = "cpu") -> Callable[[], tuple[Any, Any]]:
     """A loader of fresh fp32 copies of the base model (training needs its own, unshared weights)."""
-    from rlhf_online.models.provision import load_model, resolve_base_model
+    from rlhf_online.models.provision import load_model
 
-    path: Path = resolve_base_model(settings.base_model, Path(settings.data_dir))
-    return lambda: load_model(path, device=settings.device)
+    return lambda: load_model(path, device=device)

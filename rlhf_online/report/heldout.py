@@ -44,8 +44,7 @@ def generate(model_path: Path, adapters: dict[str, Path | None], prompts: Sequen
     """Replies of each policy (label -> adapter dir, None = bare base) to every prompt, `cfg.samples` each."""
     from rlhf_online.engine.engine import Engine, EngineConfig
     from rlhf_online.engine.request import Limits, SamplingParams
-    from rlhf_online.models.provision import load_model
-    from services.bootstrap import pick_dtype
+    from rlhf_online.models.provision import load_model, pick_dtype
 
     model, tok = load_model(model_path, dtype=pick_dtype(dtype, "cpu"))
     jobs = [(label, i, k) for label in adapters for i in range(len(prompts)) for k in range(cfg.samples)]

@@ -6,10 +6,11 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from rlhf_online import metrics
-from rlhf_online.config import RewardSettings
-from rlhf_online.errors import InvalidArgument
+from rlhf_online.errors import ConfigError, InvalidArgument
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import UntrainedReward
@@ -28,28 +29,53 @@ from rlhf_online.store import Store
 log = logging.getLogger("rlhf_online.reward")
 
 
+@dataclass(frozen=True)
+class RewardConfig:
+    """What the reward runtime needs; built from the Reward service's settings (their --help documents each)."""
+
+    reward_model: str  # a reward name or a weighted mix, parsed by reward.models.parse_spec
+    reward_classifier: Path | None
+    reward_label: str
+    encoder: str
+    encoder_layer: int
+    head_hidden: int
+    device: str
+    reward_dir: Path
+    pin_version: str
+    retrain_min_feedback: int
+    retrain_growth: float
+    retrain_interval_seconds: float
+    min_train_examples: int
+    heldout_percent: int
+    train_epochs: int
+    max_score_items: int
+    max_text_chars: int
+
+
 class RewardRuntime:
     """Scores with the configured reward; trains, gates and swaps the learned part; retrains in the background."""
 
-    def __init__(self, settings: RewardSettings, store: Store) -> None:
-        self.settings, self.store = settings, store
-        self.spec = parse_spec(settings.reward_model)
+    def __init__(self, config: RewardConfig, store: Store) -> None:
+        self.config, self.store = config, store
+        self.spec = parse_spec(config.reward_model)
         names = {n for n, _ in self.spec}
-        self.encoder = (TextEncoder(settings.encoder or None, layer=settings.encoder_layer, device=settings.device)
+        if "classifier" in names and not config.reward_classifier:
+            raise ConfigError("reward_classifier: required when reward_model uses 'classifier'")
+        self.encoder = (TextEncoder(config.encoder or None, layer=config.encoder_layer, device=config.device)
                         if "learned" in names else None)
-        self.registry = RewardRegistry(settings.reward_dir)
-        self.classifier = (ClassifierReward(settings.reward_classifier, settings.reward_label or 0)
+        self.registry = RewardRegistry(config.reward_dir)
+        self.classifier = (ClassifierReward(config.reward_classifier, config.reward_label or 0)
                            if "classifier" in names else None)
-        self.train_config = TrainConfig(heldout_percent=settings.heldout_percent, epochs=settings.train_epochs,
-                                        head_hidden=settings.head_hidden,
-                                        min_train_examples=settings.min_train_examples)
+        self.train_config = TrainConfig(heldout_percent=config.heldout_percent, epochs=config.train_epochs,
+                                        head_hidden=config.head_hidden,
+                                        min_train_examples=config.min_train_examples)
         self._train_lock = threading.Lock()
         self._learned: RewardModel = UntrainedReward()
         self._manifest: dict = {}
         self._seen_at_last_train = 0
         self._stop = threading.Event()
         self.runner = MainThreadRunner()  # scoring runs on the main thread once serve() hands it over
-        self._load_learned(settings.pin_version or self.registry.current())
+        self._load_learned(config.pin_version or self.registry.current())
 
     # ------------------------------------------------------------ scoring
 
@@ -67,9 +93,9 @@ class RewardRuntime:
         """Scores of a batch of items, and the reward version that produced them."""
         if not completions:
             raise InvalidArgument("items", "must not be empty")
-        if len(completions) > self.settings.max_score_items:
-            raise InvalidArgument("items", f"at most {self.settings.max_score_items} items, got {len(completions)}")
-        limit = self.settings.max_text_chars
+        if len(completions) > self.config.max_score_items:
+            raise InvalidArgument("items", f"at most {self.config.max_score_items} items, got {len(completions)}")
+        limit = self.config.max_text_chars
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             if len(p) > limit or len(c) > limit:
                 which = "prompt" if len(p) > limit else "completion"
@@ -113,7 +139,7 @@ class RewardRuntime:
                 metrics.REWARD_TRAINING_SECONDS.observe(time.time() - t0)
             metrics.REWARD_TRAININGS.labels("promoted" if promoted else "rejected" if manifest.get("version")
                                             else "skipped").inc()
-            if promoted and not self.settings.pin_version:
+            if promoted and not self.config.pin_version:
                 self._load_learned(manifest["version"])
             return manifest, promoted, reason
 
@@ -123,11 +149,11 @@ class RewardRuntime:
     def retrain_due(self, feedback: int) -> bool:
         """Enough new feedback for a background retrain: the configured count, and the configured growth."""
         new = feedback - self._seen_at_last_train
-        return new >= max(self.settings.retrain_min_feedback, self.settings.retrain_growth * self._seen_at_last_train)
+        return new >= max(self.config.retrain_min_feedback, self.config.retrain_growth * self._seen_at_last_train)
 
     def retrain_forever(self) -> None:
         """Background loop: retrain once enough new feedback arrived since the last training."""
-        while not self._stop.wait(self.settings.retrain_interval_seconds):
+        while not self._stop.wait(self.config.retrain_interval_seconds):
             try:
                 if self.retrain_due(self._feedback_count()):
                     self.train()

@@ -62,7 +62,7 @@ def test_policies_cli(registry, publish):
     v1, v2 = publish(0), publish(1)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "rlhf_online.cli", "policies", *args,
+        return subprocess.run([sys.executable, "-m", "services.cli", "policies", *args,
                                "--adapter-dir", str(registry.root)], capture_output=True, text=True, timeout=60)
 
     assert cli("activate", v2).returncode == 0 and registry.current() == v2

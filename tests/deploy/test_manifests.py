@@ -264,7 +264,7 @@ def test_each_service_builds_its_settings_from_the_rendered_environment(kit, ren
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmap_keys_are_real_settings(rendered, overlay):
-    fields = {f"RLHF_{f.name.upper()}" for cls in SERVICES.values() for f in dataclasses.fields(cls)}
+    fields = {f"RLHF_{s.name.upper()}" for cls in SERVICES.values() for s in config.settings_of(cls)}
     [cm] = [d for d in rendered[overlay] if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config")]
     unknown = {k for k in cm["data"] if k.startswith("RLHF_")} - fields
     assert not unknown, f"no such setting: {sorted(unknown)} (see rlhf_online/config.py)"

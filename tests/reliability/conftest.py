@@ -118,8 +118,8 @@ def generation(tiny, tmp_path) -> Iterator[Callable[..., Generation]]:
 
 def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running)."""
-    from rlhf_online.config import RewardSettings
-    from rlhf_online.reward.runtime import RewardRuntime
+    from rlhf_online.config import RewardSettings, project
+    from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from rlhf_online.store import open_store
     from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
     from services.reward import start_reward_server
@@ -128,7 +128,7 @@ def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     values = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", "data_dir": root, "reward_model": "sentiment",
               "store_url": f"sqlite:///{root / 'store.db'}", **overrides}
     settings = RewardSettings(**values)
-    runtime = RewardRuntime(settings, open_store(settings.store_url))
+    runtime = RewardRuntime(project(RewardConfig, settings), open_store(settings.store_url))
     running = start_reward_server(settings, runtime)
     return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings)), runtime, running
 
@@ -137,7 +137,7 @@ def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts
                   **overrides: Any) -> tuple[Any, Any, Any]:
     """A trainer server on the tiny model with a scripted reward: (stub, registry, running)."""
     from rlhf_online.adapters.registry import AdapterRegistry
-    from rlhf_online.config import TrainerSettings
+    from rlhf_online.config import TrainerSettings, assemble
     from rlhf_online.mainthread import MainThreadRunner
     from rlhf_online.ppo.trainer import Trainer
     from rlhf_online.store import CompletionRecord, open_store
@@ -148,14 +148,15 @@ def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts
     values = {"port": 0, "metrics_port": 0, "host": "127.0.0.1", "data_dir": root, "base_model": "tiny",
               "store_url": f"sqlite:///{root / 'store.db'}", "round_interval_seconds": 0, "round_min_feedback": 0,
               "batch_size": 4, "response_length": 6, "eval_prompts": 4, **overrides}
-    settings = TrainerSettings(**values)
+    settings = assemble(TrainerSettings, values)
     store = open_store(settings.store_url)
     store.add_completions([CompletionRecord(completion_id=f"c{i}", prompt=f"Tell me about thing {i}.", messages=(),
                                             text="ok", policy_version="") for i in range(prompts)])
     registry = AdapterRegistry(settings.adapter_dir)
     reward = reward or (lambda prompts, texts: [len(t) / 100 for t in texts])
-    trainer = Trainer(settings, store, registry, reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]))
-    running = start_trainer_server(trainer, registry, MainThreadRunner())
+    trainer = Trainer(settings.trainer, settings.ppo, store, registry, reward,
+                      lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model=settings.base_model)
+    running = start_trainer_server(settings, trainer, registry, MainThreadRunner())
     return pb_grpc.TrainerStub(secure_or_plain_channel(running.port, settings)), registry, running
 
 

@@ -52,7 +52,7 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
            "RLHF_MAX_NEW_TOKENS": str(NEW_TOKENS), "RLHF_TORCH_THREADS": "1", "RLHF_DTYPE": "float32"}
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
         serving = serving_line(log_path, proc)

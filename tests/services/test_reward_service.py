@@ -8,8 +8,8 @@ import urllib.request
 import grpc
 import pytest
 
-from rlhf_online.config import RewardSettings
-from rlhf_online.reward.runtime import RewardRuntime
+from rlhf_online.config import RewardSettings, project
+from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
 from rlhf_online.simulate.synthetic import fill_store
 from rlhf_online.store import open_store
 from rlhf_online.v1 import reward_pb2 as pb
@@ -31,7 +31,7 @@ def reward(tmp_path, encoder, monkeypatch):
     def start(**overrides):
         settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path,
                                   store_url=f"sqlite:///{tmp_path / 'store.db'}", **overrides)
-        runtime = RewardRuntime(settings, open_store(settings.store_url))
+        runtime = RewardRuntime(project(RewardConfig, settings), open_store(settings.store_url))
         running = start_reward_server(settings, runtime)
         servers.append(running)
         return pb_grpc.RewardStub(grpc.insecure_channel(f"127.0.0.1:{running.port}")), runtime, running

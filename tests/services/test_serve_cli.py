@@ -19,7 +19,7 @@ from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 def test_serve_answers_then_drains_on_sigterm(tiny_model_dir, tmp_path):
     env = {**os.environ, "RLHF_BASE_MODEL": str(tiny_model_dir), "RLHF_DATA_DIR": str(tmp_path),
            "RLHF_PORT": "0", "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1", "RLHF_GRACE_SECONDS": "10"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_online.cli", "serve", "generation"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         port = None

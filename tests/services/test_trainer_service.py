@@ -7,6 +7,7 @@ import copy
 import grpc
 import pytest
 
+from rlhf_online import config
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.config import TrainerSettings
 from rlhf_online.mainthread import MainThreadRunner
@@ -27,15 +28,17 @@ def trainer(tiny, tmp_path):
     servers = []
 
     def start(prompts: int = 12, reward=length_reward, **overrides):
-        settings = TrainerSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path, base_model="tiny",
-                                   store_url=f"sqlite:///{tmp_path / 'store.db'}", round_interval_seconds=0,
-                                   round_min_feedback=0, batch_size=4, response_length=6, eval_prompts=4, **overrides)
+        settings = config.assemble(TrainerSettings, dict(
+            port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path, base_model="tiny",
+            store_url=f"sqlite:///{tmp_path / 'store.db'}", round_interval_seconds=0, round_min_feedback=0,
+            batch_size=4, response_length=6, eval_prompts=4, **overrides))
         store = open_store(settings.store_url)
         store.add_completions([CompletionRecord(completion_id=f"c{i}", prompt=f"Tell me about thing {i}.", messages=(),
                                                 text="ok", policy_version="") for i in range(prompts)])
         registry = AdapterRegistry(settings.adapter_dir)
-        t = Trainer(settings, store, registry, reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]))
-        running = start_trainer_server(t, registry, MainThreadRunner())
+        t = Trainer(settings.trainer, settings.ppo, store, registry, reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]),
+                    base_model=settings.base_model)
+        running = start_trainer_server(settings, t, registry, MainThreadRunner())
         servers.append(running)
         return pb_grpc.TrainerStub(grpc.insecure_channel(f"127.0.0.1:{running.port}")), registry
 

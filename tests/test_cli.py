@@ -1,0 +1,22 @@
+"""The `rlhf-online` parser: services/cli.py with the library's commands, each module imported only when chosen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from services import cli
+
+
+def test_a_command_imports_no_benchmark_until_one_is_chosen():
+    code = ("import sys; from services import cli; cli.parser().parse_args(['policies', 'list']); "
+            "print(sorted(m for m in sys.modules if m.startswith('rlhf_online.bench') or m == 'rlhf_online.demo'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_chosen_benchmark_and_the_demo_get_their_flags():
+    args = cli.parser().parse_args(["bench", "reward", "--items", "3"])
+    assert (args.bench_command, args.items) == ("reward", 3)
+    args = cli.parser().parse_args(["demo", "--batch-size", "5", "--kl-budget", "2"])
+    assert (args.batch_size, args.kl_budget, args.learning_rate) == (5, 2.0, 1e-3)
