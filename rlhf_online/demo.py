@@ -42,7 +42,7 @@ class DemoConfig:
     base_model: str = "smollm2-135m-instruct"
     data_dir: str = "data"  # where the provisioned model lives
     runs_dir: str = "runs"
-    serving_threads: int = 1  # torch threads of the generation service (the cores are shared, see DESIGN.md)
+    serving_threads: int = 1  # torch threads of the generation service (the three services share the cores)
     training_threads: int = 1  # torch threads of the trainer
     reward_threads: int = 1
     # The trainer's PPO knobs: a larger lr than the service's (PPO's early stop on approx. KL bounds each

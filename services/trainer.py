@@ -10,6 +10,7 @@ import grpc
 
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.config import TrainerSettings
+from rlhf_online.errors import Unavailable
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.ppo.trainer import RoundResult, Trainer
 from rlhf_online.v1 import generation_pb2 as gen_pb
@@ -23,13 +24,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 ADMIN_METHODS = {f"/{SERVICE_NAME}/RunRound", f"/{SERVICE_NAME}/ActivatePolicy"}
 
 
+# A reward service that restarts is reached again within seconds: grpc's reconnect backoff would grow to 2 minutes.
+REWARD_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)]
+
+
+def reward_channel(addr: str) -> grpc.Channel:
+    """The trainer's channel to the Reward service."""
+    return grpc.insecure_channel(addr, options=REWARD_CHANNEL_OPTIONS)
+
+
 def reward_client(addr: str, timeout: float = 300.0):
-    """Score completions through the Reward service."""
-    stub = reward_pb2_grpc.RewardStub(grpc.insecure_channel(addr))
+    """Score completions through the Reward service (waiting up to `timeout` for it to be reachable)."""
+    stub = reward_pb2_grpc.RewardStub(reward_channel(addr))
 
     def score(prompts, completions) -> list[float]:
         items = [reward_pb2.ScoreItem(prompt=p, completion=c) for p, c in zip(prompts, completions, strict=True)]
-        return list(stub.Score(reward_pb2.ScoreRequest(items=items), timeout=timeout).scores)
+        try:
+            return list(stub.Score(reward_pb2.ScoreRequest(items=items), timeout=timeout, wait_for_ready=True).scores)
+        except grpc.RpcError as e:  # the round fails with this as its reason (not grpc's debug string)
+            raise Unavailable(f"the reward service at {addr} did not score: {e.code().name}: {e.details()}") from None
 
     return score
 
@@ -40,13 +53,16 @@ def reward_readiness(addr: str, admin_token: str = "", timeout: float = 30.0, as
     With none, it asks the service to train one now (at most every `ask_every` seconds): its own
     retrainer waits for a batch of new feedback, while an operator's RunRound should not wait for that.
     """
-    stub = reward_pb2_grpc.RewardStub(grpc.insecure_channel(addr))
+    stub = reward_pb2_grpc.RewardStub(reward_channel(addr))
     metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
     last_ask = [float("-inf")]
 
     def not_ready() -> str:
-        if stub.GetRewardModel(reward_pb2.GetRewardModelRequest(), timeout=timeout).version:
-            return ""
+        try:
+            if stub.GetRewardModel(reward_pb2.GetRewardModelRequest(), timeout=timeout, wait_for_ready=True).version:
+                return ""
+        except grpc.RpcError as e:  # down or unreachable for `timeout` s: this round waits for it rather than failing
+            return f"the reward service at {addr} is unreachable: {e.code().name}"
         waiting = "the reward service has no trained reward model yet"
         if time.monotonic() - last_ask[0] < ask_every:
             return waiting

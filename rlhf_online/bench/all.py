@@ -1,7 +1,7 @@
 """`rlhf-online bench all`: every benchmark in one go, collected into all.json and all.md.
 
 Each benchmark runs with its own defaults and writes its own JSON and table first; the collection
-then holds them all with the machine and date, so the README's performance section is one file.
+then holds them all with the machine and date, so docs/benchmarks.md can quote one file.
 """
 
 from __future__ import annotations

@@ -197,12 +197,13 @@ class Trainer:
         while len(self._eval_cache) > 4:  # only the latest few versions can be CURRENT again soon
             self._eval_cache.pop(next(iter(self._eval_cache)))
 
-    def due(self, last_round_at: float) -> bool:
-        """A background round is due: enough new feedback, or the interval passed."""
+    def due(self, last_round_at: float, now: float | None = None) -> bool:
+        """A background round is due: enough new feedback since the last round, or the interval passed."""
         s = self.config
         if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
             return True
-        return bool(s.round_interval_seconds) and time.time() - last_round_at >= s.round_interval_seconds
+        now = time.time() if now is None else now
+        return bool(s.round_interval_seconds) and now - last_round_at >= s.round_interval_seconds
 
 
 def load_base_model(path: Path, device: str = "cpu") -> Callable[[], tuple[Any, Any]]:

@@ -1,4 +1,4 @@
-"""report.json (the shape DESIGN.md gives) and report.md beside the plot, each written atomically."""
+"""report.json (its keys: docs/usage.md, "The demo") and report.md beside the plot, each written atomically."""
 
 from __future__ import annotations
 

@@ -157,7 +157,8 @@ class RewardRuntime:
             try:
                 if self.retrain_due(self._feedback_count()):
                     self.train()
-            except Exception:  # a failed training is logged; the served model stays
+            except Exception:  # a failed training is logged and counted; the served model stays, the next poll retries
+                metrics.REWARD_TRAININGS.labels("failed").inc()
                 log.exception("background reward training failed")
 
     def start_retrainer(self) -> threading.Thread:

@@ -134,7 +134,7 @@ def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
 
 
 def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts: int = 2,
-                  **overrides: Any) -> tuple[Any, Any, Any]:
+                  reward_not_ready: Callable[[], str] | None = None, **overrides: Any) -> tuple[Any, Any, Any]:
     """A trainer server on the tiny model with a scripted reward: (stub, registry, running)."""
     from rlhf_online.adapters.registry import AdapterRegistry
     from rlhf_online.config import TrainerSettings, assemble
@@ -155,7 +155,8 @@ def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts
     registry = AdapterRegistry(settings.adapter_dir)
     reward = reward or (lambda prompts, texts: [len(t) / 100 for t in texts])
     trainer = Trainer(settings.trainer, settings.ppo, store, registry, reward,
-                      lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model=settings.base_model)
+                      lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model=settings.base_model,
+                      reward_not_ready=reward_not_ready)
     running = start_trainer_server(settings, trainer, registry, MainThreadRunner())
     return pb_grpc.TrainerStub(secure_or_plain_channel(running.port, settings)), registry, running
 

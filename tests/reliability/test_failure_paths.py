@@ -265,3 +265,52 @@ def test_postgresql_restarting_under_a_serving_replica(tiny, tmp_path, own_datab
         assert sorted(f.completion_id for f in feedback if f.user_id != "late") == sorted(acked)
         assert [f.completion_id for f in feedback if f.user_id == "late"] == [rated_later]  # once
         assert check.count_completions() == len(acked) + 1  # the Generate refused while down logged nothing
+
+
+# ------------------------------------------------------------------------------------- the reward service down
+
+def test_trainer_rounds_wait_while_the_reward_service_is_down_and_run_once_it_is_back(tiny, tmp_path, kit):
+    from rlhf_online.bench.common import free_port
+    from rlhf_online.v1 import trainer_pb2 as tr
+    from services.trainer import reward_client, reward_readiness
+
+    addr = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+    # Each call waits up to 5 s for the service to be reachable (production: 30 s, and 300 s for scores).
+    stub, registry, running = kit.start_trainer(tiny, tmp_path / "trainer", prompts=8, reward=reward_client(addr, 30),
+                                                reward_not_ready=reward_readiness(addr, timeout=5))
+    try:
+        r = stub.RunRound(tr.RunRoundRequest(), timeout=120)
+        assert r.outcome == "skipped" and r.reason.startswith(f"the reward service at {addr} is unreachable: "), r
+        assert registry.versions() == []
+        # The reward service comes up on that address (the built-in sentiment reward: ready at once).
+        _, _, reward_running = kit.start_reward(tmp_path / "reward", port=int(addr.rsplit(":", 1)[1]))
+        try:
+            r = stub.RunRound(tr.RunRoundRequest(), timeout=300)
+            assert r.outcome in ("published", "rejected") and "unreachable" not in r.reason, r
+            assert "round failed" not in r.reason and "eval/kl" in r.metrics  # a whole round ran and was gated
+        finally:
+            reward_running.shutdown(1)
+        # It goes away in the middle of the trainer's life: the next round says so, the trainer lives on.
+        r = stub.RunRound(tr.RunRoundRequest(), timeout=120)
+        assert r.outcome == "skipped" and "unreachable" in r.reason, r
+        status = stub.GetStatus(tr.GetStatusRequest(), timeout=10)
+        assert status.rounds_total == 3 and not status.round_in_progress
+    finally:
+        running.shutdown(1)
+
+
+def test_a_reward_service_failing_mid_round_rejects_the_round_with_its_reason(tiny, tmp_path, kit):
+    from rlhf_online.bench.common import free_port
+    from rlhf_online.v1 import trainer_pb2 as tr
+    from services.trainer import reward_client
+
+    addr = f"127.0.0.1:{free_port()}"  # readiness says yes (as it would just before the service died), scoring fails
+    stub, registry, running = kit.start_trainer(tiny, tmp_path, prompts=8, reward=reward_client(addr, 3),
+                                                reward_not_ready=lambda: "")
+    try:
+        r = stub.RunRound(tr.RunRoundRequest(), timeout=120)
+        assert r.outcome == "rejected" and r.reason.startswith("round failed: Unavailable: the reward service at")
+        assert "DEADLINE_EXCEEDED" in r.reason and "debug_error_string" not in r.reason, r.reason
+        assert registry.versions() == [] and registry.current() == ""
+    finally:
+        running.shutdown(1)

@@ -79,6 +79,37 @@ def test_background_retraining_after_enough_new_feedback(reward):
         time.sleep(0.2)
 
 
+def test_a_failed_background_retrain_keeps_the_served_model(reward, monkeypatch, tmp_path):
+    from support import sample, wait_for
+
+    import rlhf_online.reward.training as training
+
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:  # all of it there before the service starts,
+        fill_store(store)  # so the retrainer trains exactly once by itself
+    stub, runtime, _ = reward(retrain_min_feedback=50, retrain_interval_seconds=0.2)
+    wait_for(lambda: stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10).version == "r000001", 300,
+             "the first background training")
+    scores = list(stub.Score(pb.ScoreRequest(items=ITEMS), timeout=30).scores)
+    failed = sample("rlhf_reward_trainings_total", outcome="failed")
+    done = sum(sample("rlhf_reward_trainings_total", outcome=o) for o in ("promoted", "rejected"))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("out of memory while fitting the heads")
+
+    monkeypatch.setattr(training, "train", out_of_memory)
+    for user in ("later-1", "later-2"):  # plenty of new feedback: a background retrain is due
+        for f in runtime.store.list_feedback():
+            runtime.store.add_feedback(f.completion_id, user, f.rating)
+    wait_for(lambda: sample("rlhf_reward_trainings_total", outcome="failed") > failed, 120, "a failed retrain")
+    served = stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10)
+    assert served.version == "r000001" and runtime.registry.versions() == ["r000001"]
+    assert list(stub.Score(pb.ScoreRequest(items=ITEMS), timeout=30).scores) == scores  # the same model scores
+    monkeypatch.undo()  # the fault clears: the retrainer tries again by itself and trains a candidate
+    wait_for(lambda: sum(sample("rlhf_reward_trainings_total", outcome=o) for o in ("promoted", "rejected")) > done,
+             300, "the retrain after the failure")
+    assert runtime.registry.versions() == ["r000001", "r000002"]
+
+
 def test_retraining_waits_for_the_count_and_for_growth(reward):
     _, runtime, _ = reward(retrain_min_feedback=32, retrain_growth=0.25)
     assert not runtime.retrain_due(31) and runtime.retrain_due(32)
