@@ -1,25 +1,73 @@
-"""What every API front-end (gRPC, TGI-compatible HTTP) does around the engine: validate, submit, log, feedback."""
+"""What every API front-end (gRPC, TGI-compatible HTTP) does around the engine.
+
+Validate and submit a request, hand its text to the caller as it is generated, log every candidate
+with the policy version that produced it before the caller sees the end (so feedback sent right
+after a reply or a stream always finds its completion), cancel it when the caller goes away, take
+feedback. The API layers only translate their wire format to and from these calls.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 
 from rlhf_online import metrics
 from rlhf_online.engine.engine import Engine
-from rlhf_online.engine.request import CandidateResult, RequestHandle, SamplingParams
+from rlhf_online.engine.request import (
+    CandidateResult,
+    Limits,
+    RequestHandle,
+    ResultCollector,
+    SamplingParams,
+    TextEvent,
+    is_done,
+)
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.store import CompletionRecord, Store
 
 MAX_ID_CHARS, MAX_COMMENT_CHARS, MAX_METADATA_ITEMS, MAX_METADATA_CHARS = 128, 4096, 32, 1024
 
 
+class Abandoned(Exception):
+    """The job was cancelled before every candidate finished: nobody waits for its answer.
+
+    Not a domain error on purpose: the call already ended on the client's side, so the API layer
+    records it as the client's doing, not as a server failure.
+    """
+
+
+@dataclass(frozen=True)
+class Update:
+    """New text of one candidate; `result` is set on its last update, which comes only after logging."""
+
+    index: int
+    completion_id: str
+    delta: str
+    token_ids: tuple[int, ...]  # tokens sampled since the previous update (the EOS token included)
+    result: CandidateResult | None = None
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What a server tells clients about the model it serves and its limits."""
+
+    dtype: str
+    device_type: str
+    max_batch_size: int
+    max_queue: int
+    limits: Limits
+    policy_version: str
+
+
 @dataclass
 class Job:
-    """A submitted generation: its completion ids, its engine handle, and what to log when it finishes."""
+    """A submitted generation: its completion ids, its engine handle, and what to log when it finishes.
+
+    Leaving `with job:` cancels it (a no-op once finished), so a caller that goes away frees its slots.
+    """
 
     prompt: str
     messages: tuple[tuple[str, str], ...]
@@ -29,26 +77,104 @@ class Job:
     handle: RequestHandle
     user_id: str
     metadata: dict[str, str]
+    inbox: asyncio.Queue | None = None  # engine events handed onto an event loop (see Frontend.submit)
+    _collector: ResultCollector = field(init=False, repr=False)
+    _last: dict[int, Update] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._collector = ResultCollector(len(self.completion_ids))
 
     @property
     def version(self) -> str:
         """The policy version serving this job."""
         return self.handle.version
 
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the job's batch slots at its next step."""
+        self.handle.cancel()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    @property
+    def finished(self) -> bool:
+        """True once every candidate has its result."""
+        return len(self._collector.done) == len(self.completion_ids)
+
+    def take(self, ev: TextEvent) -> Update | None:
+        """An engine event as an update to pass on now, or None for a candidate's last (held until logged)."""
+        result = self._collector.add(ev)
+        update = Update(ev.index, self.completion_ids[ev.index], ev.delta, ev.token_ids, result)
+        if result is None:
+            return update
+        self._last[ev.index] = update
+        return None
+
+    def results(self) -> list[CandidateResult]:
+        """Every candidate's result, in index order (all must have finished)."""
+        return self._collector.results()
+
+    def last_updates(self) -> list[Update]:
+        """Every candidate's last update, in index order (all must have finished)."""
+        return [self._last[i] for i in range(len(self.completion_ids))]
+
+    async def events_async(self) -> AsyncIterator[TextEvent]:
+        """Engine events from the event loop's inbox; raises the engine's error if the request failed."""
+        if self.inbox is None:
+            raise RuntimeError("the job was submitted without an event loop: use Frontend.stream")
+        while True:
+            item = await self.inbox.get()
+            if is_done(item):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
 
 class Frontend:
-    """The engine plus the completion log, with the request checks both APIs share."""
+    """The engine plus the completion log: the generation lifecycle and the checks both APIs share."""
 
     def __init__(self, engine: Engine, store: Store) -> None:
         self.engine, self.store = engine, store
+        self.eos_ids = frozenset(engine.eos_ids)  # token ids that end a candidate (TGI marks them special)
+
+    # ------------------------------------------------------------ what the APIs tell clients
+
+    @property
+    def policy_version(self) -> str:
+        """The version new requests are served from ("" = bare base)."""
+        return self.engine.policy_version
+
+    def info(self) -> ServingInfo:
+        """The served model and the limits requests must fit in."""
+        engine = self.engine
+        return ServingInfo(dtype=str(next(engine.model.parameters()).dtype).replace("torch.", ""),
+                           device_type=engine.device.type, max_batch_size=engine.config.max_batch_size,
+                           max_queue=engine.config.max_queue, limits=engine.config.limits,
+                           policy_version=engine.policy_version)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (special tokens spelled out)."""
+        return self.engine.tokenizer.decode([token_id])
+
+    def has_special_tokens(self, text: str) -> bool:
+        """True when the text carries the model's own markup (a prompt already in chat format)."""
+        return any(t in text for t in self.engine.tokenizer.all_special_tokens)
+
+    # ------------------------------------------------------------ the generation lifecycle
 
     def submit(self, *, prompt: str = "", messages: tuple[tuple[str, str], ...] = (), raw: bool = False,
                params: SamplingParams, n: int = 1, user_id: str = "", metadata: dict[str, str] | None = None,
-               deadline: float | None = None, sink: Callable[[Any], None] | None = None,
+               deadline: float | None = None, loop: asyncio.AbstractEventLoop | None = None,
                prompt_field: str = "prompt") -> Job:
         """Validate and queue a request; `raw` sends the prompt without the chat template.
 
-        `prompt_field` is the name the caller's API gives the prompt, used in error messages.
+        With `loop`, the engine thread hands events onto that event loop (for `stream_async`), else
+        they wait on the job's handle (for `stream`). `prompt_field` is the name the caller's API
+        gives the prompt, used in error messages.
         """
         metadata = dict(metadata or {})
         if bool(prompt) == bool(messages):
@@ -64,9 +190,49 @@ class Frontend:
             prompt_ids = self.engine.encode_raw(prompt, prompt_field)
         else:
             prompt_ids = self.engine.encode_prompt(prompt, prompt_field)
+        inbox: asyncio.Queue | None = None
+        sink = None
+        if loop is not None:
+            inbox = asyncio.Queue()
+            sink = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)  # noqa: E731
         handle = self.engine.submit(prompt_ids, params, n=n, deadline=deadline, sink=sink)
         ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(n)]
-        return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata)
+        return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, inbox)
+
+    def stream(self, job: Job) -> Iterator[Update]:
+        """Updates as tokens arrive; every candidate's last one only after all of them are logged."""
+        with job:
+            for ev in job.handle.events():
+                update = job.take(ev)
+                if update is not None:
+                    yield update
+                elif job.finished:
+                    self.log(job, job.results())
+                    yield from job.last_updates()
+                    return
+        raise Abandoned("the job was cancelled before it finished")
+
+    async def stream_async(self, job: Job) -> AsyncIterator[Update]:
+        """`stream` on an event loop (the job was submitted with `loop`); the store is written off the loop."""
+        with job:
+            async for ev in job.events_async():
+                update = job.take(ev)
+                if update is not None:
+                    yield update
+                elif job.finished:
+                    await asyncio.to_thread(self.log, job, job.results())
+                    for last in job.last_updates():
+                        yield last
+                    return
+        raise Abandoned("the job was cancelled before it finished")
+
+    def generate(self, job: Job) -> list[CandidateResult]:
+        """Wait for every candidate, log them all, and return them in index order."""
+        return [u.result for u in self.stream(job) if u.result is not None]
+
+    async def generate_async(self, job: Job) -> list[CandidateResult]:
+        """`generate` on an event loop."""
+        return [u.result async for u in self.stream_async(job) if u.result is not None]
 
     def log(self, job: Job, results: list[CandidateResult]) -> None:
         """Write every candidate to the store with the version that produced it."""

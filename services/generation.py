@@ -11,7 +11,7 @@ from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.adapters.watcher import AdapterWatcher
 from rlhf_online.config import GenerationSettings
 from rlhf_online.engine.engine import Engine
-from rlhf_online.engine.request import ResultCollector, SamplingParams
+from rlhf_online.engine.request import SamplingParams
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.frontend import Frontend, Job
 from rlhf_online.store import Store
@@ -32,10 +32,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.frontend, self.settings = frontend, settings
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        """All candidates at once, after the last one finishes."""
+        """All candidates at once, after the last one finishes (and is logged)."""
         job = self._submit(request, context)
-        results = job.handle.result()
-        self.frontend.log(job, results)
+        results = self.frontend.generate(job)
         return pb.GenerateResponse(
             completions=[pb.Completion(completion_id=cid, text=r.text, finish_reason=FINISH[r.finish_reason],
                                        completion_tokens=r.completion_tokens)
@@ -43,24 +42,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             policy_version=job.version, prompt_tokens=job.prompt_tokens)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
-        """Text deltas as tokens arrive; each candidate's last message is held until all are logged."""
+        """Text deltas as tokens arrive; each candidate's last message comes once all are logged."""
         job = self._submit(request, context)
-        collector = ResultCollector(len(job.completion_ids))
-        last_delta: dict[int, str] = {}
-        for ev in job.handle.events():
-            if collector.add(ev) is None:
-                yield pb.GenerateStreamResponse(completion_id=job.completion_ids[ev.index], text_delta=ev.delta,
+        for u in self.frontend.stream(job):
+            if u.result is None:
+                yield pb.GenerateStreamResponse(completion_id=u.completion_id, text_delta=u.delta,
                                                 policy_version=job.version)
             else:
-                # The final delta waits until every candidate is logged, so feedback sent right after
-                # the stream ends always finds its completion.
-                last_delta[ev.index] = ev.delta
-        results = collector.results()
-        self.frontend.log(job, results)
-        for i, r in enumerate(results):
-            yield pb.GenerateStreamResponse(completion_id=job.completion_ids[i], text_delta=last_delta[i],
-                                            finish_reason=FINISH[r.finish_reason], policy_version=job.version,
-                                            completion_tokens=r.completion_tokens)
+                yield pb.GenerateStreamResponse(completion_id=u.completion_id, text_delta=u.delta,
+                                                finish_reason=FINISH[u.result.finish_reason],
+                                                policy_version=job.version,
+                                                completion_tokens=u.result.completion_tokens)
 
     def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: grpc.ServicerContext) -> pb.SubmitFeedbackResponse:
         """Record a thumbs-up/down; a repeat of (completion_id, user_id) is OK and counted once."""
@@ -76,7 +68,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
         """The version new requests are served from."""
-        return pb.Policy(version=self.frontend.engine.policy_version, base_model=self.settings.base_model)
+        return pb.Policy(version=self.frontend.policy_version, base_model=self.settings.base_model)
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Job:
         """Queue a request with the client's deadline; cancelled when the RPC ends."""
@@ -89,7 +81,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             metadata=dict(request.metadata),
             deadline=None if no_deadline else time.monotonic() + remaining)
         # Fires when the RPC ends for any reason; a client that went away frees its batch slots.
-        context.add_callback(job.handle.cancel)
+        context.add_callback(job.cancel)
         return job
 
     def _params(self, p: pb.SamplingParams) -> SamplingParams:

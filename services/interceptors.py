@@ -137,7 +137,7 @@ class _Outcome:
             context.abort(code, clip(str(error)))
         if not context.is_active():
             # The client cancelled or its deadline passed, and the handler failed on the way out
-            # (e.g. the engine ended the abandoned request without results): no server error.
+            # (e.g. frontend.Abandoned: the engine ended the cancelled request without results): no server error.
             self.ended_by_client(context)
             context.abort(self.ended_code(context), "the call ended on the client's side")
         # context.abort() raises; a handler that aborted itself has its code set already.

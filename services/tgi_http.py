@@ -13,15 +13,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from rlhf_online import __version__, errors, metrics
 from rlhf_online.config import GenerationSettings
-from rlhf_online.engine.request import CandidateResult, ResultCollector, SamplingParams, TextEvent, is_done
-from rlhf_online.frontend import Frontend, Job
+from rlhf_online.engine.request import CandidateResult, SamplingParams
+from rlhf_online.frontend import Frontend, Job, Update
 
 log = logging.getLogger("rlhf_online.http")
 
@@ -73,15 +73,8 @@ class HttpApi:
         return await self._stream(request, await _json(request))
 
     async def _generate(self, body: dict, as_list: bool) -> web.Response:
-        job, queue, options = self._submit(body)
-        try:
-            collector = ResultCollector(1)
-            async for ev in _events(queue):
-                collector.add(ev)
-        finally:
-            job.handle.cancel()  # frees the slot if the client went away; a no-op once finished
-        [result] = collector.results()
-        await asyncio.to_thread(self.frontend.log, job, [result])
+        job, options = self._submit(body)
+        [result] = await self.frontend.generate_async(job)
         out = {"generated_text": self._text(body, result.text, options)}
         if options["details"]:
             out["details"] = {**self._details(result, job), "prefill": [], "tokens": self._tokens(result.token_ids),
@@ -89,46 +82,40 @@ class HttpApi:
         return web.json_response([out] if as_list else out, headers=_headers(job, result))
 
     async def _stream(self, request: web.Request, body: dict) -> web.StreamResponse:
-        job, queue, options = self._submit(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           **_headers(job)})
-        await resp.prepare(request)
-        try:
-            collector = ResultCollector(1)
+        job, options = self._submit(body)
+        with job:  # a client that went away (a failed write) cancels its generation
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **_headers(job)})
+            await resp.prepare(request)
             sent = 0
-            async for ev in _events(queue):
-                result = collector.add(ev)
-                if result is not None:
-                    await asyncio.to_thread(self.frontend.log, job, [result])  # before the client sees the end
-                for data in self._stream_events(ev, result, job, body, options, first_index=sent + 1):
-                    await resp.write(f"data:{json.dumps(data)}\n\n".encode())
-                sent += len(ev.token_ids)
-        except errors.RlhfError as e:
-            await resp.write(f"data:{json.dumps({'error': str(e), 'error_type': 'generation'})}\n\n".encode())
-        finally:
-            job.handle.cancel()
+            try:
+                async for update in self.frontend.stream_async(job):
+                    for data in self._stream_events(update, job, body, options, first_index=sent + 1):
+                        await resp.write(f"data:{json.dumps(data)}\n\n".encode())
+                    sent += len(update.token_ids)
+            except errors.RlhfError as e:
+                await resp.write(f"data:{json.dumps({'error': str(e), 'error_type': 'generation'})}\n\n".encode())
         await resp.write_eof()
         return resp
 
-    def _stream_events(self, ev: TextEvent, result: CandidateResult | None, job: Job, body: dict,
-                       options: dict, first_index: int) -> list[dict]:
-        """One SSE payload per token of an engine event; the event's text rides on its last text token."""
-        ids = list(ev.token_ids)
-        special = [i in self.frontend.engine.eos_ids for i in ids]
+    def _stream_events(self, update: Update, job: Job, body: dict, options: dict, first_index: int) -> list[dict]:
+        """One SSE payload per token of an update; the update's text rides on its last text token."""
+        ids = list(update.token_ids)
+        special = [i in self.frontend.eos_ids for i in ids]
         text_at = max((k for k, s in enumerate(special) if not s), default=-1)
         out = []
         for k, tid in enumerate(ids):
-            text = self.frontend.engine.tokenizer.decode([tid]) if special[k] else (ev.delta if k == text_at else "")
+            text = self.frontend.token_text(tid) if special[k] else (update.delta if k == text_at else "")
             out.append({"index": first_index + k, "token": {"id": tid, "text": text, "logprob": None,
                                                               "special": special[k]},
                         "generated_text": None, "details": None, "top_tokens": None})
-        if result is not None and out:
-            out[-1]["generated_text"] = self._text(body, result.text, options)
-            out[-1]["details"] = self._details(result, job)
+        if update.result is not None and out:
+            out[-1]["generated_text"] = self._text(body, update.result.text, options)
+            out[-1]["details"] = self._details(update.result, job)
         return out
 
-    def _submit(self, body: dict) -> tuple[Job, asyncio.Queue, dict]:
-        """Validate a TGI request and queue it; engine events arrive on an asyncio queue."""
+    def _submit(self, body: dict) -> tuple[Job, dict]:
+        """Validate a TGI request and queue it; its events are handed onto this event loop."""
         if self.draining:
             raise errors.Unavailable("server is shutting down")
         inputs = body.get("inputs")
@@ -138,14 +125,10 @@ class HttpApi:
         if not isinstance(parameters, dict):
             raise errors.InvalidArgument("parameters", "must be an object")
         params, options = self._params(parameters)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        tokenizer = self.frontend.engine.tokenizer
-        raw = any(t in inputs for t in tokenizer.all_special_tokens)
-        job = self.frontend.submit(prompt=inputs, raw=raw, params=params, n=1, prompt_field="inputs",
-                                   user_id=str(parameters.get("user_id") or ""),
-                                   sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-        return job, queue, options
+        job = self.frontend.submit(prompt=inputs, raw=self.frontend.has_special_tokens(inputs), params=params, n=1,
+                                   prompt_field="inputs", user_id=str(parameters.get("user_id") or ""),
+                                   loop=asyncio.get_running_loop())
+        return job, options
 
     def _params(self, p: dict) -> tuple[SamplingParams, dict]:
         """TGI parameters to sampling params; sampling is on when asked for or implied by a sampling knob."""
@@ -180,8 +163,8 @@ class HttpApi:
                 "seed": job.params.seed}
 
     def _tokens(self, ids: tuple[int, ...]) -> list[dict]:
-        tok, eos = self.frontend.engine.tokenizer, self.frontend.engine.eos_ids
-        return [{"id": i, "text": tok.decode([i]), "logprob": None, "special": i in eos} for i in ids]
+        eos = self.frontend.eos_ids
+        return [{"id": i, "text": self.frontend.token_text(i), "logprob": None, "special": i in eos} for i in ids]
 
     @staticmethod
     def _text(body: dict, text: str, options: dict) -> str:
@@ -205,18 +188,18 @@ class HttpApi:
 
     async def info(self, request: web.Request) -> web.Response:
         """GET /info: the model and the server's limits, in TGI's field names."""
-        engine = self.frontend.engine
-        limits = engine.config.limits
+        info = self.frontend.info()
+        limits = info.limits
         return web.json_response({
             "model_id": self.settings.base_model, "model_sha": None,
-            "model_dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
-            "model_device_type": engine.device.type, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": engine.config.max_queue + engine.config.max_batch_size,
+            "model_dtype": info.dtype, "model_device_type": info.device_type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": info.max_queue + info.max_batch_size,
             "max_best_of": 1, "max_stop_sequences": limits.max_stop_strings,
             "max_input_tokens": limits.max_prompt_tokens, "max_input_length": limits.max_prompt_tokens,
             "max_total_tokens": limits.max_prompt_tokens + limits.max_new_tokens,
-            "max_batch_size": engine.config.max_batch_size, "version": __version__, "sha": None,
-            "docker_label": None, "policy_version": engine.policy_version})
+            "max_batch_size": info.max_batch_size, "version": __version__, "sha": None,
+            "docker_label": None, "policy_version": info.policy_version})
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: 200 while serving, 503 while draining."""
@@ -237,16 +220,6 @@ async def observe(request: web.Request, handler: Callable[[web.Request], Awaitab
     metrics.HTTP_REQUESTS.labels(route, str(resp.status)).inc()
     metrics.HTTP_LATENCY.labels(route, str(resp.status)).observe(time.perf_counter() - start)
     return resp
-
-
-async def _events(queue: asyncio.Queue) -> AsyncIterator[TextEvent]:
-    while True:
-        item = await queue.get()
-        if is_done(item):
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 async def _json(request: web.Request) -> dict:
