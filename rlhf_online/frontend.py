@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_online import metrics
 from rlhf_online.engine.engine import Engine
@@ -192,10 +193,19 @@ class Frontend:
             prompt_ids = self.engine.encode_prompt(prompt, prompt_field)
         inbox: asyncio.Queue | None = None
         sink = None
+        submitted: list[RequestHandle] = []
         if loop is not None:
             inbox = asyncio.Queue()
-            sink = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)  # noqa: E731
+
+            def sink(item: Any) -> None:  # runs on the engine thread
+                try:
+                    loop.call_soon_threadsafe(inbox.put_nowait, item)
+                except RuntimeError:  # the caller's event loop is closed: nobody reads this request any more
+                    for h in submitted:
+                        h.cancel()  # evicted at the next step, instead of failing the whole batch's step
+
         handle = self.engine.submit(prompt_ids, params, n=n, deadline=deadline, sink=sink)
+        submitted.append(handle)
         ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(n)]
         return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, inbox)
 

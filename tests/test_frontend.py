@@ -136,3 +136,16 @@ def test_the_api_layers_reach_the_engine_only_through_the_frontend(module):
     reached = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("engine", "store")
                and isinstance(n.value, ast.Attribute) and n.value.attr == "frontend"]
     assert reached == [], f"{module} uses frontend.engine/.store at lines {reached}"
+
+
+def test_a_request_whose_event_loop_closed_is_cancelled_not_the_whole_batch(frontend):
+    fe = frontend(step_delay=0.01)
+    loop = asyncio.new_event_loop()
+    orphan = fe.submit(prompt="Tell me a story.", params=LONG, loop=loop)
+    other = fe.submit(prompt="Tell me another story.", params=LONG)  # decodes in the same batch
+    first = next(iter(other.handle.events()))
+    assert first.delta is not None
+    loop.close()  # the orphan's next event cannot be delivered
+    wait_for(lambda: orphan.handle.request.cancelled.is_set(), 30, "the orphaned request to be cancelled")
+    [result] = other.handle.result()  # the other request was not failed with it
+    assert result.completion_tokens > 0 and result.finish_reason in ("length", "eos")
