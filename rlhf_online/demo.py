@@ -98,7 +98,7 @@ def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) ->
 
 def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     """Start the services and the users, show progress for cfg.minutes, stop; returns (monitor, pool stats)."""
-    from rlhf_online.bench.common import free_port, start_service
+    from rlhf_online import launch
     from rlhf_online.data.prompts import load_prompts
     from rlhf_online.report.timeline import Monitor
     from rlhf_online.simulate.users import UserPool, UserPoolConfig
@@ -106,17 +106,18 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     state, logs = run_dir / "state", run_dir / "logs"
     state.mkdir(parents=True)
     logs.mkdir()
-    reward_port = free_port()
+    reward_port = launch.free_port()
     envs = service_envs(cfg, model, state, reward_port)
     users = UserPoolConfig(users=cfg.users, personas=tuple(cfg.personas.split(",")), pair_fraction=cfg.pair_fraction,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     prompts = [p.prompt for p in load_prompts("train")]
     with contextlib.ExitStack() as stack:
         print(f"Starting the reward, generation and trainer services (logs in {logs}) ...", flush=True)
-        ports = {"reward": stack.enter_context(start_service("reward", envs["reward"], logs, port=reward_port))}
-        ports["generation"] = stack.enter_context(start_service("generation", envs["generation"], logs))
+        services = {"reward": stack.enter_context(launch.running("reward", envs["reward"], logs, port=reward_port))}
+        services["generation"] = stack.enter_context(launch.running("generation", envs["generation"], logs))
         # The trainer stops first (ExitStack unwinds in reverse); a round in hand may take a while to finish.
-        ports["trainer"] = stack.enter_context(start_service("trainer", envs["trainer"], logs, stop_timeout=180))
+        services["trainer"] = stack.enter_context(launch.running("trainer", envs["trainer"], logs, stop_timeout=180))
+        ports = {name: s.port for name, s in services.items()}
         print(f"Services up: generation :{ports['generation']}, reward :{ports['reward']}, trainer :{ports['trainer']}."
               f" {cfg.users} simulated users for {cfg.minutes:g} minutes.\n", flush=True)
         pool = UserPool(f"127.0.0.1:{ports['generation']}", prompts, users, run_dir / "ratings.jsonl").start()

@@ -205,55 +205,86 @@ def _rate(side: dict[str, Any], batch_size: int) -> float:
     return batch_size / statistics.median(side["step_s"])
 
 
+# What differs between the sides by design, and how each is measured: reported with the figures.
+NOTES = (
+    "TRL's value function is a separate, fully trainable copy of the model (AutoModelForSequenceClassification, "
+    "num_labels=1; TRL's design): its forward at rollout time and its forward + backward + AdamW step in every "
+    "epoch are part of TRL's work; ours is a linear value head on the policy's hidden states.",
+    "TRL 1.12's PPOTrainer takes no reward function, so its reward_model is a module with TRL's reward-model "
+    "interface computing the same VADER score: neither side runs a reward-model forward.",
+    "Ours runs with early_stop_approxkl=0 so every step does all epochs, as TRL always does; stop at EOS on both "
+    "sides (TRL stop_token='eos').",
+    "Responses are sampled, so their lengths (and generation time) differ a little between the sides; "
+    "mean response tokens are reported. Ours takes the prompts in order, TRL's dataloader shuffles them.",
+    "Step time: ours from collect to the end of update (fresh AdamW per round, as the trainer does); TRL between "
+    "its step-end callbacks (a whole iteration of its training loop, logging included).",
+)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run both sides, report samples/s and the ratio."""
-    import transformers
-
     from rlhf_online.models.provision import resolve_base_model
 
     if args.sides in ("both", "trl"):
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            from rlhf_online.errors import ConfigError
-
-            raise ConfigError("bench ppo: TRL is not installed here; it is a bench-only extra kept out of .venv: "
-                              "run `make bench-ppo` (it builds .venv-bench with `.[bench]`), or pass --sides ours")
+        _require_trl()
     torch.set_num_threads(args.threads)
     path = resolve_base_model(args.base_model, Path(args.data_dir))
+    sides = _run_sides(path, args)
+    for side in sides.values():
+        side["samples_per_s"] = _rate(side, args.batch_size)
+    ratio = sides["ours"]["samples_per_s"] / sides["trl"]["samples_per_s"] if len(sides) == 2 else None
+    versions = _versions(with_trl="trl" in sides)
+    result = {"benchmark": "ppo", "machine": machine(), "versions": versions, "settings": _settings(path, args),
+              "sides": sides, "ratio_ours_over_trl": ratio, "notes": list(NOTES)}
+    write_report(args.out, "ppo", result, table(args, versions, sides, ratio))
+    return 0
+
+
+def _require_trl() -> None:
+    """ConfigError unless TRL is importable here (it is a bench-only extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        from rlhf_online.errors import ConfigError
+
+        raise ConfigError("bench ppo: TRL is not installed here; it is a bench-only extra kept out of .venv: "
+                          "run `make bench-ppo` (it builds .venv-bench with `.[bench]`), or pass --sides ours")
+
+
+def _run_sides(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The step timings of the chosen sides: ours, then TRL."""
     sides: dict[str, dict[str, Any]] = {}
     if args.sides in ("both", "ours"):
         sides["ours"] = _bench_ours(path, args)
     if args.sides in ("both", "trl"):
         sides["trl"] = _bench_trl(path, args)
+    return sides
+
+
+def _versions(with_trl: bool) -> dict[str, str]:
+    """The versions of the libraries both sides run on (and TRL's, when it ran)."""
+    import transformers
+
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if "trl" in sides:
+    if with_trl:
         import trl
 
         versions["trl"] = trl.__version__
-    for side in sides.values():
-        side["samples_per_s"] = _rate(side, args.batch_size)
-    ratio = sides["ours"]["samples_per_s"] / sides["trl"]["samples_per_s"] if len(sides) == 2 else None
-    settings = {"model": str(path), "lora": "r16, alpha 32, dropout 0, q/k/v/o", "batch_size": args.batch_size,
-                "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
-                "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate,
-                "temperature": 1.0, "dtype": "float32", "threads": args.threads, "steps": args.steps,
-                "prompts": len(PROMPTS), "reward": "VADER compound sentiment of the decoded response (both sides)"}
-    notes = [
-        "TRL's value function is a separate, fully trainable copy of the model (AutoModelForSequenceClassification, "
-        "num_labels=1; TRL's design): its forward at rollout time and its forward + backward + AdamW step in every "
-        "epoch are part of TRL's work; ours is a linear value head on the policy's hidden states.",
-        "TRL 1.12's PPOTrainer takes no reward function, so its reward_model is a module with TRL's reward-model "
-        "interface computing the same VADER score: neither side runs a reward-model forward.",
-        "Ours runs with early_stop_approxkl=0 so every step does all epochs, as TRL always does; stop at EOS on both "
-        "sides (TRL stop_token='eos').",
-        "Responses are sampled, so their lengths (and generation time) differ a little between the sides; "
-        "mean response tokens are reported. Ours takes the prompts in order, TRL's dataloader shuffles them.",
-        "Step time: ours from collect to the end of update (fresh AdamW per round, as the trainer does); TRL between "
-        "its step-end callbacks (a whole iteration of its training loop, logging included).",
-    ]
-    result = {"benchmark": "ppo", "machine": machine(), "versions": versions, "settings": settings,
-              "sides": sides, "ratio_ours_over_trl": ratio, "notes": notes}
+    return versions
+
+
+def _settings(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The work both sides do, as reported."""
+    return {"model": str(path), "lora": "r16, alpha 32, dropout 0, q/k/v/o", "batch_size": args.batch_size,
+            "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
+            "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate,
+            "temperature": 1.0, "dtype": "float32", "threads": args.threads, "steps": args.steps,
+            "prompts": len(PROMPTS), "reward": "VADER compound sentiment of the decoded response (both sides)"}
+
+
+def table(args: argparse.Namespace, versions: dict[str, str], sides: dict[str, dict[str, Any]],
+          ratio: float | None) -> list[str]:
+    """The Markdown report: one row per side, the ratio, the notes."""
     lines = [f"# PPO update throughput ({machine()}, {args.threads} torch threads)", "",
              f"SmolLM2-135M-Instruct + LoRA r16 q/k/v/o, batch {args.batch_size}, {args.response_length}-token "
              f"responses, {args.num_ppo_epochs} PPO epochs x {args.num_mini_batches} minibatch, fp32; "
@@ -268,6 +299,5 @@ def main(args: argparse.Namespace) -> int:
                      + f" | {side['warmup_s']:.1f} | {side['mean_response_tokens']:.1f} | {side['trainable_params']:,} |")
     if ratio is not None:
         lines += ["", f"**ours / TRL: {ratio:.2f}x**"]
-    lines += ["", *[f"- {n}" for n in notes]]
-    write_report(args.out, "ppo", result, lines)
-    return 0
+    lines += ["", *[f"- {n}" for n in NOTES]]
+    return lines

@@ -14,7 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_online.bench.common import free_port, machine, start_service, write_report
+from rlhf_online import launch
+from rlhf_online.bench.common import machine, write_report
 
 SEED_PROMPTS = [
     "My neighbour keeps parking in my spot. Write him a note.", "Review the cafe that got my order wrong twice.",
@@ -59,13 +60,13 @@ def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-round-"))
     common = {"RLHF_BASE_MODEL": model, "RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'store.db'}",
               "RLHF_ADAPTER_DIR": str(tmp / "adapters"), "RLHF_TORCH_THREADS": "2"}
-    reward_port = free_port()
+    reward_port = launch.free_port()
     results = []
     with contextlib.ExitStack() as stack:
-        gen_port = stack.enter_context(start_service("generation", common, tmp))
-        stack.enter_context(start_service("reward", {**common, "RLHF_REWARD_MODEL": args.reward_model}, tmp,
-                                          port=reward_port))
-        stub = gen_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{gen_port}"))
+        generation = stack.enter_context(launch.running("generation", common, tmp))
+        stack.enter_context(launch.running("reward", {**common, "RLHF_REWARD_MODEL": args.reward_model}, tmp,
+                                           port=reward_port))
+        stub = gen_grpc.GenerationStub(grpc.insecure_channel(generation.address))
         futures = [stub.Generate.future(gen.GenerateRequest(prompt=p, params=gen.SamplingParams(
             max_new_tokens=16, temperature=1.0)), timeout=600) for p in SEED_PROMPTS]
         for f in futures:
@@ -74,8 +75,8 @@ def main(args: argparse.Namespace) -> int:
                        "RLHF_RESPONSE_LENGTH": str(args.response_length), "RLHF_NUM_PPO_EPOCHS": str(args.num_ppo_epochs),
                        "RLHF_LEARNING_RATE": str(args.learning_rate), "RLHF_ROUND_INTERVAL_SECONDS": "0",
                        "RLHF_ROUND_MIN_FEEDBACK": "0"}
-        trainer_port = stack.enter_context(start_service("trainer", trainer_env, tmp))
-        trainer = tr_grpc.TrainerStub(grpc.insecure_channel(f"127.0.0.1:{trainer_port}"))
+        trainer_service = stack.enter_context(launch.running("trainer", trainer_env, tmp))
+        trainer = tr_grpc.TrainerStub(grpc.insecure_channel(trainer_service.address))
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             r = trainer.RunRound(tr.RunRoundRequest(), timeout=1800)

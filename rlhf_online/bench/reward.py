@@ -9,7 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_online.bench.common import machine, start_service, write_report
+from rlhf_online import launch
+from rlhf_online.bench.common import machine, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,8 +42,8 @@ def main(args: argparse.Namespace) -> int:
     _, promoted, reason = runtime.train()
     assert promoted, reason  # the benchmark must time a real trained head, not the untrained zeros
     version = runtime.info()[0]
-    with start_service("reward", env, tmp) as port:
-        stub = pb_grpc.RewardStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with launch.running("reward", env, tmp) as service:
+        stub = pb_grpc.RewardStub(grpc.insecure_channel(service.address))
         rng = random.Random(0)
 
         def fresh_items(tag: str) -> list[pb.ScoreItem]:

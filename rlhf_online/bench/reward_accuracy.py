@@ -19,8 +19,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rlhf_online.bench.common import machine, write_report
+
+if TYPE_CHECKING:
+    from rlhf_online.reward.models import RewardModel
+    from rlhf_online.simulate.judges import Persona
+    from rlhf_online.store import Store
 
 # (name, encoder layer, TrainConfig fields that differ from its defaults): the default, and the
 # default before 2026-12-03
@@ -102,11 +108,7 @@ def bootstrap_interval(per_prompt: list[list[bool]], rng: random.Random, draws: 
 def main(args: argparse.Namespace) -> int:
     """Generate, rate, train on train prompts, measure on held-out prompts; write JSON and Markdown."""
     from rlhf_online.data.prompts import load_prompts
-    from rlhf_online.reward.encoder import TextEncoder
-    from rlhf_online.reward.registry import RewardRegistry
-    from rlhf_online.reward.training import TrainConfig, train_and_gate
     from rlhf_online.simulate.judges import PERSONAS
-    from rlhf_online.store import CompletionRecord, open_store
 
     if args.train_replies < 2 or args.train_replies % 2 or args.heldout_replies < 2:
         raise SystemExit("--train-replies must be even and >= 2, --heldout-replies >= 2")
@@ -120,8 +122,31 @@ def main(args: argparse.Namespace) -> int:
     replies = cached_replies(args, train + heldout, [args.train_replies] * len(train) + [args.heldout_replies] * len(heldout))
     gen_s = time.time() - t0
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-accuracy-"))
-    store = open_store(f"sqlite:///{tmp / 'store.db'}")
-    for n, (prompt, texts) in enumerate(zip(train, replies[: len(train)], strict=True)):
+    store = rated_store(tmp / "store.db", persona, train, replies[: len(train)], rng)
+    heldout_replies = replies[len(train):]
+    hidden = [persona.preference(texts) for texts in heldout_replies]
+    results = []
+    for v, variant in enumerate(VARIANTS):
+        results.append(measure(variant, tmp / f"reward_models_{v}", store, heldout, heldout_replies, hidden, args.seed))
+        print(row(results[-1]), flush=True)
+    result = {"benchmark": "reward-accuracy", "persona": persona.name, "machine": machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "train_prompts": len(train),
+              "heldout_prompts": len(heldout), "train_replies": args.train_replies,
+              "heldout_replies": args.heldout_replies, "pairwise_accuracy": results[0]["pairwise_accuracy"],
+              "ci95": results[0]["ci95"], "baseline_pairwise_accuracy": results[1]["pairwise_accuracy"],
+              "variants": results, "feedback": store.count_feedback(), "preferences": store.count_preferences(),
+              "generation_seconds": round(gen_s, 1)}
+    write_report(args.out, "reward_accuracy", result, table(result, persona))
+    return 0
+
+
+def rated_store(path: Path, persona: Persona, prompts: list[str], replies: list[list[str]],
+                rng: random.Random) -> Store:
+    """A SQLite store of the train replies, each pair rated and compared by a simulated user of `persona`."""
+    from rlhf_online.store import CompletionRecord, open_store
+
+    store = open_store(f"sqlite:///{path}")
+    for n, (prompt, texts) in enumerate(zip(prompts, replies, strict=True)):
         # Fixed ids: the dataset's order, and so each head's bootstrap resample, is the same every run.
         ids = [f"cmpl-bench-{n:04d}-{k}" for k in range(len(texts))]
         store.add_completions([CompletionRecord(completion_id=i, prompt=prompt, messages=(), text=t, policy_version="")
@@ -132,53 +157,72 @@ def main(args: argparse.Namespace) -> int:
                 store.add_feedback(cid, user, rating)
             choice = persona.prefer(texts[k], texts[k + 1], rng)
             store.add_preference(ids[k + choice], ids[k + 1 - choice], user)
-    hidden = [persona.preference(texts) for texts in replies[len(train):]]
-    rows, results = [], []
-    for v, (name, layer, overrides) in enumerate(VARIANTS):
-        encoder = TextEncoder(layer=layer)
-        # Every train prompt trains (training's own held-out slice would take 20% of them away).
-        registry = RewardRegistry(tmp / f"reward_models_{v}")
-        cfg = TrainConfig(heldout_percent=0, **overrides)
-        manifest, _, _ = train_and_gate(registry, store, encoder, cfg)
-        model = registry.load(manifest["version"], encoder)
-        per_prompt: list[list[bool]] = []
-        clear: list[bool] = []
-        ties = 0
-        for prompt, texts, pref in zip(heldout, replies[len(train):], hidden, strict=True):
-            scores = model.score([prompt] * len(texts), texts)
-            right = []
-            for a, b in itertools.combinations(range(len(texts)), 2):
-                if pref[a] == pref[b]:
-                    ties += 1
-                    continue
-                ok = (scores[a] > scores[b]) == (pref[a] > pref[b])
-                right.append(ok)
-                if abs(pref[a] - pref[b]) >= 0.1:
-                    clear.append(ok)
-            per_prompt.append(right)
-        n = sum(len(r) for r in per_prompt)
-        acc = sum(sum(r) for r in per_prompt) / n if n else float("nan")
-        lo, hi = bootstrap_interval(per_prompt, random.Random(args.seed))
-        results.append({"reward": name, "encoder_layer": encoder.layer, "head_hidden": cfg.head_hidden,
-                        "pairwise_accuracy": acc, "ci95": [lo, hi], "heldout_pairs": n, "ties_skipped": ties,
-                        "clear_pairs": len(clear), "pairwise_accuracy_clear": sum(clear) / len(clear) if clear else float("nan"),
-                        "reward_model": manifest["version"], "train_metrics": manifest["metrics"]})
-        rows.append(f"| {name} | {acc:.3f} [{lo:.3f}, {hi:.3f}] | {n} | {results[-1]['pairwise_accuracy_clear']:.3f} "
-                    f"({len(clear)}) | {manifest['metrics']['train_seconds']:.1f} |")
-        print(rows[-1], flush=True)
-    result = {"benchmark": "reward-accuracy", "persona": persona.name, "machine": machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "train_prompts": len(train),
-              "heldout_prompts": len(heldout), "train_replies": args.train_replies,
-              "heldout_replies": args.heldout_replies, "pairwise_accuracy": results[0]["pairwise_accuracy"],
-              "ci95": results[0]["ci95"], "baseline_pairwise_accuracy": results[1]["pairwise_accuracy"],
-              "variants": results, "feedback": store.count_feedback(), "preferences": store.count_preferences(),
-              "generation_seconds": round(gen_s, 1)}
-    lines = [f"Learned reward vs simulated users' hidden preference — persona {persona.name!r}, "
-             f"{result['machine']}, {result['date']}", "",
-             "| reward model | held-out pairwise accuracy [95% CI] | pairs | on pairs with \\|Δ\\| ≥ 0.1 (n) | train s |",
-             "|---|---:|---:|---:|---:|", *rows, "",
-             f"Trained on {len(train)} train prompts: {result['feedback']} thumbs and {result['preferences']} "
-             f"preferences (rating noise {persona.noise}); scored on every pair of {args.heldout_replies} replies "
-             f"to each of {len(heldout)} held-out prompts, never seen in training (CI: bootstrap over prompts)."]
-    write_report(args.out, "reward_accuracy", result, lines)
-    return 0
+    return store
+
+
+def measure(variant: tuple[str, int, dict[str, Any]], registry_dir: Path, store: Store, prompts: list[str],
+            replies: list[list[str]], hidden: list[list[float]], seed: int) -> dict[str, Any]:
+    """Train one reward variant on the store, then its pairwise accuracy on the held-out replies."""
+    from rlhf_online.reward.encoder import TextEncoder
+    from rlhf_online.reward.registry import RewardRegistry
+    from rlhf_online.reward.training import TrainConfig, train_and_gate
+
+    name, layer, overrides = variant
+    encoder = TextEncoder(layer=layer)
+    # Every train prompt trains (training's own held-out slice would take 20% of them away).
+    registry = RewardRegistry(registry_dir)
+    cfg = TrainConfig(heldout_percent=0, **overrides)
+    manifest, _, _ = train_and_gate(registry, store, encoder, cfg)
+    model = registry.load(manifest["version"], encoder)
+    per_prompt, clear, ties = judge_pairs(model, prompts, replies, hidden)
+    n = sum(len(r) for r in per_prompt)
+    acc = sum(sum(r) for r in per_prompt) / n if n else float("nan")
+    lo, hi = bootstrap_interval(per_prompt, random.Random(seed))
+    return {"reward": name, "encoder_layer": encoder.layer, "head_hidden": cfg.head_hidden,
+            "pairwise_accuracy": acc, "ci95": [lo, hi], "heldout_pairs": n, "ties_skipped": ties,
+            "clear_pairs": len(clear), "pairwise_accuracy_clear": sum(clear) / len(clear) if clear else float("nan"),
+            "reward_model": manifest["version"], "train_metrics": manifest["metrics"]}
+
+
+def judge_pairs(model: RewardModel, prompts: list[str], replies: list[list[str]],
+                hidden: list[list[float]]) -> tuple[list[list[bool]], list[bool], int]:
+    """For every pair of replies to each prompt: does the model order it as the hidden preference does?
+
+    Returns the verdicts per prompt, those on clear pairs (hidden scores 0.1 or more apart), and the
+    number of tied pairs skipped.
+    """
+    per_prompt: list[list[bool]] = []
+    clear: list[bool] = []
+    ties = 0
+    for prompt, texts, pref in zip(prompts, replies, hidden, strict=True):
+        scores = model.score([prompt] * len(texts), texts)
+        right = []
+        for a, b in itertools.combinations(range(len(texts)), 2):
+            if pref[a] == pref[b]:
+                ties += 1
+                continue
+            ok = (scores[a] > scores[b]) == (pref[a] > pref[b])
+            right.append(ok)
+            if abs(pref[a] - pref[b]) >= 0.1:
+                clear.append(ok)
+        per_prompt.append(right)
+    return per_prompt, clear, ties
+
+
+def row(r: dict[str, Any]) -> str:
+    """One variant's line of the Markdown table."""
+    lo, hi = r["ci95"]
+    return (f"| {r['reward']} | {r['pairwise_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {r['heldout_pairs']} | "
+            f"{r['pairwise_accuracy_clear']:.3f} ({r['clear_pairs']}) | {r['train_metrics']['train_seconds']:.1f} |")
+
+
+def table(result: dict[str, Any], persona: Persona) -> list[str]:
+    """The Markdown report."""
+    return [f"Learned reward vs simulated users' hidden preference — persona {persona.name!r}, "
+            f"{result['machine']}, {result['date']}", "",
+            "| reward model | held-out pairwise accuracy [95% CI] | pairs | on pairs with \\|Δ\\| ≥ 0.1 (n) | train s |",
+            "|---|---:|---:|---:|---:|", *map(row, result["variants"]), "",
+            f"Trained on {result['train_prompts']} train prompts: {result['feedback']} thumbs and "
+            f"{result['preferences']} preferences (rating noise {persona.noise}); scored on every pair of "
+            f"{result['heldout_replies']} replies to each of {result['heldout_prompts']} held-out prompts, never seen "
+            "in training (CI: bootstrap over prompts)."]

@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf_online.bench.common import machine, start_service, write_report
+from rlhf_online import launch
+from rlhf_online.bench.common import machine, write_report
 
 log = logging.getLogger("rlhf_online.bench")
 
@@ -49,8 +50,8 @@ def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     env = {"RLHF_BASE_MODEL": str(model_dir), "RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'bench.db'}",
            "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_DTYPE": args.dtype}
-    with start_service("generation", env, tmp) as port:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    with launch.running("generation", env, tmp) as service:
+        channel = grpc.insecure_channel(service.address)
         stub = pb_grpc.GenerationStub(channel)
         params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
         stub.Generate(pb.GenerateRequest(prompt="warm up", params=params), timeout=300)

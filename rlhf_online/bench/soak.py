@@ -11,19 +11,24 @@ feedback, and RSS growth within `--rss-growth-limit-mb`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_online.bench.common import free_port, machine, write_report
+import grpc
+
+from rlhf_online import launch
+from rlhf_online.bench.common import machine, write_report
+from rlhf_online.v1 import generation_pb2 as pb
+from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rlhf_online.bench")
 
@@ -86,195 +91,199 @@ def make_adapters(model_dir: Path, out: Path, count: int = 3) -> list[Path]:
     return dirs
 
 
-class Server:
-    """`rlhf-online serve generation` as a subprocess whose pid is known (for RSS sampling)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        self.port = free_port()
-        env = {**os.environ, **env, "RLHF_PORT": str(self.port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
-        with open(log_path, "w") as server_log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
-                                         stdout=subprocess.DEVNULL, stderr=server_log)
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"the generation service did not start; see {log_path}")
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.5)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (graceful drain); killed after `timeout`. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+def server_env(args: argparse.Namespace, adapter_dir: Path, store_url: str) -> dict[str, str]:
+    """RLHF_* settings of the generation service under soak."""
+    return {"RLHF_BASE_MODEL": args.base_model, "RLHF_DATA_DIR": str(Path(args.data_dir).resolve()),
+            "RLHF_STORE_URL": store_url, "RLHF_ADAPTER_DIR": str(adapter_dir),
+            "RLHF_ADAPTER_POLL_SECONDS": str(args.adapter_poll_seconds), "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "RLHF_DTYPE": args.dtype, "RLHF_MAX_NEW_TOKENS": str(max(args.max_new_tokens, 512)),
+            "RLHF_GRACE_SECONDS": "60", "RLHF_TORCH_THREADS": str(args.torch_threads)}
 
 
-def run(args: argparse.Namespace, model_dir: Path, tmp: Path) -> dict[str, Any]:
-    """Start the server, drive it, swap adapters, sample memory; return the figures."""
-    import grpc
+@dataclass
+class Tally:
+    """What the soak's threads count, time and sample; the clients share it under `lock`."""
 
-    from rlhf_online.adapters.registry import AdapterRegistry
-    from rlhf_online.data.prompts import load_prompts
-    from rlhf_online.v1 import generation_pb2 as pb
-    from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("generate_ok", "generate_failed", "feedback_ok", "feedback_failed", "duplicates"), 0))
+    failures: dict[str, int] = field(default_factory=dict)  # "rpc: CODE" -> count
+    latencies: list[float] = field(default_factory=list)  # of the answered Generate calls, s
+    lateness: list[float] = field(default_factory=list)  # how late each request left against its schedule, s
+    acked: list[tuple[str, str]] = field(default_factory=list)  # (completion_id, user_id) of acknowledged ratings
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (s since the load started, server RSS in MiB)
+    swaps: list[dict[str, Any]] = field(default_factory=list)
 
-    registry = AdapterRegistry(tmp / "adapters")
-    sources = make_adapters(model_dir, tmp / "sources")
-    prompts = [p.prompt for p in load_prompts("train")]
-    env = {"RLHF_BASE_MODEL": args.base_model, "RLHF_DATA_DIR": str(Path(args.data_dir).resolve()),
-           "RLHF_STORE_URL": f"sqlite:///{tmp / 'soak.db'}", "RLHF_ADAPTER_DIR": str(registry.root),
-           "RLHF_ADAPTER_POLL_SECONDS": str(args.adapter_poll_seconds), "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size),
-           "RLHF_DTYPE": args.dtype, "RLHF_MAX_NEW_TOKENS": str(max(args.max_new_tokens, 512)),
-           "RLHF_GRACE_SECONDS": "60", "RLHF_TORCH_THREADS": str(args.torch_threads)}
-    server = Server(env, tmp / "generation.log")
-    stub = pb_grpc.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-    params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95)
-    swaps: list[dict[str, Any]] = []
 
-    def swap() -> None:
-        """Publish the next version, activate it, and time how long until the server says it serves it."""
-        import shutil
+class Soak:
+    """The load on one generation service: paced clients, an adapter swapper and an RSS sampler."""
 
-        src = sources[len(swaps) % len(sources)]
-        t0 = time.monotonic()
-        version = registry.publish(lambda d: [shutil.copy(p, d / p.name) for p in src.iterdir()],
-                                   base_model=args.base_model, parent=registry.current())
-        registry.activate(version)
-        registry.prune(keep=3)
-        record = {"version": version, "at_s": round(t0 - load_start, 1) if load_start else 0.0, "took_s": None}
-        swaps.append(record)
-        end = time.monotonic() + 4 * args.adapter_poll_seconds + 60
-        while time.monotonic() < end:
-            try:
-                if stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).version == version:
-                    record["took_s"] = round(time.monotonic() - t0, 2)
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+    def __init__(self, args: argparse.Namespace, service: launch.Service, registry: Any, sources: list[Path],
+                 prompts: list[str]) -> None:
+        self.args, self.service, self.registry, self.sources, self.prompts = args, service, registry, sources, prompts
+        self.stub = pb_grpc.GenerationStub(grpc.insecure_channel(service.address))
+        self.params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95)
+        self.tally = Tally()
+        self.load_start = 0.0  # when the steady load began (0 during the warm-up)
+        self.stop = threading.Event()
 
-    load_start = 0.0
-    try:
-        # Warm up (first-call allocations are not growth) on the first adapter version.
-        swap()
+    def warm_up(self) -> None:
+        """The first adapter version and a few requests: first-call allocations are not growth."""
+        self.swap()
         for i in range(4):
-            stub.Generate(pb.GenerateRequest(prompt=prompts[i], params=params), timeout=300)
-        lock = threading.Lock()
-        latencies: list[float] = []
-        failures: dict[str, int] = {}
-        counts = {"generate_ok": 0, "generate_failed": 0, "feedback_ok": 0, "feedback_failed": 0, "duplicates": 0}
-        acked: list[tuple[str, str]] = []
-        lateness: list[float] = []
-        rss: list[tuple[float, float]] = []
-        stop = threading.Event()
-        load_start = time.monotonic()
-        period = args.clients / args.rate  # each client's interval between requests
+            self.stub.Generate(pb.GenerateRequest(prompt=self.prompts[i], params=self.params), timeout=300)
 
-        def fail(kind: str, e: grpc.RpcError) -> None:
-            with lock:
-                counts[f"{kind}_failed"] += 1
-                key = f"{kind}: {e.code().name}"
-                failures[key] = failures.get(key, 0) + 1
-            log.error("soak request failed", extra={"rpc": kind, "code": e.code().name, "details": e.details()})
-
-        def client(w: int) -> None:
-            rng = random.Random(w)
-            n = 0
-            while True:
-                due = load_start + (w / args.clients + n) * period
-                # The load stops on time: a server that fell behind is not given extra minutes to catch up.
-                if due >= load_start + args.seconds or time.monotonic() >= load_start + args.seconds:
-                    return
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                with lock:
-                    lateness.append(max(0.0, -wait))
-                n += 1
-                t = time.monotonic()
-                try:
-                    r = stub.Generate(pb.GenerateRequest(prompt=rng.choice(prompts), params=params,
-                                                         user_id=f"soak-{w}"), timeout=120)
-                except grpc.RpcError as e:
-                    fail("generate", e)
-                    continue
-                with lock:
-                    counts["generate_ok"] += 1
-                    latencies.append(time.monotonic() - t)
-                cid, user = r.completions[0].completion_id, f"soak-{w}"
-                rating = rng.choice([pb.RATING_THUMBS_UP, pb.RATING_THUMBS_DOWN])
-                try:
-                    dup = stub.SubmitFeedback(pb.SubmitFeedbackRequest(completion_id=cid, rating=rating,
-                                                                       user_id=user), timeout=30).duplicate
-                except grpc.RpcError as e:
-                    fail("feedback", e)
-                    continue
-                with lock:
-                    counts["feedback_ok"] += 1
-                    counts["duplicates"] += int(dup)
-                    acked.append((cid, user))
-
-        def sample_rss() -> None:
-            while not stop.is_set():
-                rss.append((round(time.monotonic() - load_start, 1), rss_mb(server.proc.pid)))
-                stop.wait(2.0)
-
-        def swapper() -> None:
-            k = 1
-            while not stop.wait(max(0.0, load_start + k * args.swap_every - time.monotonic())):
-                if time.monotonic() - load_start >= args.seconds:
-                    return
-                swap()
-                k += 1
-
-        threads = [threading.Thread(target=client, args=(w,), name=f"client-{w}") for w in range(args.clients)]
-        helpers = [threading.Thread(target=sample_rss, name="rss"), threading.Thread(target=swapper, name="swapper")]
-        for t in [*threads, *helpers]:
+    def drive(self) -> float:
+        """The steady load for --seconds, with swaps and RSS samples alongside; returns its wall time."""
+        self.load_start = time.monotonic()
+        clients = [threading.Thread(target=self.client, args=(w,), name=f"client-{w}") for w in range(self.args.clients)]
+        helpers = [threading.Thread(target=self.sample_rss, name="rss"), threading.Thread(target=self.swapper, name="swapper")]
+        for t in [*clients, *helpers]:
             t.start()
-        for t in threads:
+        for t in clients:
             t.join()
-        wall = time.monotonic() - load_start
-        rss.append((round(wall, 1), rss_mb(server.proc.pid)))
-        stop.set()
+        wall = time.monotonic() - self.load_start
+        self.tally.rss.append((round(wall, 1), rss_mb(self.service.proc.pid)))
+        self.stop.set()
         for t in helpers:
             t.join()
-    finally:
-        exit_code = server.stop()
+        return wall
 
+    def client(self, w: int) -> None:
+        """Client `w`: requests on its fixed schedule (the clients take turns) until the load's end."""
+        rng, user = random.Random(w), f"soak-{w}"
+        period = self.args.clients / self.args.rate  # each client's interval between requests
+        end = self.load_start + self.args.seconds
+        n = 0
+        while True:
+            due = self.load_start + (w / self.args.clients + n) * period
+            # The load stops on time: a server that fell behind is not given extra minutes to catch up.
+            if due >= end or time.monotonic() >= end:
+                return
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            with self.tally.lock:
+                self.tally.lateness.append(max(0.0, -wait))
+            n += 1
+            self.request(rng, user)
+
+    def request(self, rng: random.Random, user: str) -> None:
+        """One Generate, then a rating of its completion; each outcome counted."""
+        tally = self.tally
+        t = time.monotonic()
+        try:
+            r = self.stub.Generate(pb.GenerateRequest(prompt=rng.choice(self.prompts), params=self.params,
+                                                      user_id=user), timeout=120)
+        except grpc.RpcError as e:
+            self.fail("generate", e)
+            return
+        with tally.lock:
+            tally.counts["generate_ok"] += 1
+            tally.latencies.append(time.monotonic() - t)
+        cid = r.completions[0].completion_id
+        rating = rng.choice([pb.RATING_THUMBS_UP, pb.RATING_THUMBS_DOWN])
+        try:
+            dup = self.stub.SubmitFeedback(pb.SubmitFeedbackRequest(completion_id=cid, rating=rating, user_id=user),
+                                           timeout=30).duplicate
+        except grpc.RpcError as e:
+            self.fail("feedback", e)
+            return
+        with tally.lock:
+            tally.counts["feedback_ok"] += 1
+            tally.counts["duplicates"] += int(dup)
+            tally.acked.append((cid, user))
+
+    def fail(self, kind: str, e: grpc.RpcError) -> None:
+        """Count a failed RPC by its code, and log it."""
+        with self.tally.lock:
+            self.tally.counts[f"{kind}_failed"] += 1
+            key = f"{kind}: {e.code().name}"
+            self.tally.failures[key] = self.tally.failures.get(key, 0) + 1
+        log.error("soak request failed", extra={"rpc": kind, "code": e.code().name, "details": e.details()})
+
+    def sample_rss(self) -> None:
+        """The server's resident memory every 2 s until the load stops."""
+        while not self.stop.is_set():
+            self.tally.rss.append((round(time.monotonic() - self.load_start, 1), rss_mb(self.service.proc.pid)))
+            self.stop.wait(2.0)
+
+    def swapper(self) -> None:
+        """A swap every --swap-every seconds of the load."""
+        k = 1
+        while not self.stop.wait(max(0.0, self.load_start + k * self.args.swap_every - time.monotonic())):
+            if time.monotonic() - self.load_start >= self.args.seconds:
+                return
+            self.swap()
+            k += 1
+
+    def swap(self) -> None:
+        """Publish the next version, activate it, and time how long until the server says it serves it."""
+        src = self.sources[len(self.tally.swaps) % len(self.sources)]
+        t0 = time.monotonic()
+        version = self.registry.publish(lambda d: [shutil.copy(p, d / p.name) for p in src.iterdir()],
+                                        base_model=self.args.base_model, parent=self.registry.current())
+        self.registry.activate(version)
+        self.registry.prune(keep=3)
+        record = {"version": version, "at_s": round(t0 - self.load_start, 1) if self.load_start else 0.0,
+                  "took_s": None}
+        self.tally.swaps.append(record)
+        end = time.monotonic() + 4 * self.args.adapter_poll_seconds + 60
+        while time.monotonic() < end:
+            with contextlib.suppress(grpc.RpcError):
+                if self.stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).version == version:
+                    record["took_s"] = round(time.monotonic() - t0, 2)
+                    return
+            time.sleep(0.1)
+
+
+def recorded_feedback(store_url: str) -> set[tuple[str, str]]:
+    """(completion_id, user_id) of every rating in the store."""
     from rlhf_online.store import open_store
 
-    with open_store(f"sqlite:///{tmp / 'soak.db'}") as store:
-        recorded = {(f.completion_id, f.user_id) for f in store.list_feedback()}
-    lost = len(set(acked) - recorded)
-    values = [m for _, m in rss]
+    with open_store(store_url) as store:
+        return {(f.completion_id, f.user_id) for f in store.list_feedback()}
+
+
+def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit_code: int) -> dict[str, Any]:
+    """The run's figures: counts, latency and schedule percentiles, swaps, and memory growth after the ramp-up."""
+    values = [m for _, m in tally.rss]
     start_mb, peak_mb, end_mb = values[0], max(values), values[-1]
     # Memory rises while the batch first fills to the load's steady concurrency (KV caches, allocator
     # pools); growth is judged from the end of that ramp (the first swap, or a quarter of the run).
     ramp = min(args.swap_every, args.seconds / 4)
-    steady_mb = next((m for t, m in rss if t >= ramp), start_mb)
-    return {"seconds": round(wall, 1), **counts, "failures_by_code": failures, "feedback_lost": lost,
+    steady_mb = next((m for t, m in tally.rss if t >= ramp), start_mb)
+    latencies, swaps = tally.latencies, tally.swaps
+    return {"seconds": round(wall, 1), **tally.counts, "failures_by_code": tally.failures, "feedback_lost": lost,
             "latency_p50_s": round(_percentile(latencies, 0.5), 3), "latency_p95_s": round(_percentile(latencies, 0.95), 3),
             "latency_max_s": round(max(latencies, default=float("nan")), 3),
-            "achieved_rate_per_s": round(counts["generate_ok"] / wall, 2),
-            "scheduled": int(args.seconds * args.rate), "sent": len(lateness),
-            "schedule_lateness_p95_s": round(_percentile(lateness, 0.95), 3),
+            "achieved_rate_per_s": round(tally.counts["generate_ok"] / wall, 2),
+            "scheduled": int(args.seconds * args.rate), "sent": len(tally.lateness),
+            "schedule_lateness_p95_s": round(_percentile(tally.lateness, 0.95), 3),
             "swaps": swaps, "swaps_ok": sum(1 for s in swaps if s["took_s"] is not None),
             "rss_start_mb": round(start_mb, 1), "rss_peak_mb": round(peak_mb, 1), "rss_end_mb": round(end_mb, 1),
             "rss_steady_start_mb": round(steady_mb, 1), "rss_steady_start_at_s": ramp,
-            "rss_growth_mb": round(end_mb - steady_mb, 1), "rss_samples": rss, "server_exit_code": exit_code}
+            "rss_growth_mb": round(end_mb - steady_mb, 1), "rss_samples": tally.rss, "server_exit_code": exit_code}
+
+
+def run(args: argparse.Namespace, model_dir: Path, tmp: Path) -> dict[str, Any]:
+    """Start the server, drive it, swap adapters, sample memory; return the figures."""
+    from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.data.prompts import load_prompts
+
+    registry = AdapterRegistry(tmp / "adapters")
+    sources = make_adapters(model_dir, tmp / "sources")
+    prompts = [p.prompt for p in load_prompts("train")]
+    store_url = f"sqlite:///{tmp / 'soak.db'}"
+    service = launch.start("generation", server_env(args, registry.root, store_url), tmp)
+    try:
+        soak = Soak(args, service, registry, sources, prompts)
+        soak.warm_up()
+        wall = soak.drive()
+    finally:
+        exit_code = service.stop()
+    lost = len(set(soak.tally.acked) - recorded_feedback(store_url))
+    return figures(args, soak.tally, wall, lost, exit_code)
 
 
 def table(result: dict) -> list[str]:

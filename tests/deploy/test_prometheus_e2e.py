@@ -9,7 +9,6 @@ HTTP API, as a dashboard or an alert would.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,17 +20,12 @@ import yaml
 from prometheus_client import REGISTRY
 
 from rlhf_online.config import GenerationSettings
+from rlhf_online.launch import free_port
 from rlhf_online.store import open_store
 from rlhf_online.v1 import generation_pb2 as pb
 from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 from services.bootstrap import engine_config
 from services.generation import start_generation_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, **params: str) -> dict:

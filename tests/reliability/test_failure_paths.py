@@ -270,7 +270,7 @@ def test_postgresql_restarting_under_a_serving_replica(tiny, tmp_path, own_datab
 # ------------------------------------------------------------------------------------- the reward service down
 
 def test_trainer_rounds_wait_while_the_reward_service_is_down_and_run_once_it_is_back(tiny, tmp_path, kit):
-    from rlhf_online.bench.common import free_port
+    from rlhf_online.launch import free_port
     from rlhf_online.v1 import trainer_pb2 as tr
     from services.trainer import reward_client, reward_readiness
 
@@ -300,7 +300,7 @@ def test_trainer_rounds_wait_while_the_reward_service_is_down_and_run_once_it_is
 
 
 def test_a_reward_service_failing_mid_round_rejects_the_round_with_its_reason(tiny, tmp_path, kit):
-    from rlhf_online.bench.common import free_port
+    from rlhf_online.launch import free_port
     from rlhf_online.v1 import trainer_pb2 as tr
     from services.trainer import reward_client
 

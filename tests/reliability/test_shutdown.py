@@ -7,11 +7,6 @@ server acknowledged is in the store.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,23 +14,12 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhf_online import launch
 from rlhf_online.v1 import generation_pb2 as pb
 from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 
 CLIENTS = 4
 NEW_TOKENS = 400  # the long requests; client 0 sends short ones, so feedback flows from the start
-
-
-def serving_line(log_path, proc, timeout: float = 120) -> dict:
-    """The server's structured 'serving' log record (it carries the ports)."""
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, f"server exited early:\n{log_path.read_text()[-3000:]}"
-        for line in log_path.read_text().splitlines():
-            if line.startswith("{") and json.loads(line).get("msg") == "serving":
-                return json.loads(line)
-        time.sleep(0.1)
-    raise AssertionError("no 'serving' log line")
 
 
 def metric(port: int, name: str) -> float:
@@ -47,16 +31,11 @@ def metric(port: int, name: str) -> float:
 
 
 def test_sigterm_under_load(tiny_model_dir, tmp_path):
-    env = {**os.environ, "RLHF_BASE_MODEL": str(tiny_model_dir), "RLHF_DATA_DIR": str(tmp_path),
-           "RLHF_PORT": "0", "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1", "RLHF_GRACE_SECONDS": "30",
+    env = {"RLHF_BASE_MODEL": str(tiny_model_dir), "RLHF_DATA_DIR": str(tmp_path), "RLHF_GRACE_SECONDS": "30",
            "RLHF_MAX_NEW_TOKENS": str(NEW_TOKENS), "RLHF_TORCH_THREADS": "1", "RLHF_DTYPE": "float32"}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "generation"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        serving = serving_line(log_path, proc)
-        channel = grpc.insecure_channel(f"127.0.0.1:{serving['port']}")
+    with launch.running("generation", env, tmp_path, ready_timeout=120, stop_timeout=0) as service:
+        metrics_port = service.serving_record()["metrics_port"]
+        channel = grpc.insecure_channel(service.address)
         stub, health = pb_grpc.GenerationStub(channel), health_pb2_grpc.HealthStub(channel)
         def request(i: int) -> pb.GenerateRequest:
             return pb.GenerateRequest(prompt="Tell me a long story.", params=pb.SamplingParams(
@@ -90,12 +69,12 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
         for t in threads:
             t.start()
         end = time.time() + 60
-        while not (len(acked) >= 3 and metric(serving["metrics_port"], "rlhf_generation_running_rows") >= 2):
+        while not (len(acked) >= 3 and metric(metrics_port, "rlhf_generation_running_rows") >= 2):
             assert time.time() < end, "the load never got going"
             time.sleep(0.05)
 
         sigterm = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        service.terminate()
         statuses = []
         while True:
             try:
@@ -116,12 +95,8 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
         assert code == grpc.StatusCode.UNAVAILABLE
         for t in threads:
             t.join(90)
-        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+        assert service.stop(timeout=60) == 0, service.log_tail()
         exited = time.monotonic()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
     in_flight = [c for c in calls if c[0] < sigterm < c[1]]
     assert in_flight, "no request was in flight at SIGTERM"

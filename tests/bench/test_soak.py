@@ -1,0 +1,28 @@
+"""bench soak end to end on the tiny model: steady load, swaps served, every acknowledged rating stored, clean exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from rlhf_online.bench import soak
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_short_soak_serves_every_swap_and_loses_no_feedback(tiny_model_dir, tmp_path):
+    p = argparse.ArgumentParser()
+    soak.add_arguments(p)
+    args = p.parse_args(["--base-model", str(tiny_model_dir), "--seconds", "8", "--rate", "2", "--clients", "2",
+                         "--swap-every", "3", "--adapter-poll-seconds", "0.5", "--max-new-tokens", "4",
+                         "--torch-threads", "1", "--dtype", "float32", "--out", str(tmp_path)])
+    soak.main(args)  # PASS or FAIL: the rate and memory bounds depend on the machine's load, not checked here
+    r = json.loads((tmp_path / "soak.json").read_text())["run"]
+    assert r["generate_ok"] > 0 and r["generate_failed"] == r["feedback_failed"] == 0, r["failures_by_code"]
+    assert r["feedback_ok"] == r["generate_ok"] and r["feedback_lost"] == 0
+    assert len(r["swaps"]) >= 2 and r["swaps_ok"] == len(r["swaps"])  # the warm-up's version and at least one more
+    assert [s["version"] for s in r["swaps"]][:2] == ["v000001", "v000002"]
+    assert r["rss_start_mb"] > 0 and r["server_exit_code"] == 0  # drained and exited 0 on SIGTERM
+    assert "| server exit code after SIGTERM | 0 |" in (tmp_path / "soak.md").read_text()
