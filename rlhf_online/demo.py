@@ -145,19 +145,17 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
             print("\nUsers stopped; waiting for the round in progress to finish ...", flush=True)
         with contextlib.suppress(Exception):  # record a round that finished after the last poll
             give_up = time.time() + 300
-            while _round_in_progress(ports["trainer"]) and time.time() < give_up:
+            while _round_in_progress(monitor) and time.time() < give_up:
                 time.sleep(0.2)  # the scheduler pauses a second between rounds: stop the trainer in that gap
             print(monitor.line(monitor.poll()), flush=True)
     return monitor, pool.stats
 
 
-def _round_in_progress(trainer_port: int) -> bool:
-    import grpc
+def _round_in_progress(monitor) -> bool:
+    """Whether the trainer is in a round, asked over the monitor's channel (one channel, not one per poll)."""
+    from rlhf_online.v1 import trainer_pb2
 
-    from rlhf_online.v1 import trainer_pb2, trainer_pb2_grpc
-
-    stub = trainer_pb2_grpc.TrainerStub(grpc.insecure_channel(f"127.0.0.1:{trainer_port}"))
-    return stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).round_in_progress
+    return monitor.trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).round_in_progress
 
 
 def main(args: argparse.Namespace) -> int:
