@@ -78,6 +78,7 @@ class Job:
     handle: RequestHandle
     user_id: str
     metadata: dict[str, str]
+    prompt_ids: tuple[int, ...] = ()  # what the model was given, logged so a trainer can re-read it exactly
     inbox: asyncio.Queue | None = None  # engine events handed onto an event loop (see Frontend.submit)
     _collector: ResultCollector = field(init=False, repr=False)
     _last: dict[int, Update] = field(init=False, repr=False, default_factory=dict)
@@ -207,7 +208,8 @@ class Frontend:
         handle = self.engine.submit(prompt_ids, params, n=n, deadline=deadline, sink=sink)
         submitted.append(handle)
         ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(n)]
-        return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, inbox)
+        return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, tuple(prompt_ids),
+                   inbox)
 
     def stream(self, job: Job) -> Iterator[Update]:
         """Updates as tokens arrive; every candidate's last one only after all of them are logged."""
@@ -254,7 +256,8 @@ class Frontend:
             CompletionRecord(completion_id=cid, prompt=job.prompt, messages=job.messages, text=r.text,
                              policy_version=job.version, user_id=job.user_id, params=params,
                              prompt_tokens=job.prompt_tokens, completion_tokens=r.completion_tokens,
-                             finish_reason=r.finish_reason, metadata=job.metadata, created_at=now)
+                             finish_reason=r.finish_reason, metadata=job.metadata, created_at=now,
+                             prompt_token_ids=job.prompt_ids, token_ids=r.token_ids)
             for cid, r in zip(job.completion_ids, results, strict=True)])
         metrics.COMPLETIONS_LOGGED.inc(len(results))
 

@@ -149,3 +149,15 @@ def test_a_request_whose_event_loop_closed_is_cancelled_not_the_whole_batch(fron
     wait_for(lambda: orphan.handle.request.cancelled.is_set(), 30, "the orphaned request to be cancelled")
     [result] = other.handle.result()  # the other request was not failed with it
     assert result.completion_tokens > 0 and result.finish_reason in ("length", "eos")
+
+
+def test_the_log_keeps_the_exact_prompt_and_reply_tokens(frontend):
+    """A trainer re-reads a completion token for token: the prompt as the model got it, every token it sampled."""
+    fe = frontend()
+    job = fe.submit(prompt="Count to five.", params=SamplingParams(max_new_tokens=8, temperature=1.0, seed=3), n=2)
+    results = fe.generate(job)
+    for cid, r in zip(job.completion_ids, results, strict=True):
+        record = fe.store.get_completion(cid)
+        assert record.prompt_token_ids == tuple(fe.engine.encode_prompt("Count to five."))
+        assert record.token_ids == r.token_ids and len(record.token_ids) == record.completion_tokens >= 1
+        assert fe.engine.tokenizer.decode(list(record.token_ids), skip_special_tokens=True) == record.text

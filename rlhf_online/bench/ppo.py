@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results")
 
 
-def scripted_reward(prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
+def scripted_reward(prompts: Sequence[str], texts: Sequence[str], completion_ids: Sequence[str] = ()) -> list[float]:
     """The reward both sides use: VADER compound sentiment of each response."""
     from rlhf_online.simulate.judges import sentiment
 

@@ -29,7 +29,7 @@ class PPOConfig:
     """Settings of one PPO round (defaults sized for SmolLM2-135M on a 2-core CPU)."""
 
     # --- rollouts ---
-    batch_size: int = knob(8, "rollouts per round")
+    batch_size: int = knob(8, "rollouts the trainer samples itself in a round that has too little logged traffic")
     response_length: int = knob(32, "max new tokens per rollout")
     temperature: float = knob(1.0, "sampling temperature of rollouts")
     missing_eos_penalty: float = knob(0.0, "subtracted from the score of a rollout that did not end with EOS")
@@ -43,7 +43,9 @@ class PPOConfig:
     whiten_rewards: bool = knob(False, "whiten per-token rewards before GAE")
     # --- update ---
     num_ppo_epochs: int = knob(4, "PPO epochs per round")
-    num_mini_batches: int = knob(1, "minibatches per epoch")
+    num_mini_batches: int = knob(1, "minibatches (optimizer steps) per epoch")
+    per_device_train_batch_size: int = knob(8, "rows per forward/backward pass; a minibatch accumulates its gradient")
+    local_rollout_forward_batch_size: int = knob(16, "rows per no-grad forward pass when measuring a batch")
     learning_rate: float = knob(3e-4, "LoRA learning rate")
     max_grad_norm: float = knob(1.0, "gradient norm clip")
     cliprange: float = knob(0.2, "epsilon of the clipped surrogate")
@@ -66,6 +68,8 @@ class PPOConfig:
             "gamma": (0 <= self.gamma <= 1, "in 0..1"), "lam": (0 <= self.lam <= 1, "in 0..1"),
             "num_ppo_epochs": (self.num_ppo_epochs >= 1, ">= 1"),
             "num_mini_batches": (1 <= self.num_mini_batches <= self.batch_size, "in 1..batch_size"),
+            "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
+            "local_rollout_forward_batch_size": (self.local_rollout_forward_batch_size >= 1, ">= 1"),
             "learning_rate": (self.learning_rate > 0, "> 0"), "cliprange": (0 < self.cliprange < 1, "in (0, 1)"),
             "cliprange_value": (self.cliprange_value > 0, "> 0"), "vf_coef": (self.vf_coef >= 0, ">= 0"),
             "early_stop_approxkl": (self.early_stop_approxkl >= 0, ">= 0"), "lora_r": (self.lora_r >= 1, ">= 1"),
@@ -78,6 +82,17 @@ class TrainerConfig:
 
     round_interval_seconds: float = knob(600.0, "run a round at least this often (0 = only on feedback or RunRound)")
     round_min_feedback: int = knob(64, "run a round once this much new feedback arrived (0 = off)")
+    learn_from_traffic: bool = knob(True, "train on the completions the served version logged (on-policy, "
+                                          "rewarded by their users' ratings); false: only the trainer's own rollouts")
+    logged_batch_size: int = knob(128, "most logged completions one round trains on (the newest of the served version)")
+    min_logged_samples: int = knob(32, "new logged completions of the served version that start a round; a round "
+                                       "with fewer tops them up with batch_size rollouts of its own")
+    max_logged_prompt_tokens: int = knob(1024, "logged completions with longer prompts are left out of rounds")
+    max_logged_response_tokens: int = knob(128, "logged completions with longer replies are left out of rounds")
+    gate_min_samples: int = knob(16, "held-out logged completions of the served version needed to judge a candidate "
+                                     "on them (fewer: the gate samples replies to eval_prompts instead)")
+    gate_min_ess: float = knob(0.25, "share of the held-out samples' effective sample size a candidate must keep "
+                                     "to be judged on logged traffic (lower: it moved too far; the gate samples)")
     min_prompts: int = knob(4, "logged prompts needed before a round runs (fewer: the round is skipped)")
     kl_budget: float = knob(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
     eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
@@ -90,7 +105,13 @@ class TrainerConfig:
         _refuse(self, {
             "round_interval_seconds": (self.round_interval_seconds >= 0, ">= 0"),
             "round_min_feedback": (self.round_min_feedback >= 0, ">= 0"),
-            "min_prompts": (self.min_prompts >= 1, ">= 1"), "kl_budget": (self.kl_budget > 0, "> 0"),
+            "min_prompts": (self.min_prompts >= 1, ">= 1"),
+            "logged_batch_size": (self.logged_batch_size >= 1, ">= 1"),
+            "min_logged_samples": (self.min_logged_samples >= 1, ">= 1"),
+            "max_logged_prompt_tokens": (self.max_logged_prompt_tokens >= 1, ">= 1"),
+            "max_logged_response_tokens": (self.max_logged_response_tokens >= 1, ">= 1"),
+            "gate_min_samples": (self.gate_min_samples >= 2, ">= 2"),
+            "gate_min_ess": (0 < self.gate_min_ess <= 1, "in (0, 1]"), "kl_budget": (self.kl_budget > 0, "> 0"),
             "eval_prompts": (self.eval_prompts >= 1, ">= 1"),
             "eval_samples_per_prompt": (self.eval_samples_per_prompt >= 1, ">= 1"),
             "keep_versions": (self.keep_versions >= 1, ">= 1"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,21 @@ from rlhf_online.ppo import core
 from rlhf_online.ppo.config import PPOConfig
 from rlhf_online.ppo.policy import PolicyWithValue
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+# reward_fn(prompts, texts, completion_ids) -> one score per item; a non-empty completion id names the logged
+# completion, whose users' ratings the Reward service counts in (services.trainer.reward_client).
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt and one response sampled for it, as the exact token ids (a rollout or a logged completion)."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]  # chat template applied
+    response_ids: tuple[int, ...]  # EOS included when it ended there
+    ended: bool  # the response ended with EOS (not cut at the length limit)
+    text: str
+    completion_id: str = ""  # the logged completion it was read from ("" = the trainer's own rollout)
 
 
 @dataclass
@@ -35,6 +49,7 @@ class Rollouts:
     logprobs: torch.Tensor  # [B, T] under the policy that sampled them
     ref_logprobs: torch.Tensor  # [B, T] under the reference
     values: torch.Tensor  # [B, T]
+    completion_ids: list[str] = field(default_factory=list)  # per row, "" for the trainer's own rollouts
 
     @property
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,13 +60,18 @@ class Rollouts:
 def encode_queries(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts through the chat template (as the serving engine does), left-padded."""
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    width = max(len(x) for x in ids)
-    query = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for i, x in enumerate(ids):
-        query[i, width - len(x):] = torch.tensor(x)
+    return _left_padded(ids, tokenizer.pad_token_id)
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max len] ids left-padded with `pad_id`, and the mask of real tokens."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, width - len(x):] = torch.tensor(list(x), dtype=torch.long)
         mask[i, width - len(x):] = 1
-    return query, mask
+    return ids, mask
 
 
 def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +92,9 @@ def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: t
 
 
 @torch.no_grad()
-def collect(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
-            seed: int | None = None) -> Rollouts:
-    """Sample one response per prompt and record policy / reference log-probs and values."""
+def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
+           seed: int | None = None) -> list[Sample]:
+    """Sample one response per prompt from the policy (temperature cfg.temperature, no top-p/top-k)."""
     policy.eval()
     query, query_mask = encode_queries(tokenizer, prompts)
     if seed is not None:
@@ -82,23 +102,54 @@ def collect(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg
     out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=True,
                                 temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.response_length,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    lq = query.shape[1]
-    response = out[:, lq:]
+    response = out[:, query.shape[1]:]
     mask, ended = response_mask(response, tokenizer.eos_token_id)
-    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    samples = []
+    for i, prompt in enumerate(prompts):
+        ids = response[i, : int(mask[i].sum())].tolist()
+        samples.append(Sample(prompt, tuple(query[i, query_mask[i].bool()].tolist()), tuple(ids), bool(ended[i]),
+                              tokenizer.decode(ids, skip_special_tokens=True)))
+    return samples
+
+
+@torch.no_grad()
+def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg: PPOConfig) -> Rollouts:
+    """Policy and reference log-probs and values of given samples: forward passes only, no generation.
+
+    Rows go through the model cfg.local_rollout_forward_batch_size at a time: a whole round's batch
+    at once would hold [B, L, vocab] logits (gigabytes at a few hundred rows).
+    """
+    policy.eval()
+    query, query_mask = _left_padded([s.prompt_ids for s in samples], pad_id)
+    t = max(len(s.response_ids) for s in samples)
+    response = torch.full((len(samples), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), t)
+    for i, s in enumerate(samples):
+        response[i, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
+        mask[i, : len(s.response_ids)] = 1.0
     ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
-    t = response.shape[1]
-    logprobs, values = _response_slices(policy, ids, attn, lq, t, response, cfg.temperature)
-    ref_logits = policy.reference_logits(ids, attn)[:, lq - 1: lq + t - 1] / cfg.temperature
-    ref_logprobs = core.logprobs_of(ref_logits, response)
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    return Rollouts(list(prompts), query, query_mask, response, mask, texts, ended,
-                    logprobs * mask, ref_logprobs * mask, values * mask)
+    lq = query.shape[1]
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for rows in torch.arange(len(samples)).split(cfg.local_rollout_forward_batch_size):
+        logprobs, values = _response_slices(policy, ids[rows], attn[rows], lq, t, response[rows], cfg.temperature)
+        ref_logits = policy.reference_logits(ids[rows], attn[rows])[:, lq - 1: lq + t - 1] / cfg.temperature
+        parts.append((logprobs, core.logprobs_of(ref_logits, response[rows]), values))
+    logprobs, ref_logprobs, values = (torch.cat(x) for x in zip(*parts, strict=True))
+    return Rollouts([s.prompt for s in samples], query, query_mask, response, mask, [s.text for s in samples],
+                    torch.tensor([s.ended for s in samples]), logprobs * mask, ref_logprobs * mask, values * mask,
+                    [s.completion_id for s in samples])
+
+
+def collect(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
+            seed: int | None = None) -> Rollouts:
+    """Sample one response per prompt and record policy / reference log-probs and values."""
+    return measure(policy, sample(policy, tokenizer, prompts, cfg, seed), tokenizer.pad_token_id, cfg)
 
 
 def score(rollouts: Rollouts, reward_fn: RewardFn, cfg: PPOConfig) -> torch.Tensor:
     """Reward-model scores [B] of the responses; a response without EOS pays missing_eos_penalty."""
-    scores = torch.tensor(reward_fn(rollouts.prompts, rollouts.texts), dtype=torch.float)
+    ids = rollouts.completion_ids or [""] * len(rollouts.texts)
+    scores = torch.tensor(reward_fn(rollouts.prompts, rollouts.texts, ids), dtype=torch.float)
     return scores - cfg.missing_eos_penalty * (~rollouts.ended).float()
 
 
@@ -123,38 +174,56 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
 
 def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: Rollouts, adv: torch.Tensor,
            returns: torch.Tensor, cfg: PPOConfig) -> dict[str, float]:
-    """num_ppo_epochs passes of minibatch PPO; stops early once the policy moved past early_stop_approxkl."""
+    """num_ppo_epochs passes of minibatch PPO; stops early once the policy moved past early_stop_approxkl.
+
+    Each minibatch (batch / num_mini_batches rows) is one optimizer step, its gradient accumulated
+    over forward/backward passes of cfg.per_device_train_batch_size rows, so a batch of a few hundred
+    logged samples fits in memory.
+    """
     policy.train()
     ids, attn = rollouts.sequences
     lq, t = rollouts.query.shape[1], rollouts.response.shape[1]
     batch = ids.shape[0]
-    size = math.ceil(batch / cfg.num_mini_batches)
+    size = math.ceil(batch / min(cfg.num_mini_batches, batch))
     history: dict[str, list[float]] = {}
     epochs_run = 0
     for _ in range(cfg.num_ppo_epochs):
         epochs_run += 1
         epoch_kl = []
-        for idx in torch.randperm(batch).split(size):
-            logprobs, values = _response_slices(policy, ids[idx], attn[idx], lq, t, rollouts.response[idx],
-                                                cfg.temperature)
-            m = rollouts.mask[idx]
-            pg_loss, pg_stats = core.policy_loss(logprobs, rollouts.logprobs[idx], adv[idx], m, cfg.cliprange)
-            vf_loss, vf_stats = core.value_loss(values, rollouts.values[idx], returns[idx], m, cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+        for minibatch in torch.randperm(batch).split(size):
             optimizer.zero_grad()
-            loss.backward()
+            for idx in minibatch.split(cfg.per_device_train_batch_size):
+                logprobs, values = _response_slices(policy, ids[idx], attn[idx], lq, t, rollouts.response[idx],
+                                                    cfg.temperature)
+                m = rollouts.mask[idx]
+                pg_loss, pg_stats = core.policy_loss(logprobs, rollouts.logprobs[idx], adv[idx], m, cfg.cliprange)
+                vf_loss, vf_stats = core.value_loss(values, rollouts.values[idx], returns[idx], m,
+                                                    cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                (loss * len(idx) / len(minibatch)).backward()  # the minibatch's mean over its micro-batches
+                for k, v in {**pg_stats, **vf_stats, "loss/policy_avg": pg_loss.item(),
+                             "loss/value_avg": vf_loss.item(), "loss/total": loss.item()}.items():
+                    history.setdefault(k, []).append(v)
+                epoch_kl.append(pg_stats["policy/approxkl"])
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
             optimizer.step()
-            for k, v in {**pg_stats, **vf_stats, "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-                         "loss/total": loss.item()}.items():
-                history.setdefault(k, []).append(v)
-            epoch_kl.append(pg_stats["policy/approxkl"])
         if cfg.early_stop_approxkl and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_approxkl:
             break
     policy.eval()
     stats = {k: sum(v) / len(v) for k, v in history.items()}
     stats["policy/epochs"] = float(epochs_run)
     return stats
+
+
+@torch.no_grad()
+def response_logprobs(policy: PolicyWithValue, rollouts: Rollouts, cfg: PPOConfig) -> torch.Tensor:
+    """[B, T] log-probs of the rollouts' responses under the policy as it is now (masked)."""
+    policy.eval()
+    ids, attn = rollouts.sequences
+    lq, t = rollouts.query.shape[1], rollouts.response.shape[1]
+    parts = [_response_slices(policy, ids[rows], attn[rows], lq, t, rollouts.response[rows], cfg.temperature)[0]
+             for rows in torch.arange(ids.shape[0]).split(cfg.local_rollout_forward_batch_size)]
+    return torch.cat(parts) * rollouts.mask
 
 
 @torch.no_grad()
@@ -173,7 +242,7 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], re
 
 def score_evaluation(prompts: Sequence[str], texts: Sequence[str], kl: float, reward_fn: RewardFn) -> dict[str, Any]:
     """The evaluation numbers of sampled replies: rewards by `reward_fn`, their mean, the KL, finiteness."""
-    rewards = [float(x) for x in reward_fn(list(prompts), list(texts))]
+    rewards = [float(x) for x in reward_fn(list(prompts), list(texts), [""] * len(texts))]
     return {"eval/reward": sum(rewards) / len(rewards), "eval/kl": kl,
             "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl])), "rewards": rewards,
             "prompts": list(prompts), "texts": list(texts)}

@@ -1,9 +1,13 @@
-"""A PPO round end to end: collect -> score -> advantages -> update -> evaluate -> gate -> publish.
+"""A PPO round end to end: read the log -> score -> advantages -> update -> gate -> publish.
 
-The policy warm-starts from the served adapter (CURRENT) and its candidate is compared with it on
-held-out prompts with fixed sampling seeds: published only if the mean reward did not drop, the
-KL to the reference stays within budget and every number is finite; otherwise the round is
-recorded as rejected with the reason and the next round starts again from the served version.
+The policy warm-starts from the served adapter (CURRENT). Its batch is what CURRENT already served
+to users and logged (ppo.logged: exact on-policy samples, rewarded by their users' ratings through
+the Reward service), topped up with rollouts of its own when that traffic is thin (right after a
+swap). The candidate is judged on the served version's held-out traffic, importance-weighted to
+the candidate, or, with too little of it, on sampled replies to held-out prompts with fixed seeds:
+published only if the reward did not drop beyond noise, the KL to the reference stays within
+budget and every number is finite; otherwise the round is recorded as rejected with the reason
+and the next round starts again from the served version.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ import torch
 from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
-from rlhf_online.ppo import steps
+from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf_online.ppo.policy import PolicyWithValue
@@ -49,26 +54,40 @@ def split_prompts(store: Store, heldout_percent: int) -> tuple[list[str], list[s
     return [p for p in prompts if p not in set(held)], held
 
 
-def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
-    """Publish only if nothing is NaN, KL is within budget, and the held-out reward did not drop beyond noise.
+def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z: float = 2.0) -> tuple[bool, str]:
+    """Publish only if every number is finite, KL is within budget, and the reward did not drop beyond z standard errors."""
+    if not all(math.isfinite(x) for x in (diff, se, kl)):
+        return False, "non-finite evaluation"
+    if kl > kl_budget:
+        return False, f"KL to reference {kl:.2f} over budget {kl_budget:.2f}"
+    if diff < -z * se:
+        return False, f"held-out reward dropped: {summary}"
+    return True, summary
 
-    Rewards are paired (same prompts, same sampling seeds): a drop counts when the mean paired
-    difference is below -z standard errors of it, so a round that changed nothing is not rejected
-    for sampling noise, and one that made the policy worse is.
+
+def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
+    """The gate on sampled replies: paired rewards (same prompts, same seeds) of the candidate and the served version.
+
+    A drop counts when the mean paired difference is below -z standard errors of it, so a round
+    that changed nothing is not rejected for sampling noise, and one that made the policy worse is.
     """
     diffs = [c - p for c, p in zip(candidate["rewards"], current["rewards"], strict=True)]
-    numbers = [*diffs, candidate["eval/kl"], current["eval/kl"]]
-    if not diffs or not all(math.isfinite(x) for x in numbers):
+    if not diffs or not math.isfinite(current["eval/kl"]):
         return False, "non-finite evaluation"
-    if candidate["eval/kl"] > kl_budget:
-        return False, f"KL to reference {candidate['eval/kl']:.2f} over budget {kl_budget:.2f}"
     mean = sum(diffs) / len(diffs)
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
     summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
                f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}")
-    if mean < -z * se:
-        return False, f"held-out reward dropped: {summary}"
-    return True, summary
+    return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z)
+
+
+def gate_on_traffic(v: logged.TrafficVerdict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
+    """The gate on the served version's held-out traffic, importance-weighted to the candidate."""
+    diff = v.reward_candidate - v.reward_current
+    summary = (f"held-out traffic reward {v.reward_current:.4f} -> {v.reward_candidate:.4f} (importance-weighted, "
+               f"diff {diff:+.4f} ± {v.diff_se:.4f} on {v.samples} logged replies, ESS {100 * v.ess_share:.0f}%), "
+               f"KL {v.kl_candidate:.2f}")
+    return verdict(diff, v.diff_se, v.kl_candidate, kl_budget, summary, z)
 
 
 class Trainer:
@@ -97,6 +116,8 @@ class Trainer:
         # replies under the fixed seed never change, only the reward model that scores them does.
         self.eval_prompts: list[str] = []
         self._eval_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], float]] = {}
+        self._candidate_replies: tuple[list[str], dict[str, Any]] | None = None
+        self.last_round_started_at = 0.0  # logged traffic newer than this is new to the next round
 
     def _policy(self, version: str) -> PolicyWithValue:
         """A fresh trainable policy warm-started from `version` ("" = a new LoRA on the bare base)."""
@@ -128,46 +149,90 @@ class Trainer:
         return result
 
     def _round(self) -> RoundResult:
+        """Read the served version's traffic (top it up with own rollouts if thin), score, update, gate, publish."""
         self.feedback_at_last_round = self.store.count_feedback()
-        train, held = split_prompts(self.store, self.heldout_percent)
-        if len(train) < self.config.min_prompts:
-            return RoundResult("skipped", reason=f"{len(train)} logged prompts < min_prompts {self.config.min_prompts}")
+        self.last_round_started_at = time.time()
+        self._candidate_replies = None
+        current = self.registry.current()
+        times: dict[str, float] = {}
+        t = time.time()
+        traffic = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent)
+                   if self.config.learn_from_traffic else logged.LoggedBatch([], [], Counter()))
+        own = len(traffic.train) < self.config.min_logged_samples  # thin traffic: sample rollouts too
+        judge_on_traffic = len(traffic.heldout) >= self.config.gate_min_samples
+        train, held = split_prompts(self.store, self.heldout_percent) if own or not judge_on_traffic else ([], [])
+        if own and len(train) < self.config.min_prompts:
+            return RoundResult("skipped", reason=f"{len(traffic.train)} logged on-policy completions < "
+                                                 f"min_logged_samples {self.config.min_logged_samples} and {len(train)} "
+                                                 f"logged prompts < min_prompts {self.config.min_prompts}")
         held = self._gate_prompts(held or train)
         if waiting := self.reward_not_ready():
             return RoundResult("skipped", reason=waiting)
-        current = self.registry.current()
         policy = self._policy(current)
-        times: dict[str, float] = {}
+        times["time/read_log_seconds"] = time.time() - t
         t = time.time()
-        before = self._evaluate(policy, current, held)
-        times["time/eval_seconds"] = time.time() - t
-        t = time.time()
-        batch = [self.rng.choice(train) for _ in range(self.ppo.batch_size)]
-        rollouts = steps.collect(policy, self.tokenizer, batch, self.ppo)
+        samples = list(traffic.train)
+        if own:
+            samples += steps.sample(policy, self.tokenizer, [self.rng.choice(train) for _ in range(self.ppo.batch_size)],
+                                    self.ppo)
         times["time/rollout_seconds"] = time.time() - t
         t = time.time()
+        rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo)
+        held_rollouts = (steps.measure(policy, traffic.heldout, self.tokenizer.pad_token_id, self.ppo)
+                         if judge_on_traffic else None)
+        times["time/forward_seconds"] = time.time() - t
+        t = time.time()
         scores = steps.score(rollouts, self.reward_fn, self.ppo)
+        held_scores = steps.score(held_rollouts, self.reward_fn, self.ppo) if held_rollouts is not None else None
         times["time/score_seconds"] = time.time() - t
         adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.ppo)
         t = time.time()
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
         stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo))
         times["time/update_seconds"] = time.time() - t
-        self.kl_ctl.update(stats["objective/kl"], self.ppo.batch_size)
+        self.kl_ctl.update(stats["objective/kl"], len(samples))
+        stats.update({"samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
+                      "samples/heldout_logged": float(len(traffic.heldout)),
+                      "samples/not_on_policy": float(sum(traffic.left_out.values())),
+                      "objective/scores_from_ratings": self._rated_share(rollouts)})
         t = time.time()
-        after = self._evaluate(policy, None, held)
-        times["time/eval_seconds"] += time.time() - t
-        numbers = {**stats, **times, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
-                   **{k: v for k, v in after.items() if k.startswith("eval/")}}
-        passed, reason = gate(after, before, self.config.kl_budget)
+        passed, reason, evaluation = self._gate(policy, current, held, held_rollouts, held_scores)
+        times["time/eval_seconds"] = time.time() - t
+        numbers = {**stats, **times, **evaluation}
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)
         version = self.registry.publish(policy.save, base_model=self.base_model, parent=current,
                                         metrics={k: v for k, v in numbers.items() if math.isfinite(v)})
         self.registry.activate(version)
         self.registry.prune(self.config.keep_versions)
-        self._remember(version, held, after)
+        if self._candidate_replies is not None:
+            self._remember(version, *self._candidate_replies)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
+
+    def _rated_share(self, rollouts: steps.Rollouts) -> float:
+        """Share of the batch that came from the log with a completion id (the Reward service counts its ratings)."""
+        return sum(1 for c in rollouts.completion_ids if c) / max(1, len(rollouts.completion_ids))
+
+    def _gate(self, policy: PolicyWithValue, current: str, held: list[str], held_rollouts: steps.Rollouts | None,
+              held_scores: torch.Tensor | None) -> tuple[bool, str, dict[str, float]]:
+        """Judge the updated policy: on held-out traffic when there is enough and it stays comparable, else by sampling."""
+        if held_rollouts is not None and held_scores is not None:
+            after = steps.response_logprobs(policy, held_rollouts, self.ppo)
+            v = logged.judge_on_traffic(held_rollouts.logprobs, after, held_rollouts.ref_logprobs, held_scores)
+            numbers = {"eval/on_traffic": 1.0, "eval/reward_current": v.reward_current, "eval/reward": v.reward_candidate,
+                       "eval/kl_current": v.kl_current, "eval/kl": v.kl_candidate, "eval/ess_share": v.ess_share}
+            if v.ess_share >= self.config.gate_min_ess:
+                passed, reason = gate_on_traffic(v, self.config.kl_budget)
+                return passed, reason, numbers
+            log.info("candidate moved too far to be judged on traffic; sampling instead",
+                     extra={"ess_share": round(v.ess_share, 3)})
+        before = self._evaluate(lambda: self._policy(current), current, held)
+        after = self._evaluate(lambda: policy, None, held)
+        numbers = {"eval/on_traffic": 0.0, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
+                   **{k: v for k, v in after.items() if k.startswith("eval/")}}
+        passed, reason = gate(after, before, self.config.kl_budget)
+        self._candidate_replies = (held, after)  # remembered under its version if it is published
+        return passed, reason, numbers
 
     def _gate_prompts(self, held: list[str]) -> list[str]:
         """The gate's prompts: held-out ones as they are first seen, frozen once there are eval_prompts of them."""
@@ -179,14 +244,14 @@ class Trainer:
                 self.eval_prompts.append(p)
         return list(self.eval_prompts)
 
-    def _evaluate(self, policy: PolicyWithValue, version: str | None, held: list[str]) -> dict[str, Any]:
+    def _evaluate(self, policy: Callable[[], PolicyWithValue], version: str | None, held: list[str]) -> dict[str, Any]:
         """Evaluate on held-out prompts; a version evaluated before on them is only re-scored, not re-sampled."""
         key = (version, tuple(held))
         if version is not None and key in self._eval_cache:
             texts, kl = self._eval_cache[key]
             prompts = [p for p in held for _ in range(self.config.eval_samples_per_prompt)]
             return steps.score_evaluation(prompts, texts, kl, self.reward_fn)
-        result = steps.evaluate(policy, self.tokenizer, held, self.reward_fn, self.ppo, self.config.eval_seed,
+        result = steps.evaluate(policy(), self.tokenizer, held, self.reward_fn, self.ppo, self.config.eval_seed,
                                 self.config.eval_samples_per_prompt)
         if version is not None:
             self._remember(version, held, result)
@@ -198,8 +263,11 @@ class Trainer:
             self._eval_cache.pop(next(iter(self._eval_cache)))
 
     def due(self, last_round_at: float, now: float | None = None) -> bool:
-        """A background round is due: enough new feedback since the last round, or the interval passed."""
+        """A round is due: enough new traffic of the served version or new feedback since the last round, or the interval passed."""
         s = self.config
+        if s.learn_from_traffic and self.store.count_served(
+                self.registry.current(), self.last_round_started_at) >= s.min_logged_samples:
+            return True
         if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
             return True
         now = time.time() if now is None else now

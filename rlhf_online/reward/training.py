@@ -9,7 +9,6 @@ trained on. A trained candidate is promoted unless it is worse than the current 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
+from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout, prompt_key
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import HeadConfig, LearnedReward, RewardHead, features
 from rlhf_online.reward.registry import RewardRegistry
@@ -67,11 +66,6 @@ class Dataset:
     train: Split
     heldout: Split
     feedback_seen: int
-
-
-def prompt_key(c: CompletionRecord) -> str:
-    """What identifies 'the same prompt': its text, or its chat messages."""
-    return c.prompt or json.dumps(c.messages)
 
 
 def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:

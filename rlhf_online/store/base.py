@@ -40,6 +40,8 @@ class CompletionRecord:
     finish_reason: str = ""  # "length" | "eos" | "stop"
     metadata: dict = field(default_factory=dict)  # str -> str
     created_at: float = 0.0  # unix seconds; 0 = now
+    prompt_token_ids: tuple[int, ...] = ()  # the tokens the model was given (chat template applied); () if unknown
+    token_ids: tuple[int, ...] = ()  # the tokens it sampled, EOS included when it ended there; () if unknown
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class Store(ABC):
     @abstractmethod
     def distinct_prompts(self, after_created_at: float = 0.0) -> list[str]:
         """Distinct non-empty plain prompts of completions created after a time, in code-point order."""
+
+    @abstractmethod
+    def served_completions(self, policy_version: str, after_created_at: float = 0.0,
+                           limit: int | None = None) -> list[CompletionRecord]:
+        """Completions one policy version served after a time, newest first."""
+
+    @abstractmethod
+    def count_served(self, policy_version: str, after_created_at: float = 0.0) -> int:
+        """How many completions one policy version served after a time."""
 
     @abstractmethod
     def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:

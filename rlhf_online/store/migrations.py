@@ -69,6 +69,14 @@ MIGRATIONS: list[Migration] = [
         # The UNIQUE index leads with chosen_id; lookups by the rejected side need their own.
         "CREATE INDEX preferences_rejected_id ON preferences (rejected_id)",
     ]),
+    # The tokens behind each completion, so a trainer re-reads exactly what the policy sampled
+    # (re-tokenizing the text can merge or split tokens differently); JSON arrays of ints, '[]' for
+    # rows logged before. The index serves "what did version v serve since t" (rounds from the log).
+    Migration(2, "completion token ids; completions by policy version", [
+        "ALTER TABLE completions ADD COLUMN prompt_token_ids TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE completions ADD COLUMN token_ids TEXT NOT NULL DEFAULT '[]'",
+        "CREATE INDEX completions_policy_version ON completions (policy_version, created_at)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1].version

@@ -26,7 +26,13 @@ from rlhf_online.store.base import (
     check_rating,
 )
 from rlhf_online.store.migrations import BOOKKEEPING, LATEST, MIGRATIONS, render
-from rlhf_online.store.rows import COMPLETION_COLUMNS, completion_record, completion_row, limited
+from rlhf_online.store.rows import (
+    COMPLETION_COLUMNS,
+    COMPLETION_PLACEHOLDERS,
+    completion_record,
+    completion_row,
+    limited,
+)
 
 # Ids per `IN (...)` query of get_completions: under SQLite's oldest bound-parameter limit (999).
 IDS_PER_QUERY = 500
@@ -115,7 +121,7 @@ class SqlStore(Store):
         rows = [completion_row(r, now) for r in records]  # serialise before opening the transaction
         if not rows:
             return
-        insert = (f"INSERT INTO completions ({COMPLETION_COLUMNS}) VALUES ({', '.join(['?'] * 12)}) "
+        insert = (f"INSERT INTO completions ({COMPLETION_COLUMNS}) VALUES ({COMPLETION_PLACEHOLDERS}) "
                   "ON CONFLICT (id) DO NOTHING")
         with self._transaction() as cur:
             for row in rows:
@@ -178,6 +184,20 @@ class SqlStore(Store):
         query, args = limited(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE created_at > ? "
                               "ORDER BY created_at, id", [after_created_at], limit)
         return [completion_record(row) for row in self._read(query, args)]
+
+    def served_completions(self, policy_version: str, after_created_at: float = 0.0,
+                           limit: int | None = None) -> list[CompletionRecord]:
+        """Completions one policy version served after a time, newest first (the index on both columns)."""
+        query, args = limited(f"SELECT {COMPLETION_COLUMNS} FROM completions WHERE policy_version = ? "
+                              "AND created_at > ? ORDER BY created_at DESC, id DESC",
+                              [policy_version, after_created_at], limit)
+        return [completion_record(row) for row in self._read(query, args)]
+
+    def count_served(self, policy_version: str, after_created_at: float = 0.0) -> int:
+        """How many completions one policy version served after a time."""
+        rows = self._read("SELECT COUNT(*) FROM completions WHERE policy_version = ? AND created_at > ?",
+                          (policy_version, after_created_at))
+        return int(rows[0][0])
 
     def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Feedback with seq > after_seq, in seq order."""

@@ -21,7 +21,7 @@ def make_trainer(tiny, tmp_path):
 
     def make(**knobs) -> Trainer:
         return Trainer(TrainerConfig(**knobs), PPOConfig(batch_size=4, response_length=4), store,
-                       AdapterRegistry(tmp_path / "adapters"), lambda p, t: [0.0] * len(t),
+                       AdapterRegistry(tmp_path / "adapters"), lambda p, t, ids: [0.0] * len(t),
                        lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model="tiny")
 
     yield make, store

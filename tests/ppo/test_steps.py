@@ -24,7 +24,7 @@ def direction_reward(tiny):
     z = model.lm_head.weight.detach().float() @ d
     per_token = ((z - z.mean()) / z.std()).tolist()
 
-    def reward(prompts, texts):
+    def reward(prompts, texts, completion_ids=()):
         out = []
         for t in texts:
             ids = tok(t, add_special_tokens=False).input_ids
@@ -58,7 +58,7 @@ def test_missing_eos_penalty(tiny):
     cfg = PPOConfig(missing_eos_penalty=1.0)
     ro = steps.Rollouts(["a", "b"], *([torch.zeros(2, 1)] * 4), texts=["x", "y"], ended=torch.tensor([True, False]),
                         logprobs=torch.zeros(2, 1), ref_logprobs=torch.zeros(2, 1), values=torch.zeros(2, 1))
-    assert steps.score(ro, lambda p, t: [0.5, 0.5], cfg).tolist() == [0.5, -0.5]
+    assert steps.score(ro, lambda p, t, ids: [0.5, 0.5], cfg).tolist() == [0.5, -0.5]
 
 
 def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):

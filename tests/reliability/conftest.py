@@ -153,7 +153,7 @@ def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts
     store.add_completions([CompletionRecord(completion_id=f"c{i}", prompt=f"Tell me about thing {i}.", messages=(),
                                             text="ok", policy_version="") for i in range(prompts)])
     registry = AdapterRegistry(settings.adapter_dir)
-    reward = reward or (lambda prompts, texts: [len(t) / 100 for t in texts])
+    reward = reward or (lambda prompts, texts, ids=(): [len(t) / 100 for t in texts])
     trainer = Trainer(settings.trainer, settings.ppo, store, registry, reward,
                       lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model=settings.base_model,
                       reward_not_ready=reward_not_ready)

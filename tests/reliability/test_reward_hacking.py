@@ -20,7 +20,7 @@ from rlhf_online.store import CompletionRecord, open_store
 KL_BUDGET = 1.0
 
 
-def gameable_reward(prompts, texts):
+def gameable_reward(prompts, texts, completion_ids=()):
     """More characters, more reward: trivially gamed."""
     return [len(t) / 10 for t in texts]
 

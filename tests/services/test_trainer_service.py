@@ -18,7 +18,7 @@ from rlhf_online.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer import start_trainer_server
 
 
-def length_reward(prompts, texts):
+def length_reward(prompts, texts, completion_ids=()):
     """A scripted reward: longer replies score higher (the gate only needs it not to drop)."""
     return [len(t) / 100 for t in texts]
 
@@ -47,7 +47,7 @@ def trainer(tiny, tmp_path):
         s.shutdown(1)
 
 
-def flat_reward(prompts, texts):
+def flat_reward(prompts, texts, completion_ids=()):
     """A reward that never changes: the gate sees no drop, so every round within the KL budget publishes."""
     return [0.0] * len(texts)
 

@@ -1,0 +1,115 @@
+"""Rounds from the completion log on the tiny model: which completions are on-policy, the traffic gate, a round."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.data.split import is_heldout
+from rlhf_online.ppo import logged, steps
+from rlhf_online.ppo.config import PPOConfig, TrainerConfig
+from rlhf_online.ppo.policy import PolicyWithValue
+from rlhf_online.ppo.trainer import Trainer
+from rlhf_online.store import CompletionRecord, open_store
+
+PPO = PPOConfig(batch_size=4, response_length=6, num_ppo_epochs=1, num_mini_batches=2, per_device_train_batch_size=4)
+ON_POLICY = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 1, "stop": [], "max_new_tokens": 6, "n": 1}
+PROMPTS = [f"Tell me something about topic {i}." for i in range(40)]
+
+
+def served(cid: str, **overrides: object) -> CompletionRecord:
+    fields: dict = {"completion_id": cid, "prompt": "Hi", "messages": (), "text": "hello", "policy_version": "",
+                    "params": dict(ON_POLICY), "finish_reason": "eos", "prompt_token_ids": (1, 2, 3),
+                    "token_ids": (4, 5, 2), "completion_tokens": 3}
+    fields.update(overrides)
+    return CompletionRecord(**fields)
+
+
+@pytest.mark.parametrize(("overrides", "why"), [
+    ({}, ""),
+    ({"finish_reason": "length"}, ""),
+    ({"token_ids": ()}, "no token ids logged"),
+    ({"params": {**ON_POLICY, "temperature": 0.7}}, "temperature"),
+    ({"params": {**ON_POLICY, "top_p": 0.9}}, "truncated sampling"),
+    ({"params": {**ON_POLICY, "top_k": 50}}, "truncated sampling"),
+    ({"params": {**ON_POLICY, "stop": ["\n"]}, "finish_reason": "eos"}, "stop strings"),
+    ({"finish_reason": "stop"}, "stop strings"),
+    ({"token_ids": tuple(range(200))}, "too long"),
+])
+def test_only_exact_samples_of_the_served_policy_are_on_policy(overrides, why):
+    assert logged.why_not_on_policy(served("c", **overrides), PPO, TrainerConfig()) == why
+
+
+def test_the_traffic_gate_is_exact_for_an_unchanged_policy_and_follows_the_weights():
+    lp = torch.log(torch.full((4, 3), 0.5))
+    ref = lp - 0.1
+    scores = torch.tensor([1.0, 0.0, 0.0, -1.0])
+    same = logged.judge_on_traffic(lp, lp, ref, scores)
+    assert same.reward_candidate == pytest.approx(same.reward_current) == pytest.approx(0.0)
+    assert same.ess_share == pytest.approx(1.0) and same.kl_candidate == pytest.approx(0.3)
+    # A candidate that makes the best reply 4x as likely (per token: x 4^(1/3)) and the worst 4x less
+    moved = lp.clone()
+    moved[0] += torch.log(torch.tensor(4.0)) / 3
+    moved[3] -= torch.log(torch.tensor(4.0)) / 3
+    v = logged.judge_on_traffic(lp, moved, ref, scores)
+    # weights 4, 1, 1, 1/4 -> (4 - 1/4) / 6.25 = 0.6
+    assert v.reward_candidate == pytest.approx(0.6) and v.ess_share < 1.0 and v.diff_se > 0
+
+
+@pytest.fixture
+def traffic(tiny, tmp_path):
+    """A store with replies the tiny base policy sampled for 40 prompts, logged as the bare base ("") served them."""
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPO)
+    samples = steps.sample(policy, tok, PROMPTS, PPO, seed=0)
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.add_completions([served(f"c{i}", prompt=s.prompt, text=s.text, prompt_token_ids=s.prompt_ids,
+                                  token_ids=s.response_ids, finish_reason="eos" if s.ended else "length",
+                                  created_at=1000.0 + i) for i, s in enumerate(samples)])
+    yield store
+    store.close()
+
+
+def make_trainer(tiny, store, tmp_path, calls, **knobs):
+    def reward(prompts, texts, completion_ids):
+        calls.append(list(completion_ids))
+        return [len(t) / 100 for t in texts]
+
+    return Trainer(TrainerConfig(round_interval_seconds=0, round_min_feedback=0, eval_prompts=2,
+                                 eval_samples_per_prompt=1, **knobs), PPO, store, AdapterRegistry(tmp_path / "adapters"),
+                   reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]), base_model="tiny")
+
+
+def test_a_round_trains_on_the_logged_traffic_and_judges_on_held_out_traffic(tiny, traffic, tmp_path):
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, gate_min_samples=2, gate_min_ess=0.01)
+    assert trainer.due(last_round_at=0.0, now=0.0)  # 40 logged replies of the served version, none used yet
+    r = trainer.run_round()
+    held = {f"c{i}" for i, p in enumerate(PROMPTS) if is_heldout(p, trainer.heldout_percent)}
+    assert 2 <= len(held) < 40, "the fixture needs prompts on both sides"
+    assert r.metrics["samples/logged"] == 40 - len(held) and r.metrics["samples/own"] == 0, r
+    assert r.metrics["eval/on_traffic"] == 1.0 and r.metrics["objective/scores_from_ratings"] == 1.0, r
+    # the reward was asked about exactly the logged completions, by id: training rows, then the held-out ones
+    assert set(calls[0]) == {f"c{i}" for i in range(40)} - held and set(calls[1]) == held
+    assert r.outcome in ("published", "rejected") and "importance-weighted" in r.reason, r
+    assert not trainer.due(last_round_at=1e12, now=1e12)  # nothing new was served since the round started
+
+
+def test_thin_traffic_is_topped_up_with_own_rollouts_and_judged_by_sampling(tiny, traffic, tmp_path):
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=100, gate_min_samples=100)
+    r = trainer.run_round()
+    assert r.metrics["samples/own"] == PPO.batch_size and r.metrics["samples/logged"] > 0, r
+    assert r.metrics["eval/on_traffic"] == 0.0 and "paired diff" in r.reason, r
+    assert calls[0].count("") == PPO.batch_size  # own rollouts carry no completion id
+
+
+def test_with_learning_from_traffic_off_a_round_uses_own_rollouts_only(tiny, traffic, tmp_path):
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, learn_from_traffic=False, min_logged_samples=1)
+    r = trainer.run_round()
+    assert r.metrics["samples/logged"] == 0 and r.metrics["samples/own"] == PPO.batch_size, r
+    assert not trainer.due(last_round_at=1e12, now=1e12)
