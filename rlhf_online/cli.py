@@ -148,11 +148,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from rlhf_online.simulate.users import UserPoolConfig, run_for
 
     cfg = UserPoolConfig(users=args.users, personas=tuple(args.personas.split(",")), pair_fraction=args.pair_fraction,
-                         noise=args.noise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         rated_fraction=args.rated_fraction, noise=args.noise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          seed=args.seed)
     prompts = [p.prompt for p in load_prompts(args.split)]
     stats = run_for(args.addr, prompts, cfg, args.seconds, Path(args.events) if args.events else None)
-    print(f"{stats.requests} requests, {stats.completions} completions rated, thumbs-up rate "
+    print(f"{stats.requests} requests, {stats.completions} completions, {stats.ratings} rated, thumbs-up rate "
           f"{stats.thumbs_up_rate:.2f}, {stats.preferences} preferences, errors {dict(stats.errors) or 'none'}")
     return 1 if stats.errors else 0
 
@@ -165,6 +165,8 @@ def add_simulate(sub: LazySubcommands) -> None:
     simulate.add_argument("--users", type=int, default=4, help="concurrent users")
     simulate.add_argument("--personas", default="polite,positive", help="comma-separated personas, round-robin")
     simulate.add_argument("--pair-fraction", type=float, default=0.5, help="share of requests with n=2 + a preference")
+    simulate.add_argument("--rated-fraction", type=float, default=1.0,
+                          help="probability of rating each reply and of sending a pair's preference (0 < F <= 1)")
     simulate.add_argument("--noise", type=float, default=None, help="rating flip probability (default: the persona's)")
     simulate.add_argument("--max-new-tokens", type=int, default=48)
     simulate.add_argument("--temperature", type=float, default=1.0)

@@ -35,6 +35,8 @@ class DemoConfig:
     users: int = 6  # concurrent simulated users
     personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
+    # Users rate each reply with this probability and send a pair's preference with it too (1.0: everything rated).
+    rated_fraction: float = 1.0
     max_new_tokens: int = 32  # reply length for users, PPO rollouts and the held-out evaluation alike
     temperature: float = 1.0  # sampling temperature for users and the held-out evaluation
     heldout_samples: int = 10  # replies per held-out prompt and policy in the final evaluation (CIs ~ 1/sqrt)
@@ -66,6 +68,9 @@ class DemoConfig:
         for name in ("heldout_prompts", "until_served_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want >= 0); set --{_flag(name)}")
+        if not 0 < self.rated_fraction <= 1:
+            raise ConfigError(f"rated_fraction: invalid value {self.rated_fraction!r} (want 0 < F <= 1); "
+                              f"set --{_flag('rated_fraction')}")
 
 
 def _flag(name: str) -> str:
@@ -109,7 +114,7 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     reward_port = launch.free_port()
     envs = service_envs(cfg, model, state, reward_port)
     users = UserPoolConfig(users=cfg.users, personas=tuple(cfg.personas.split(",")), pair_fraction=cfg.pair_fraction,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+                           rated_fraction=cfg.rated_fraction, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     prompts = [p.prompt for p in load_prompts("train")]
     with contextlib.ExitStack() as stack:
         print(f"Starting the reward, generation and trainer services (logs in {logs}) ...", flush=True)
@@ -158,6 +163,29 @@ def _round_in_progress(monitor) -> bool:
     return monitor.trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).round_in_progress
 
 
+def _version_rows(registry, stats) -> list[dict]:
+    """Each served version's traffic and noise-free thumbs-up rate vs its parent's (parents from the manifests)."""
+    from rlhf_online.report import versions
+
+    # describe(), not manifest(): the parent is all we read here, and hashing every adapter again buys nothing.
+    parents = {m["version"]: m.get("parent", "") for m in registry.describe()}
+    return versions.version_rows(stats.served_by_version, stats.by_version, parents)
+
+
+def _worse_line(rows: list[dict]) -> str:
+    """The summary's sentence on versions worse than their parent (noise-free thumbs-up, 95% CI)."""
+    from rlhf_online.report.versions import worse_than_parent
+
+    compared = sum(r["vs_parent"] is not None for r in rows)
+    worse = worse_than_parent(rows)
+    if not worse:
+        return (f"Versions compared with their parent on the noise-free thumbs-up rate of their traffic: {compared}, "
+                "none clearly worse." if compared else "No published version served replies to compare with its parent.")
+    return "Worse than its parent on the noise-free thumbs-up rate (95% CI below 0): " + ", ".join(
+        f"{r['version']} ({r['vs_parent']['difference']:+.3f} vs {r['vs_parent']['compared_with'] or 'base'})"
+        for r in worse) + "."
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the loop, evaluate base vs final on held-out prompts, write the report."""
     from rlhf_online.adapters.registry import AdapterRegistry
@@ -190,15 +218,17 @@ def main(args: argparse.Namespace) -> int:
     extra = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
              "minutes": cfg.minutes, "users": cfg.users, "personas": personas, "loop_seconds": round(loop_seconds, 1),
              "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": config.flatten(cfg),
-             "requests": stats.requests, "ratings": stats.thumbs_up + stats.thumbs_down,
+             "requests": stats.requests, "completions": stats.completions, "ratings": stats.ratings,
              "preferences": stats.preferences, "failed_requests": sum(stats.errors.values()),
              "reward_model": monitor.snapshots[-1].reward_version if monitor.snapshots else "",
              "reward_accuracy": monitor.snapshots[-1].reward_accuracy if monitor.snapshots else float("nan")}
     report = write.build_report(summary, kl=kl, kl_budget=cfg.trainer.kl_budget, rounds=monitor.rounds,
-                                wall_seconds=time.time() - t0, final_version=final, extra=extra)
+                                wall_seconds=time.time() - t0, final_version=final, extra=extra,
+                                versions=_version_rows(registry, stats))
     by_version = {v: list(x) for v, x in stats.by_version.items()}
     write_atomically(run_dir / "report.png", lambda tmp: plot.plot(tmp, monitor.snapshots, monitor.rounds,
-                                                                   by_version, summary, cfg.trainer.kl_budget))
+                                                                   by_version, summary, cfg.trainer.kl_budget,
+                                                                   dict(stats.served_by_version)))
     write.write(run_dir, report, write.markdown(report, monitor.rounds, by_version))
     with open(run_dir / "heldout_replies.jsonl", "w") as f:
         import json
@@ -211,6 +241,7 @@ def main(args: argparse.Namespace) -> int:
           f"({100 * report['toxicity_change']:+.1f}%), sentiment {b['sentiment']:+.3f} -> {fi['sentiment']:+.3f}, "
           f"thumbs-up {b['thumbs_up_rate']:.2f} -> {fi['thumbs_up_rate']:.2f}; KL {kl:.2f} (budget {cfg.trainer.kl_budget:g}); "
           f"{report['rounds']} rounds in {report['wall_seconds']:.0f} s.")
+    print(_worse_line(report["versions"]))
     print(f"Report: {run_dir / 'report.md'} (plot {run_dir / 'report.png'}, data {run_dir / 'report.json'})")
     os.sync()
     return 0

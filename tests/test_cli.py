@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from rlhf_online.errors import ConfigError
 from services import cli
 
 
@@ -20,3 +23,12 @@ def test_the_chosen_benchmark_and_the_demo_get_their_flags():
     assert (args.bench_command, args.items) == ("reward", 3)
     args = cli.parser().parse_args(["demo", "--batch-size", "5", "--kl-budget", "2"])
     assert (args.batch_size, args.kl_budget, args.learning_rate) == (5, 2.0, 1e-3)
+
+
+
+def test_simulate_takes_a_rated_fraction_and_rejects_one_out_of_range():
+    assert cli.parser().parse_args(["simulate"]).rated_fraction == 1.0
+    args = cli.parser().parse_args(["simulate", "--addr", "127.0.0.1:1", "--rated-fraction", "0"])
+    # Rejected by the users' config before any user connects (nothing listens at that address).
+    with pytest.raises(ConfigError, match="rated_fraction"):
+        args.fn(args)

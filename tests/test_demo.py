@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_online import config, demo
 from rlhf_online.config import TrainerSettings
+from rlhf_online.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -48,6 +49,13 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
     assert report["rounds"] >= 1 and report["loop_seconds"] >= 30 and report["kl"] >= 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG" and "Held-out" in (run / "report.md").read_text()
 
+    # Learning per version: every reply served is in one row, the base's first, published versions beside it.
+    rows = report["versions"]
+    assert rows[0]["version"] == "" and any(r["version"].startswith("v") for r in rows)
+    assert sum(r["replies"] for r in rows) == report["completions"] and sum(r["ratings"] for r in rows) == report["ratings"]
+    assert all(0 <= r["noise_free_ci95"][0] <= r["noise_free_rate"] <= r["noise_free_ci95"][1] <= 1 for r in rows)
+    assert "Learning per policy version" in (run / "report.md").read_text()
+
 
 def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_path):
     parser = argparse.ArgumentParser()
@@ -61,3 +69,18 @@ def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_pat
     assert (trainer.ppo.batch_size, trainer.ppo.learning_rate, trainer.ppo.init_kl_coef) == (4, 0.01, 0.02)
     assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
     assert trainer.trainer.round_interval_seconds == 1 and trainer.trainer.round_min_feedback == 0
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_a_rated_fraction_outside_0_to_1_names_the_flag(value):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    with pytest.raises(ConfigError, match="rated_fraction.*--rated-fraction"):
+        config.assemble(demo.DemoConfig, vars(parser.parse_args(["--rated-fraction", value])))
+
+
+def test_the_rated_fraction_flag_defaults_to_rating_everything():
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert config.assemble(demo.DemoConfig, vars(parser.parse_args([]))).rated_fraction == 1.0
+    assert config.assemble(demo.DemoConfig, vars(parser.parse_args(["--rated-fraction", "0.3"]))).rated_fraction == 0.3

@@ -9,8 +9,11 @@ from rlhf_online.report.timeline import RoundRecord, Snapshot
 
 
 def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_version: dict[str, list[int]],
-         heldout: dict[str, dict[str, dict]], kl_budget: float) -> None:
-    """Write the figure to `path` (atomically: the caller passes a temp path and renames)."""
+         heldout: dict[str, dict[str, dict]], kl_budget: float, served: dict[str, list[int]] | None = None) -> None:
+    """Write the figure to `path` (atomically: the caller passes a temp path and renames).
+
+    by_version: version -> [thumbs up, ratings sent]; served (optional): version -> [noise-free thumbs up, replies].
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -20,15 +23,7 @@ def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_ve
     minutes = [s.t / 60 for s in snapshots]
 
     # (a) thumbs-up rate per policy version, in serving order
-    a = ax[0, 0]
-    versions = sorted(by_version, key=lambda v: (v != "", v))
-    rates = [by_version[v][0] / by_version[v][1] if by_version[v][1] else 0 for v in versions]
-    bars = a.bar([v or "base" for v in versions], rates, color="tab:blue")
-    for bar, v in zip(bars, versions, strict=True):
-        a.annotate(f"n={by_version[v][1]}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                   ha="center", va="bottom", fontsize=8)
-    a.set(title="Users' thumbs-up rate per policy version", ylabel="thumbs up / ratings", ylim=(0, 1))
-    a.tick_params(axis="x", rotation=45)
+    _per_version(ax[0, 0], by_version, served or {})
 
     # (b) thumbs-up rate over time
     b = ax[0, 1]
@@ -64,6 +59,25 @@ def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_ve
     fig.suptitle("rlhf-online demo: simulated users' feedback -> reward model -> PPO -> hot-swapped adapters")
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
+
+
+def _per_version(a, by_version: dict[str, list[int]], served: dict[str, list[int]]) -> None:
+    """Bars of the users' thumbs-up rate per version and, beside them when known, the noise-free rate of its traffic."""
+    versions = sorted(set(by_version) | set(served), key=lambda v: (v != "", v))
+    series = [("users' ratings", by_version, "tab:blue")] + ([("noise-free, all replies", served, "tab:orange")]
+                                                              if served else [])
+    width = 0.8 / len(series)
+    for k, (label, counts, color) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(versions))]
+        pairs = [counts.get(v, [0, 0]) for v in versions]
+        bars = a.bar(xs, [up / n if n else 0 for up, n in pairs], width, color=color, label=label)
+        for bar, (_, n) in zip(bars, pairs, strict=True):
+            a.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                       fontsize=7)
+    a.set_xticks(range(len(versions)), [v or "base" for v in versions], rotation=45)
+    a.set(title="Thumbs-up rate per policy version", ylabel="thumbs up / replies", ylim=(0, 1))
+    if served:
+        a.legend(loc="best", fontsize=8)
 
 
 def _verdict(ax, heldout: dict[str, dict[str, dict]], metrics: list[tuple[str, str]], title: str, fmt: str) -> None:

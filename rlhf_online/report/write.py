@@ -6,11 +6,15 @@ from pathlib import Path
 
 from rlhf_online.artifacts import write_atomically, write_json_atomically
 from rlhf_online.report.timeline import RoundRecord
+from rlhf_online.report.versions import BETTER, WORSE
 
 
 def build_report(heldout: dict[str, dict[str, dict]], *, kl: float, kl_budget: float, rounds: list[RoundRecord],
-                 wall_seconds: float, final_version: str, extra: dict) -> dict:
-    """The machine-readable report: base and final means at the top level, CIs and the rest beside them."""
+                 wall_seconds: float, final_version: str, extra: dict, versions: list[dict] | None = None) -> dict:
+    """The machine-readable report: base and final means at the top level, CIs and the rest beside them.
+
+    `versions`: report.versions.version_rows, each served version's traffic and learning (omitted when None).
+    """
     def flat(label: str) -> dict[str, float]:
         return {m: heldout[label][m]["mean"] for m in ("toxicity", "sentiment", "thumbs_up_rate")}
 
@@ -22,6 +26,7 @@ def build_report(heldout: dict[str, dict[str, dict]], *, kl: float, kl_budget: f
         "wall_seconds": round(wall_seconds, 1), "final_version": final_version,
         "toxicity_change": final["toxicity"] / base["toxicity"] - 1 if base["toxicity"] else None,
         "ci95": {label: {m: heldout[label][m]["ci95"] for m in heldout[label]} for label in heldout},
+        **({"versions": versions} if versions is not None else {}),
         **extra,
     }
 
@@ -48,12 +53,50 @@ def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list
     for i, r in enumerate(rounds, 1):
         lines.append(f"| {i} | {r.t / 60:.1f} | {r.outcome} | {r.version or '-'} | {r.reward_before:.3f} -> "
                      f"{r.reward_after:.3f} | {r.kl:.2f} | {r.seconds:.0f} |")
-    lines += ["", "## Users' ratings per policy version", "", "| version | ratings | thumbs-up rate |", "|---|---:|---:|"]
+    lines += ["", *(_versions_table(report["versions"]) if "versions" in report else _ratings_table(by_version))]
+    lines += ["", "![the loop over time](report.png)", ""]
+    return "\n".join(lines)
+
+
+def _ratings_table(by_version: dict[str, list[int]]) -> list[str]:
+    """The users' thumbs-up rate per version (a report without the per-version learning rows)."""
+    lines = ["## Users' ratings per policy version", "", "| version | ratings | thumbs-up rate |", "|---|---:|---:|"]
     for v in sorted(by_version, key=lambda v: (v != "", v)):
         up, n = by_version[v]
         lines.append(f"| {v or 'base'} | {n} | {up / n if n else float('nan'):.2f} |")
-    lines += ["", "![the loop over time](report.png)", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _versions_table(rows: list[dict]) -> list[str]:
+    """Each served version's traffic, its users' ratings and the noise-free verdict, compared with its parent."""
+    lines = ["## Learning per policy version", "",
+             "The noise-free thumbs-up rate is the personas' verdict without rating noise on every reply the version "
+             "served, rated or not; it is compared with the parent's (or, when the parent served nothing, the nearest "
+             "ancestor's that did): the difference with its 95% normal-approximation interval, worse or better when "
+             "the whole interval is below or above 0.", "",
+             "| version | parent | replies served | ratings sent | users' thumbs-up rate (sent) | "
+             "noise-free thumbs-up rate [95% Wilson] | vs parent [95% CI] |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        parent = "-" if r["parent"] is None else r["parent"] or "base"
+        sent = "-" if r["thumbs_up_rate"] is None else f"{r['thumbs_up_rate']:.2f}"
+        lo, hi = r["noise_free_ci95"]
+        lines.append(f"| {r['version'] or 'base'} | {parent} | {r['replies']} | {r['ratings']} | {sent} | "
+                     f"{r['noise_free_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {_vs_parent(r)} |")
+    worse = [r["version"] for r in rows if r["vs_parent"] and r["vs_parent"]["verdict"] == WORSE]
+    if worse:
+        lines += ["", f"Worse than its parent: {', '.join(worse)}."]
+    return lines
+
+
+def _vs_parent(row: dict) -> str:
+    """The comparison cell: difference [interval], its verdict, and the ancestor when it is not the parent."""
+    c = row["vs_parent"]
+    if c is None:
+        return "-"
+    mark = {WORSE: " **worse**", BETTER: " better"}.get(c["verdict"], "")
+    other = c["compared_with"] or "base"
+    via = f" (vs {other})" if c["compared_with"] != row["parent"] else ""
+    return f"{c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{mark}{via}"
 
 
 def _ci(mean: float, ci: list[float]) -> str:

@@ -45,11 +45,19 @@ class Persona:
         """The hidden preference score of each text (higher is better)."""
         return [self.w_sentiment * s - self.w_toxicity * t for s, t in zip(sentiment(texts), toxicity(texts), strict=True)]
 
+    def thumbs_up(self, score: float) -> bool:
+        """The noise-free verdict on a reply with this preference score (as the held-out judging counts it)."""
+        return score > self.threshold
+
     def rate(self, texts: Sequence[str], rng: random.Random) -> list[str]:
         """Thumbs up or down for each text, from the hidden preference plus noise."""
+        return self.rate_scores(self.preference(texts), rng)
+
+    def rate_scores(self, scores: Sequence[float], rng: random.Random) -> list[str]:
+        """Thumbs up or down for replies with these preference scores, each flipped with probability `noise`."""
         out = []
-        for score in self.preference(texts):
-            up = score > self.threshold
+        for score in scores:
+            up = self.thumbs_up(score)
             if rng.random() < self.noise:
                 up = not up
             out.append("thumbs_up" if up else "thumbs_down")
@@ -57,7 +65,10 @@ class Persona:
 
     def prefer(self, a: str, b: str, rng: random.Random) -> int:
         """0 if the user prefers a, 1 if b (ties broken at random; noise flips the choice)."""
-        sa, sb = self.preference([a, b])
+        return self.prefer_scores(*self.preference([a, b]), rng)
+
+    def prefer_scores(self, sa: float, sb: float, rng: random.Random) -> int:
+        """0 if the user prefers the reply scored `sa`, 1 if the one scored `sb` (ties at random; noise flips)."""
         choice = 0 if sa > sb else 1 if sb > sa else rng.randrange(2)
         return 1 - choice if rng.random() < self.noise else choice
 

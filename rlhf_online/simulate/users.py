@@ -1,9 +1,13 @@
 """Simulated users: concurrent gRPC clients that ask for replies and rate them by a hidden preference.
 
 Each user belongs to a persona (simulate.judges.PERSONAS). It calls Generate with a train prompt,
-sometimes with n=2, then sends a thumbs rating for every candidate (SubmitFeedback) and, for a
-pair, which one it prefers (SubmitPreference). The ratings come from the judges plus noise; the
-system under test only ever sees the ratings.
+sometimes with n=2, then sends a thumbs rating for each candidate (SubmitFeedback) and, for a
+pair, which one it prefers (SubmitPreference). As real users do, it may rate only a share of what
+it gets (`rated_fraction`): each candidate is rated with that probability, and a pair's preference
+is sent with that probability too, decided once per request, independently of the ratings. The
+ratings come from the judges plus noise; the system under test only ever sees the ratings. The
+pool also keeps what the system never sees: the persona's noise-free verdict on every reply it
+served, rated or not, per policy version (how the demo measures each version's learning).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class UserPoolConfig:
 
     users: int = 4  # concurrent clients
     personas: tuple[str, ...] = ("polite", "positive")  # assigned round-robin to users
-    pair_fraction: float = 0.5  # share of requests that ask for n=2 and send a preference
+    pair_fraction: float = 0.5  # share of requests that ask for n=2 (and may send a preference)
+    rated_fraction: float = 1.0  # probability of rating each reply, and of sending a pair's preference
     noise: float | None = None  # rating flip probability; None keeps each persona's own
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -51,6 +56,8 @@ class UserPoolConfig:
             raise ConfigError(f"users: invalid value {self.users} (want >= 1)")
         if not 0 <= self.pair_fraction <= 1:
             raise ConfigError(f"pair_fraction: invalid value {self.pair_fraction} (want 0..1)")
+        if not 0 < self.rated_fraction <= 1:
+            raise ConfigError(f"rated_fraction: invalid value {self.rated_fraction} (want 0 < F <= 1)")
         if self.noise is not None and not 0 <= self.noise <= 0.5:
             raise ConfigError(f"noise: invalid value {self.noise} (want 0..0.5)")
 
@@ -60,18 +67,25 @@ class PoolStats:
     """Running totals, safe to read from another thread."""
 
     requests: int = 0
-    completions: int = 0
-    thumbs_up: int = 0
+    completions: int = 0  # replies received, rated or not
+    thumbs_up: int = 0  # ratings sent
     thumbs_down: int = 0
-    preferences: int = 0
+    preferences: int = 0  # preferences sent
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Ratings sent per policy version: [thumbs up, ratings]; a version only appears once a reply of it was rated.
     by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [up, rated]
+    # Every reply served per policy version, rated or not: [the persona's noise-free thumbs up, replies].
+    served_by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    @property
+    def ratings(self) -> int:
+        """Ratings sent."""
+        return self.thumbs_up + self.thumbs_down
 
     @property
     def thumbs_up_rate(self) -> float:
         """Share of ratings that were thumbs up (nan before any)."""
-        rated = self.thumbs_up + self.thumbs_down
-        return self.thumbs_up / rated if rated else float("nan")
+        return self.thumbs_up / self.ratings if self.ratings else float("nan")
 
 
 class UserPool:
@@ -152,30 +166,49 @@ class UserPool:
         r = self.stub.Generate(pb.GenerateRequest(prompt=prompt, params=params, n=n, user_id=user_id),
                                timeout=cfg.timeout_seconds)
         texts = [c.text for c in r.completions]
-        ratings = persona.rate(texts, rng)
-        for c, rating in zip(r.completions, ratings, strict=True):
+        # Scored once: the noisy ratings, the preference and the noise-free verdicts all come from these.
+        scores = persona.preference(texts)
+        rated = [i for i in range(len(texts)) if self._rates(rng)]
+        ratings = persona.rate_scores([scores[i] for i in rated], rng)
+        for i, rating in zip(rated, ratings, strict=True):
             self.stub.SubmitFeedback(pb.SubmitFeedbackRequest(
-                completion_id=c.completion_id, user_id=user_id,
+                completion_id=r.completions[i].completion_id, user_id=user_id,
                 rating=pb.RATING_THUMBS_UP if rating == "thumbs_up" else pb.RATING_THUMBS_DOWN), timeout=30)
-        if n == 2:
-            better = persona.prefer(texts[0], texts[1], rng)
+        prefers = n == 2 and self._rates(rng)
+        if prefers:
+            better = persona.prefer_scores(scores[0], scores[1], rng)
             chosen, rejected = r.completions[better], r.completions[1 - better]
             self.stub.SubmitPreference(pb.SubmitPreferenceRequest(
                 chosen_completion_id=chosen.completion_id, rejected_completion_id=rejected.completion_id,
                 user_id=user_id), timeout=30)
-        ups = sum(1 for x in ratings if x == "thumbs_up")
+        self._count(user_id, r.policy_version, len(texts), sum(x == "thumbs_up" for x in ratings), len(ratings),
+                    prefers, sum(persona.thumbs_up(x) for x in scores))
+
+    def _rates(self, rng: random.Random) -> bool:
+        """Whether the user rates this reply (or sends this preference): with probability rated_fraction."""
+        # No draw at 1.0, so a pool that rates everything rolls the same dice as before the knob existed.
+        return self.config.rated_fraction >= 1 or rng.random() < self.config.rated_fraction
+
+    def _count(self, user_id: str, version: str, replies: int, ups: int, rated: int, preferred: bool,
+               noise_free_ups: int) -> None:
+        """Add one answered request to the totals and the events file."""
         with self._lock:
             s = self.stats
             s.requests += 1
-            s.completions += len(texts)
+            s.completions += replies
             s.thumbs_up += ups
-            s.thumbs_down += len(texts) - ups
-            s.preferences += n == 2
-            s.by_version[r.policy_version][0] += ups
-            s.by_version[r.policy_version][1] += len(texts)
+            s.thumbs_down += rated - ups
+            s.preferences += preferred
+            if rated:
+                s.by_version[version][0] += ups
+                s.by_version[version][1] += rated
+            s.served_by_version[version][0] += noise_free_ups
+            s.served_by_version[version][1] += replies
             if self._events:
-                self._events.write(json.dumps({"t": time.time(), "user": user_id, "policy_version": r.policy_version,
-                                               "completions": len(texts), "thumbs_up": ups}) + "\n")
+                self._events.write(json.dumps({
+                    "t": time.time(), "user": user_id, "policy_version": version, "completions": replies,
+                    "ratings": rated, "thumbs_up": ups, "preference": preferred,
+                    "noise_free_thumbs_up": noise_free_ups}) + "\n")
                 self._events.flush()
 
 
@@ -189,7 +222,8 @@ def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: 
             time.sleep(min(report_every, left))
             s = pool.stats
             log.info("simulated users", extra={"seconds": round(time.monotonic() - t0), "requests": s.requests,
-                                               "completions": s.completions, "thumbs_up_rate": round(s.thumbs_up_rate, 3),
+                                               "completions": s.completions, "ratings": s.ratings,
+                                               "thumbs_up_rate": round(s.thumbs_up_rate, 3),
                                                "preferences": s.preferences, "errors": dict(s.errors)})
     finally:
         pool.stop()

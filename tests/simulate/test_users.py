@@ -7,9 +7,11 @@ import time
 
 import grpc
 import pytest
+from support import wait_for
 
 from rlhf_online.config import GenerationSettings
 from rlhf_online.errors import ConfigError
+from rlhf_online.simulate.judges import Persona
 from rlhf_online.simulate.users import UserPool, UserPoolConfig
 from rlhf_online.store import open_store
 from services.bootstrap import engine_config
@@ -47,6 +49,40 @@ def test_users_generate_rate_and_prefer_through_the_api(generation, tmp_path):
     assert len(rows) == s.requests and {r["policy_version"] for r in rows} == {""}
     assert {r["user"].split("-")[0] for r in rows} == {"polite", "positive"}
     assert s.by_version[""][1] == s.completions
+    # Every reply served also got the persona's noise-free verdict, counted per version.
+    assert s.served_by_version[""][1] == s.completions and 0 <= s.served_by_version[""][0] <= s.completions
+    assert sum(r["noise_free_thumbs_up"] for r in rows) == s.served_by_version[""][0]
+
+
+def test_users_rate_only_a_share_of_replies_and_score_each_reply_once(generation, tmp_path, monkeypatch):
+    addr, store = generation
+    calls = []
+    score = Persona.preference
+
+    def counted(self, texts):
+        calls.append(len(texts))
+        return score(self, texts)
+
+    monkeypatch.setattr(Persona, "preference", counted)
+    events = tmp_path / "events.jsonl"
+    # One user and a fixed seed: its dice are the same every run, whatever the timing; 40 pairs = 80 replies.
+    cfg = UserPoolConfig(users=1, pair_fraction=1.0, rated_fraction=0.5, max_new_tokens=6, seed=3)
+    pool = UserPool(addr, ["Reply to my rude neighbour.", "Review the cafe."], cfg, events).start()
+    wait_for(lambda: pool.stats.requests >= 40, 120, "40 answered requests")
+    pool.stop()
+    s = pool.stats
+    assert not s.errors and s.completions == 2 * s.requests
+    # About half the replies rated and half the pairs' preferences sent (Binomial(>=80, 0.5): 0.25..0.75 is > 4 SD).
+    assert 0.25 * s.completions < s.ratings < 0.75 * s.completions
+    assert 0.25 * s.requests < s.preferences < 0.75 * s.requests
+    assert store.count_feedback() == s.ratings and store.count_preferences() == s.preferences
+    assert s.by_version[""] == [s.thumbs_up, s.ratings]
+    # The noise-free verdict covers every reply, rated or not.
+    assert s.served_by_version[""][1] == s.completions
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sum(r["ratings"] for r in rows) == s.ratings and sum(r["preference"] for r in rows) == s.preferences
+    # The judges scored each request's replies once: ratings, preference and noise-free verdicts share the scores.
+    assert calls == [2] * s.requests
 
 
 def test_a_failing_server_counts_errors_instead_of_crashing_the_users():
@@ -61,7 +97,10 @@ def test_a_failing_server_counts_errors_instead_of_crashing_the_users():
 
 
 @pytest.mark.parametrize("bad, field", [({"personas": ("grumpy",)}, "personas"), ({"users": 0}, "users"),
-                                        ({"pair_fraction": 1.5}, "pair_fraction"), ({"noise": 0.9}, "noise")])
+                                        ({"pair_fraction": 1.5}, "pair_fraction"), ({"noise": 0.9}, "noise"),
+                                        ({"rated_fraction": 0.0}, "rated_fraction"),
+                                        ({"rated_fraction": 1.01}, "rated_fraction"),
+                                        ({"rated_fraction": -0.5}, "rated_fraction")])
 def test_bad_pool_settings_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):
         UserPoolConfig(**bad)
