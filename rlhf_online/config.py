@@ -182,7 +182,8 @@ class TrainerSettings(HeldoutSettings):
     metrics_port: int = setting(9093, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
     reward_addr: str = setting("127.0.0.1:50052", "host:port of the Reward service")
     trainer: TrainerConfig = group(TrainerConfig)
-    ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "learning_rate",
+    ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "num_mini_batches",
+                                       "per_device_train_batch_size", "learning_rate",
                                        "init_kl_coef", "adaptive_kl", "target_kl"))
 
     def validate(self) -> None:

@@ -151,7 +151,7 @@ class Trainer:
     def _round(self) -> RoundResult:
         """Read the served version's traffic (top it up with own rollouts if thin), score, update, gate, publish."""
         self.feedback_at_last_round = self.store.count_feedback()
-        self.last_round_started_at = time.time()
+        started = time.time()
         self._candidate_replies = None
         current = self.registry.current()
         times: dict[str, float] = {}
@@ -168,6 +168,7 @@ class Trainer:
         held = self._gate_prompts(held or train)
         if waiting := self.reward_not_ready():
             return RoundResult("skipped", reason=waiting)
+        self.last_round_started_at = started  # the traffic read above is used; what arrives from now on is new
         policy = self._policy(current)
         times["time/read_log_seconds"] = time.time() - t
         t = time.time()
