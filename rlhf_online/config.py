@@ -154,6 +154,11 @@ class RewardSettings(HeldoutSettings):
     train_epochs: int = setting(1000, "full-batch epochs of the reward head")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
+    rating_reward: float = setting(2.0, "Score of an item whose completion_id users rated: each thumbs up or "
+                                        "chosen side counts +this, each thumbs down or rejected side -this "
+                                        "(2 = a confident learned score; rlhf_online/reward/ratings.py)")
+    rating_prior_weight: float = setting(0.25, "how many ratings the learned score of a rated completion is "
+                                               "worth next to its users' ratings (0 = the ratings alone)")
 
     def __post_init__(self) -> None:
         """Fill derived defaults and validate every field."""
@@ -172,6 +177,8 @@ class RewardSettings(HeldoutSettings):
         _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")
         _check("encoder_layer", self.encoder_layer, self.encoder_layer >= -1, ">= -1 (-1 = the last layer)")
         _check("head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = a linear head)")
+        _check("rating_reward", self.rating_reward, self.rating_reward > 0, "> 0")
+        _check("rating_prior_weight", self.rating_prior_weight, self.rating_prior_weight >= 0, ">= 0")
 
 
 @dataclass(frozen=True)

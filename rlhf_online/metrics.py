@@ -59,6 +59,8 @@ REWARD_ACCURACY = Gauge("rlhf_reward_heldout_accuracy", "Held-out accuracy of th
 REWARD_TRAINING_SECONDS = Histogram("rlhf_reward_training_seconds", "Duration of reward-model trainings.",
                                     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 REWARD_TRAININGS = Counter("rlhf_reward_trainings_total", "Reward-model trainings by outcome.", ["outcome"])
+REWARD_SCORED_ITEMS = Counter("rlhf_reward_scored_items_total", "Items scored, by source: users' ratings of the "
+                              "completion (with the model's score as a prior) or the model alone.", ["source"])
 REWARD_FEEDBACK_SEEN = Gauge("rlhf_reward_feedback_seen", "Feedback (ratings + preferences) the served model was trained on.")
 
 

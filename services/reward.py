@@ -22,7 +22,9 @@ class RewardServicer(pb_grpc.RewardServicer):
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         """Scores of every item, in one batch."""
-        scores, version = self.runtime.score([i.prompt for i in request.items], [i.completion for i in request.items])
+        items = request.items
+        scores, version = self.runtime.score([i.prompt for i in items], [i.completion for i in items],
+                                             [i.completion_id for i in items])
         return pb.ScoreResponse(scores=scores, reward_model_version=version)
 
     def Train(self, request: pb.TrainRewardRequest, context: grpc.ServicerContext) -> pb.TrainRewardResponse:

@@ -37,8 +37,11 @@ def reward_client(addr: str, timeout: float = 300.0):
     """Score completions through the Reward service (waiting up to `timeout` for it to be reachable)."""
     stub = reward_pb2_grpc.RewardStub(reward_channel(addr))
 
-    def score(prompts, completions) -> list[float]:
-        items = [reward_pb2.ScoreItem(prompt=p, completion=c) for p, c in zip(prompts, completions, strict=True)]
+    def score(prompts, completions, completion_ids=None) -> list[float]:
+        # A logged completion's id lets the service reward it by its users' ratings ("" = the text alone).
+        ids = [""] * len(completions) if completion_ids is None else completion_ids
+        items = [reward_pb2.ScoreItem(prompt=p, completion=c, completion_id=i or "")
+                 for p, c, i in zip(prompts, completions, ids, strict=True)]
         try:
             return list(stub.Score(reward_pb2.ScoreRequest(items=items), timeout=timeout, wait_for_ready=True).scores)
         except grpc.RpcError as e:  # the round fails with this as its reason (not grpc's debug string)

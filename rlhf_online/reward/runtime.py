@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_online import metrics
-from rlhf_online.errors import ConfigError, InvalidArgument
+from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import UntrainedReward
@@ -22,9 +22,10 @@ from rlhf_online.reward.models import (
     WeightedReward,
     parse_spec,
 )
+from rlhf_online.reward.ratings import RatingRule
 from rlhf_online.reward.registry import RewardRegistry
 from rlhf_online.reward.training import TrainConfig, train_and_gate
-from rlhf_online.store import Store
+from rlhf_online.store import RatingEvidence, Store
 
 log = logging.getLogger("rlhf_online.reward")
 
@@ -50,6 +51,8 @@ class RewardConfig:
     train_epochs: int
     max_score_items: int
     max_text_chars: int
+    rating_reward: float  # with rating_prior_weight: the RatingRule that scores rated completions
+    rating_prior_weight: float
 
 
 class RewardRuntime:
@@ -69,6 +72,7 @@ class RewardRuntime:
         self.train_config = TrainConfig(heldout_percent=config.heldout_percent, epochs=config.train_epochs,
                                         head_hidden=config.head_hidden,
                                         min_train_examples=config.min_train_examples)
+        self.rule = RatingRule(rating_reward=config.rating_reward, prior_weight=config.rating_prior_weight)
         self._train_lock = threading.Lock()
         self._learned: RewardModel = UntrainedReward()
         self._manifest: dict = {}
@@ -89,22 +93,59 @@ class RewardRuntime:
             parts.append((part, weight))
         return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedReward(parts)
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], str]:
-        """Scores of a batch of items, and the reward version that produced them."""
+    def score(self, prompts: Sequence[str], completions: Sequence[str],
+              completion_ids: Sequence[str] | None = None) -> tuple[list[float], str]:
+        """Scores of a batch of items, and the reward version that produced them.
+
+        An item with a completion id that users rated is scored by `self.rule` from their ratings and
+        the model's score; the rest ("" or no ids at all) by the model alone.
+        """
+        self._check_items(prompts, completions, completion_ids)
+        evidence = self._evidence(completion_ids or [""] * len(completions))
+        model = self.model  # one consistent model for the whole batch, even if a swap happens meanwhile
+        need = [i for i in range(len(completions)) if self.rule.needs_model_score(evidence.get(i))]
+        learned = self._model_scores(model, [prompts[i] for i in need], [completions[i] for i in need])
+        by_item = dict(zip(need, learned, strict=True))
+        # An item without a model score is one whose rule ignores it (prior_weight 0): 0.0 stands in.
+        scores = [self.rule.combine(by_item.get(i, 0.0), evidence[i]) if i in evidence else by_item[i]
+                  for i in range(len(completions))]
+        for s in scores:
+            metrics.REWARD_SCORES.observe(s)
+        metrics.REWARD_SCORED_ITEMS.labels("ratings").inc(len(evidence))
+        metrics.REWARD_SCORED_ITEMS.labels("model").inc(len(scores) - len(evidence))
+        return scores, model.version
+
+    def _model_scores(self, model: RewardModel, prompts: list[str], completions: list[str]) -> list[float]:
+        """The model's scores, computed on the main thread (none asked: no call)."""
+        return self.runner.call(model.score, prompts, completions) if completions else []
+
+    def _check_items(self, prompts: Sequence[str], completions: Sequence[str],
+                     completion_ids: Sequence[str] | None) -> None:
+        """InvalidArgument naming the field unless the batch is within the configured limits."""
         if not completions:
             raise InvalidArgument("items", "must not be empty")
         if len(completions) > self.config.max_score_items:
             raise InvalidArgument("items", f"at most {self.config.max_score_items} items, got {len(completions)}")
+        if completion_ids is not None and len(completion_ids) != len(completions):
+            raise InvalidArgument("completion_ids", f"one per item ({len(completions)}), got {len(completion_ids)}")
         limit = self.config.max_text_chars
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             if len(p) > limit or len(c) > limit:
                 which = "prompt" if len(p) > limit else "completion"
                 raise InvalidArgument(f"items[{i}].{which}", f"at most {limit} characters")
-        model = self.model  # one consistent model for the whole batch, even if a swap happens meanwhile
-        scores = self.runner.call(model.score, prompts, completions)
-        for s in scores:
-            metrics.REWARD_SCORES.observe(s)
-        return scores, model.version
+
+    def _evidence(self, completion_ids: Sequence[str]) -> dict[int, RatingEvidence]:
+        """Users' ratings by item index, for the items with a rated completion id (NotFound for an unknown id)."""
+        ids = [cid for cid in completion_ids if cid]
+        if not ids:
+            return {}
+        rated = self.store.rating_evidence(ids)
+        # Only unrated ids can be unknown: a rating or preference needs its completion to exist.
+        known = self.store.get_completions(cid for cid in ids if cid not in rated)
+        for i, cid in enumerate(completion_ids):
+            if cid and cid not in rated and cid not in known:
+                raise NotFound(f"items[{i}].completion_id: completion", cid)
+        return {i: rated[cid] for i, cid in enumerate(completion_ids) if cid in rated}
 
     # ------------------------------------------------------------ the learned part
 

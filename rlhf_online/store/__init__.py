@@ -5,9 +5,17 @@ from __future__ import annotations
 import re
 
 from rlhf_online.errors import ConfigError
-from rlhf_online.store.base import RATINGS, CompletionRecord, FeedbackRecord, PreferenceRecord, Store
+from rlhf_online.store.base import (
+    RATINGS,
+    CompletionRecord,
+    FeedbackRecord,
+    PreferenceRecord,
+    RatingEvidence,
+    Store,
+)
 
-__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "Store", "open_store"]
+__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RatingEvidence", "Store",
+           "open_store"]
 
 SQLITE_PREFIX = "sqlite:///"
 

@@ -67,6 +67,21 @@ class PreferenceRecord:
     created_at: float
 
 
+@dataclass(frozen=True)
+class RatingEvidence:
+    """What users said about one completion: thumbs, and how often it won or lost a preference."""
+
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    preferred: int = 0  # times it was the chosen side of a preference
+    dispreferred: int = 0  # times it was the rejected side
+
+    @property
+    def count(self) -> int:
+        """Every rating and preference side, up or down."""
+        return self.thumbs_up + self.thumbs_down + self.preferred + self.dispreferred
+
+
 class Store(ABC):
     """Durable, thread-safe storage of completions and the feedback on them."""
 
@@ -114,6 +129,10 @@ class Store(ABC):
     @abstractmethod
     def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
         """Preferences with seq > after_seq, in seq order."""
+
+    @abstractmethod
+    def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
+        """The users' ratings of these completions; ids nobody rated are left out."""
 
     @abstractmethod
     def count_feedback(self) -> int:

@@ -21,6 +21,7 @@ from rlhf_online.store.base import (
     CompletionRecord,
     FeedbackRecord,
     PreferenceRecord,
+    RatingEvidence,
     Store,
     check_preference_pair,
     check_rating,
@@ -226,6 +227,28 @@ class SqlStore(Store):
     def _count(self, table: str) -> int:
         """Rows in one of the store's own tables (never a caller's string)."""
         return int(self._read(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+    def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
+        """The users' ratings of these completions, in the order first given; ids nobody rated are left out."""
+        wanted = list(dict.fromkeys(completion_ids))
+        counts: dict[str, dict[str, int]] = {}
+        for k in range(0, len(wanted), IDS_PER_QUERY):
+            chunk = wanted[k:k + IDS_PER_QUERY]
+            with self._reading() as cur:  # the three counts of a chunk from one cursor
+                for kind, cid, n in self._evidence_rows(cur, chunk):
+                    counts.setdefault(cid, {})[kind] = int(n)
+        return {cid: RatingEvidence(**counts[cid]) for cid in wanted if cid in counts}
+
+    def _evidence_rows(self, cur: Any, chunk: list[str]) -> Iterable[tuple[str, str, int]]:
+        """(RatingEvidence field, completion id, count) for every rating and preference side of these ids."""
+        marks = ", ".join(["?"] * len(chunk))
+        # rating is CHECKed to be thumbs_up | thumbs_down: the same names as RatingEvidence's fields.
+        yield from self._execute(cur, f"SELECT rating, completion_id, COUNT(*) FROM feedback "
+                                      f"WHERE completion_id IN ({marks}) GROUP BY completion_id, rating", chunk).fetchall()
+        for kind, column in (("preferred", "chosen_id"), ("dispreferred", "rejected_id")):
+            rows = self._execute(cur, f"SELECT {column}, COUNT(*) FROM preferences "
+                                      f"WHERE {column} IN ({marks}) GROUP BY {column}", chunk).fetchall()
+            yield from ((kind, cid, n) for cid, n in rows)
 
 
 def _version(cur: Any) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf_online/v1/reward.proto\x12\x0erlhf_online.v1\"/\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\"8\n\x0cScoreRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.rlhf_online.v1.ScoreItem\"=\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\"\x14\n\x12TrainRewardRequest\"\x17\n\x15GetRewardModelRequest\"\xa8\x01\n\x0fRewardModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12=\n\x07metrics\x18\x02 \x03(\x0b\x32,.rlhf_online.v1.RewardModelInfo.MetricsEntry\x12\x15\n\rfeedback_seen\x18\x03 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"g\n\x13TrainRewardResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.rlhf_online.v1.RewardModelInfo\x12\x10\n\x08promoted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xfa\x01\n\x06Reward\x12\x44\n\x05Score\x12\x1c.rlhf_online.v1.ScoreRequest\x1a\x1d.rlhf_online.v1.ScoreResponse\x12P\n\x05Train\x12\".rlhf_online.v1.TrainRewardRequest\x1a#.rlhf_online.v1.TrainRewardResponse\x12X\n\x0eGetRewardModel\x12%.rlhf_online.v1.GetRewardModelRequest\x1a\x1f.rlhf_online.v1.RewardModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf_online/v1/reward.proto\x12\x0erlhf_online.v1\"F\n\tScoreItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\ncompletion\x18\x02 \x01(\t\x12\x15\n\rcompletion_id\x18\x03 \x01(\t\"8\n\x0cScoreRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.rlhf_online.v1.ScoreItem\"=\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\"\x14\n\x12TrainRewardRequest\"\x17\n\x15GetRewardModelRequest\"\xa8\x01\n\x0fRewardModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12=\n\x07metrics\x18\x02 \x03(\x0b\x32,.rlhf_online.v1.RewardModelInfo.MetricsEntry\x12\x15\n\rfeedback_seen\x18\x03 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"g\n\x13TrainRewardResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.rlhf_online.v1.RewardModelInfo\x12\x10\n\x08promoted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xfa\x01\n\x06Reward\x12\x44\n\x05Score\x12\x1c.rlhf_online.v1.ScoreRequest\x1a\x1d.rlhf_online.v1.ScoreResponse\x12P\n\x05Train\x12\".rlhf_online.v1.TrainRewardRequest\x1a#.rlhf_online.v1.TrainRewardResponse\x12X\n\x0eGetRewardModel\x12%.rlhf_online.v1.GetRewardModelRequest\x1a\x1f.rlhf_online.v1.RewardModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDMODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_REWARDMODELINFO_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_SCOREITEM']._serialized_start=47
-  _globals['_SCOREITEM']._serialized_end=94
-  _globals['_SCOREREQUEST']._serialized_start=96
-  _globals['_SCOREREQUEST']._serialized_end=152
-  _globals['_SCORERESPONSE']._serialized_start=154
-  _globals['_SCORERESPONSE']._serialized_end=215
-  _globals['_TRAINREWARDREQUEST']._serialized_start=217
-  _globals['_TRAINREWARDREQUEST']._serialized_end=237
-  _globals['_GETREWARDMODELREQUEST']._serialized_start=239
-  _globals['_GETREWARDMODELREQUEST']._serialized_end=262
-  _globals['_REWARDMODELINFO']._serialized_start=265
-  _globals['_REWARDMODELINFO']._serialized_end=433
-  _globals['_REWARDMODELINFO_METRICSENTRY']._serialized_start=387
-  _globals['_REWARDMODELINFO_METRICSENTRY']._serialized_end=433
-  _globals['_TRAINREWARDRESPONSE']._serialized_start=435
-  _globals['_TRAINREWARDRESPONSE']._serialized_end=538
-  _globals['_REWARD']._serialized_start=541
-  _globals['_REWARD']._serialized_end=791
+  _globals['_SCOREITEM']._serialized_end=117
+  _globals['_SCOREREQUEST']._serialized_start=119
+  _globals['_SCOREREQUEST']._serialized_end=175
+  _globals['_SCORERESPONSE']._serialized_start=177
+  _globals['_SCORERESPONSE']._serialized_end=238
+  _globals['_TRAINREWARDREQUEST']._serialized_start=240
+  _globals['_TRAINREWARDREQUEST']._serialized_end=260
+  _globals['_GETREWARDMODELREQUEST']._serialized_start=262
+  _globals['_GETREWARDMODELREQUEST']._serialized_end=285
+  _globals['_REWARDMODELINFO']._serialized_start=288
+  _globals['_REWARDMODELINFO']._serialized_end=456
+  _globals['_REWARDMODELINFO_METRICSENTRY']._serialized_start=410
+  _globals['_REWARDMODELINFO_METRICSENTRY']._serialized_end=456
+  _globals['_TRAINREWARDRESPONSE']._serialized_start=458
+  _globals['_TRAINREWARDRESPONSE']._serialized_end=561
+  _globals['_REWARD']._serialized_start=564
+  _globals['_REWARD']._serialized_end=814
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreItem(_message.Message):
-    __slots__ = ("prompt", "completion")
+    __slots__ = ("prompt", "completion", "completion_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
+    completion_id: str
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., completion_id: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("items",)

@@ -9,9 +9,10 @@ import grpc
 import pytest
 
 from rlhf_online.config import RewardSettings, project
+from rlhf_online.reward.ratings import RatingRule
 from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
 from rlhf_online.simulate.synthetic import fill_store
-from rlhf_online.store import open_store
+from rlhf_online.store import CompletionRecord, RatingEvidence, open_store
 from rlhf_online.v1 import reward_pb2 as pb
 from rlhf_online.v1 import reward_pb2_grpc as pb_grpc
 from services.reward import start_reward_server
@@ -144,6 +145,77 @@ def test_bad_requests(reward):
         got, details = code(lambda req=req: stub.Score(req, timeout=10))
         assert got == grpc.StatusCode.INVALID_ARGUMENT and field.strip() in details, (field, details)
     assert stub.Score(pb.ScoreRequest(items=ITEMS), timeout=10).scores  # still serving
+
+
+def log(store, *texts: str) -> list[str]:
+    """Log ITEMS' prompt with these replies as completions; their ids."""
+    ids = [f"cmpl-{k}" for k in range(len(texts))]
+    store.add_completions([CompletionRecord(completion_id=cid, prompt=ITEMS[0].prompt, messages=(), text=t,
+                                            policy_version="") for cid, t in zip(ids, texts, strict=True)])
+    return ids
+
+
+def test_users_ratings_are_the_reward_of_a_rated_completion(reward):
+    from support import sample
+
+    from services.trainer import reward_client
+
+    # profanity: a model score that is not 0 and needs no training, so the prior term shows
+    stub, runtime, running = reward(reward_model="profanity", rating_reward=1.5, rating_prior_weight=0.5)
+    prompt, rude = ITEMS[0].prompt, ITEMS[1].completion
+    liked, disputed, unrated = log(runtime.store, rude, rude, rude)
+    runtime.store.add_feedback(liked, "u1", "thumbs_up")
+    runtime.store.add_feedback(disputed, "u1", "thumbs_down")
+    runtime.store.add_preference(disputed, liked, "u2")
+    before = {src: sample("rlhf_reward_scored_items_total", source=src) for src in ("ratings", "model")}
+    [plain] = stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(prompt=prompt, completion=rude)]), timeout=30).scores
+    items = [pb.ScoreItem(prompt=prompt, completion=rude, completion_id=cid) for cid in (liked, disputed, unrated, "")]
+    got = list(stub.Score(pb.ScoreRequest(items=items), timeout=30).scores)
+    rule = RatingRule(rating_reward=1.5, prior_weight=0.5)
+    assert plain < 0.5  # the model alone calls it offensive
+    assert got[0] == pytest.approx(rule.combine(plain, RatingEvidence(thumbs_up=1, dispreferred=1)), rel=1e-6)
+    assert got[1] == pytest.approx(rule.combine(plain, RatingEvidence(thumbs_down=1, preferred=1)), rel=1e-6)
+    assert got[0] == pytest.approx(0.5 * plain / 2.5, rel=1e-6)  # a split vote: the model breaks the tie
+    assert got[2] == pytest.approx(plain, rel=1e-6) and got[3] == pytest.approx(plain, rel=1e-6)  # the model's
+    [before_rating] = stub.Score(pb.ScoreRequest(items=[items[2]]), timeout=30).scores
+    runtime.store.add_feedback(unrated, "u1", "thumbs_up")
+    [now_liked] = stub.Score(pb.ScoreRequest(items=[items[2]]), timeout=30).scores
+    assert now_liked == pytest.approx((0.5 * plain + 1.5) / 1.5, rel=1e-6) and now_liked > before_rating
+    assert sample("rlhf_reward_scored_items_total", source="ratings") - before["ratings"] == 3
+    assert sample("rlhf_reward_scored_items_total", source="model") - before["model"] == 4
+    # the trainer's client: two arguments as before, the ids when it has them
+    client = reward_client(f"127.0.0.1:{running.port}", 30)
+    assert client([prompt], [rude]) == pytest.approx([plain], rel=1e-6)
+    assert client([prompt] * 2, [rude] * 2, [unrated, ""]) == pytest.approx([now_liked, plain], rel=1e-6)
+
+
+def test_ratings_alone_need_no_model_score(reward, monkeypatch):
+    import rlhf_online.reward.runtime as runtime_module
+
+    stub, runtime, _ = reward(reward_model="profanity", rating_prior_weight=0)
+    liked, unrated = log(runtime.store, "Fine.", "Fine.")
+    runtime.store.add_feedback(liked, "u1", "thumbs_up")
+    calls, real = [], runtime_module.ProfanityReward.score
+
+    def counted(self, prompts, completions):
+        calls.append(len(completions))
+        return real(self, prompts, completions)
+
+    monkeypatch.setattr(runtime_module.ProfanityReward, "score", counted)
+    item = {"prompt": ITEMS[0].prompt, "completion": "Fine."}
+    assert list(stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(**item, completion_id=liked)]), timeout=30).scores) \
+        == [2.0] and calls == []
+    s = stub.Score(pb.ScoreRequest(items=[pb.ScoreItem(**item, completion_id=c) for c in (liked, unrated)]), timeout=30)
+    assert s.scores[0] == 2.0 and calls == [1]  # only the unrated item went to the model
+
+
+def test_an_unknown_completion_id_is_not_found(reward):
+    stub, runtime, _ = reward(reward_model="profanity")
+    [known] = log(runtime.store, "Fine.")
+    items = [pb.ScoreItem(prompt="p", completion="Fine.", completion_id=c) for c in (known, "", "cmpl-nope")]
+    got, details = code(lambda: stub.Score(pb.ScoreRequest(items=items), timeout=10))
+    assert got == grpc.StatusCode.NOT_FOUND and "items[2].completion_id" in details and "cmpl-nope" in details
+    assert len(stub.Score(pb.ScoreRequest(items=items[:2]), timeout=10).scores) == 2  # still serving
 
 
 def test_train_needs_the_admin_token(reward):
