@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from rlhf_online import config, demo
+from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.config import TrainerSettings
 from rlhf_online.errors import ConfigError
 
@@ -26,7 +27,8 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
         "--until-served-minutes", "8", "--users", "3",
         "--max-new-tokens", "8", "--heldout-prompts", "6", "--heldout-samples", "1", "--serving-threads", "1",
         "--training-threads", "1", "--reward-threads", "1", "--eval-prompts", "4", "--batch-size", "4",
-        "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000"])
+        "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000",
+        "--min-logged-samples", "8", "--round-min-traffic", "8", "--logged-batch-size", "32"])
     assert demo.main(args) == 0
     [run] = list(tmp_path.iterdir())
     report = json.loads((run / "report.json").read_text())
@@ -42,6 +44,11 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
     assert report["rounds_published"] >= 1 and report["final_version"].startswith("v")
     served = [json.loads(line)["policy_version"] for line in (run / "ratings.jsonl").read_text().splitlines()]
     assert any(v.startswith("v") for v in served) and served[0] == ""
+
+    # Rounds learned from the users' traffic: a published version trained on logged replies of the version
+    # it started from, rewarded (through the Reward service) by the ratings users gave those very replies.
+    published = [m["metrics"] for m in AdapterRegistry(run / "state" / "adapters").describe()]
+    assert any(m["samples/logged"] > 0 and m["samples/rated"] > 0 for m in published), published
 
     # The report: the contract's keys, the markdown and a PNG.
     for side in ("base", "final"):
@@ -68,7 +75,8 @@ def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_pat
     assert trainer.ppo == dataclasses.replace(cfg.ppo, response_length=8)
     assert (trainer.ppo.batch_size, trainer.ppo.learning_rate, trainer.ppo.init_kl_coef) == (4, 0.01, 0.02)
     assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
-    assert trainer.trainer.round_interval_seconds == 1 and trainer.trainer.round_min_feedback == 0
+    assert trainer.trainer.round_interval_seconds == 60 and trainer.trainer.round_min_feedback == 0
+    assert trainer.trainer.learn_from_traffic and trainer.ppo.num_mini_batches == 4
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])

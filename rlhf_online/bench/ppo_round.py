@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rlhf_online import launch
@@ -72,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
         trainer_env = {**common, "RLHF_REWARD_ADDR": f"127.0.0.1:{reward_port}", "RLHF_BATCH_SIZE": str(args.batch_size),
                        "RLHF_RESPONSE_LENGTH": str(args.response_length), "RLHF_NUM_PPO_EPOCHS": str(args.num_ppo_epochs),
                        "RLHF_LEARNING_RATE": str(args.learning_rate), "RLHF_ROUND_INTERVAL_SECONDS": "0",
-                       "RLHF_ROUND_MIN_FEEDBACK": "0", "RLHF_LOGGED_BATCH_SIZE": str(args.logged_batch_size),
+                       "RLHF_ROUND_MIN_FEEDBACK": "0", "RLHF_ROUND_MIN_TRAFFIC": "0",
+                       "RLHF_LOGGED_BATCH_SIZE": str(args.logged_batch_size),
                        "RLHF_NUM_MINI_BATCHES": str(args.num_mini_batches), "RLHF_LEARN_FROM_TRAFFIC": "true"}
         for mode in ("own", "log"):
             env = trainer_env if mode == "log" else {**trainer_env, "RLHF_LEARN_FROM_TRAFFIC": "false",
@@ -112,10 +114,14 @@ class _Users:
                 raise RuntimeError(f"the generation service did not switch to {version!r} within 60 s")
             time.sleep(0.2)
         params = gen.SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0)
-        futures = [self.stub.Generate.future(gen.GenerateRequest(prompt=SEED_PROMPTS[i % len(SEED_PROMPTS)],
-                                                                 params=params), timeout=1200) for i in range(replies)]
-        for f in futures:
-            f.result()
+
+        def one(i: int) -> None:
+            self.stub.Generate(gen.GenerateRequest(prompt=SEED_PROMPTS[i % len(SEED_PROMPTS)], params=params),
+                               timeout=1200)
+
+        # 16 clients at a time, as users are: the service's queue (64 by default) refuses a flood.
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, range(replies)))
 
 
 def _served(trainer_address: str) -> str:

@@ -82,11 +82,12 @@ class TrainerConfig:
 
     round_interval_seconds: float = knob(600.0, "run a round at least this often (0 = only on feedback or RunRound)")
     round_min_feedback: int = knob(64, "run a round once this much new feedback arrived (0 = off)")
+    round_min_traffic: int = knob(32, "run a round once the served version logged this many new completions (0 = off)")
     learn_from_traffic: bool = knob(True, "train on the completions the served version logged (on-policy, "
                                           "rewarded by their users' ratings); false: only the trainer's own rollouts")
     logged_batch_size: int = knob(128, "most logged completions one round trains on (the newest of the served version)")
-    min_logged_samples: int = knob(32, "new logged completions of the served version that start a round; a round "
-                                       "with fewer tops them up with batch_size rollouts of its own")
+    min_logged_samples: int = knob(32, "on-policy logged completions a round needs to train on them alone; with "
+                                       "fewer it tops them up with batch_size rollouts of its own")
     max_logged_prompt_tokens: int = knob(1024, "logged completions with longer prompts are left out of rounds")
     max_logged_response_tokens: int = knob(128, "logged completions with longer replies are left out of rounds")
     gate_min_samples: int = knob(16, "held-out logged completions of the served version needed to judge a candidate "
@@ -105,6 +106,7 @@ class TrainerConfig:
         _refuse(self, {
             "round_interval_seconds": (self.round_interval_seconds >= 0, ">= 0"),
             "round_min_feedback": (self.round_min_feedback >= 0, ">= 0"),
+            "round_min_traffic": (self.round_min_traffic >= 0, ">= 0"),
             "min_prompts": (self.min_prompts >= 1, ">= 1"),
             "logged_batch_size": (self.logged_batch_size >= 1, ">= 1"),
             "min_logged_samples": (self.min_logged_samples >= 1, ">= 1"),

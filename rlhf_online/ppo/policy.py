@@ -34,19 +34,24 @@ class PolicyWithValue(nn.Module):
         if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
             self.value_head.load_state_dict(load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE)))
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, L, V], values [B, L]) of left-padded sequences."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, keep or L, V] of the last `keep` positions (0 = all), values [B, L]) of left-padded sequences.
+
+        Keeping only the response's positions spares the vocabulary projection (a fifth of SmolLM2's
+        compute per position) on the prompt, which is most of a short reply's sequence.
+        """
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                         logits_to_keep=keep)
         values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
         return out.logits, values
 
     @torch.no_grad()
-    def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the frozen reference: the same weights with the LoRA adapter disabled (no second copy)."""
+    def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """Logits of the last `keep` positions (0 = all) under the frozen reference: the adapter disabled."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.model.disable_adapter():
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights and the value head; the base stays frozen."""

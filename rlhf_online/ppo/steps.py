@@ -86,8 +86,9 @@ def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
 def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, lq: int, t: int,
                      response: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T] of the response tokens, values [B, T]) from one forward pass."""
-    logits, values = policy(rollout_ids, attn)
-    logits = logits[:, lq - 1: lq + t - 1] / temperature
+    # Logits at positions lq - 1 .. lq + t - 2 predict the response: the last t + 1 positions but the very last.
+    logits, values = policy(rollout_ids, attn, keep=t + 1)
+    logits = logits[:, :t] / temperature
     return core.logprobs_of(logits, response), values[:, lq - 1: lq + t - 1]
 
 
@@ -132,7 +133,7 @@ def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for rows in torch.arange(len(samples)).split(cfg.local_rollout_forward_batch_size):
         logprobs, values = _response_slices(policy, ids[rows], attn[rows], lq, t, response[rows], cfg.temperature)
-        ref_logits = policy.reference_logits(ids[rows], attn[rows])[:, lq - 1: lq + t - 1] / cfg.temperature
+        ref_logits = policy.reference_logits(ids[rows], attn[rows], keep=t + 1)[:, :t] / cfg.temperature
         parts.append((logprobs, core.logprobs_of(ref_logits, response[rows]), values))
     logprobs, ref_logprobs, values = (torch.cat(x) for x in zip(*parts, strict=True))
     return Rollouts([s.prompt for s in samples], query, query_mask, response, mask, [s.text for s in samples],

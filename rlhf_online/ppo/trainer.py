@@ -195,7 +195,8 @@ class Trainer:
         stats.update({"samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
                       "samples/heldout_logged": float(len(traffic.heldout)),
                       "samples/not_on_policy": float(sum(traffic.left_out.values())),
-                      "objective/scores_from_ratings": self._rated_share(rollouts)})
+                      # rewarded by their users' ratings (the Reward service combines them with its score)
+                      "samples/rated": float(len(self.store.rating_evidence([s.completion_id for s in traffic.train])))})
         t = time.time()
         passed, reason, evaluation = self._gate(policy, current, held, held_rollouts, held_scores)
         times["time/eval_seconds"] = time.time() - t
@@ -209,10 +210,6 @@ class Trainer:
         if self._candidate_replies is not None:
             self._remember(version, *self._candidate_replies)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
-
-    def _rated_share(self, rollouts: steps.Rollouts) -> float:
-        """Share of the batch that came from the log with a completion id (the Reward service counts its ratings)."""
-        return sum(1 for c in rollouts.completion_ids if c) / max(1, len(rollouts.completion_ids))
 
     def _gate(self, policy: PolicyWithValue, current: str, held: list[str], held_rollouts: steps.Rollouts | None,
               held_scores: torch.Tensor | None) -> tuple[bool, str, dict[str, float]]:
@@ -266,8 +263,8 @@ class Trainer:
     def due(self, last_round_at: float, now: float | None = None) -> bool:
         """A round is due: enough new traffic of the served version or new feedback since the last round, or the interval passed."""
         s = self.config
-        if s.learn_from_traffic and self.store.count_served(
-                self.registry.current(), self.last_round_started_at) >= s.min_logged_samples:
+        if s.learn_from_traffic and s.round_min_traffic and self.store.count_served(
+                self.registry.current(), self.last_round_started_at) >= s.round_min_traffic:
             return True
         if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
             return True

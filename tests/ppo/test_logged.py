@@ -85,13 +85,16 @@ def make_trainer(tiny, store, tmp_path, calls, **knobs):
 
 def test_a_round_trains_on_the_logged_traffic_and_judges_on_held_out_traffic(tiny, traffic, tmp_path):
     calls: list[list[str]] = []
-    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, gate_min_samples=2, gate_min_ess=0.01)
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, round_min_traffic=8,
+                           gate_min_samples=2, gate_min_ess=0.01)
+    train_id = next(f"c{i}" for i, p in enumerate(PROMPTS) if not is_heldout(p, trainer.heldout_percent))
+    traffic.add_feedback(train_id, "u", "thumbs_up")
     assert trainer.due(last_round_at=0.0, now=0.0)  # 40 logged replies of the served version, none used yet
     r = trainer.run_round()
     held = {f"c{i}" for i, p in enumerate(PROMPTS) if is_heldout(p, trainer.heldout_percent)}
     assert 2 <= len(held) < 40, "the fixture needs prompts on both sides"
     assert r.metrics["samples/logged"] == 40 - len(held) and r.metrics["samples/own"] == 0, r
-    assert r.metrics["eval/on_traffic"] == 1.0 and r.metrics["objective/scores_from_ratings"] == 1.0, r
+    assert r.metrics["eval/on_traffic"] == 1.0 and r.metrics["samples/rated"] == 1, r
     # the reward was asked about exactly the logged completions, by id: training rows, then the held-out ones
     assert set(calls[0]) == {f"c{i}" for i in range(40)} - held and set(calls[1]) == held
     assert r.outcome in ("published", "rejected") and "importance-weighted" in r.reason, r

@@ -39,12 +39,14 @@ def test_collect_records_consistent_logprobs_and_masks(tiny):
     cfg = PPOConfig(batch_size=4, response_length=6)
     policy = PolicyWithValue(copy.deepcopy(model), cfg)
     ro = steps.collect(policy, tok, PROMPTS[:4], cfg, seed=0)
-    assert ro.response.shape == ro.mask.shape == ro.logprobs.shape == ro.values.shape == (4, 6)
+    assert ro.response.shape == ro.mask.shape == ro.logprobs.shape == ro.values.shape == (4, ro.response.shape[1])
+    assert 1 <= ro.response.shape[1] <= 6
     # before any update the policy is the reference: KL is exactly zero (LoRA B starts at 0)
     assert torch.equal(ro.logprobs, ro.ref_logprobs)
     # recomputing the log-probs with the same weights gives the same numbers (alignment of positions)
     ids, attn = ro.sequences
-    lp, _ = steps._response_slices(policy, ids, attn, ro.query.shape[1], 6, ro.response, cfg.temperature)
+    lp, _ = steps._response_slices(policy, ids, attn, ro.query.shape[1], ro.response.shape[1], ro.response,
+                                   cfg.temperature)
     assert torch.allclose(lp * ro.mask, ro.logprobs, atol=1e-5)
     assert ro.texts == tok.batch_decode(ro.response, skip_special_tokens=True)
 
