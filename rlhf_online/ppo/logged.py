@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_online.data.split import is_heldout, prompt_key
+from rlhf_online.ppo import core
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.steps import Sample
 from rlhf_online.store import CompletionRecord, Store
@@ -100,13 +101,14 @@ def judge_on_traffic(current_logprobs: torch.Tensor, candidate_logprobs: torch.T
 
     The candidate's expected reward is E_current[w r] with w = pi_candidate(y|x) / pi_current(y|x),
     estimated self-normalised (sum w r / sum w: bounded by the rewards, small bias, far lower
-    variance); its KL to the reference is estimated the same way. The standard error of the
+    variance); its KL to the reference is estimated the same way (k3 per token). The standard error of the
     difference comes from a bootstrap over the replies, so the gate can tell a drop from noise
     without sampling a single new reply.
     """
     log_w = (candidate_logprobs - current_logprobs).sum(1).double()
-    seq_kl_current = (current_logprobs - ref_logprobs).sum(1).double()
-    seq_kl_candidate = (candidate_logprobs - ref_logprobs).sum(1).double()
+    # k3 per token (>= 0; padding gives 0): an importance-weighted sum of k1 can come out negative
+    seq_kl_current = core.kl_per_token(current_logprobs, ref_logprobs, "k3").sum(1).double()
+    seq_kl_candidate = core.kl_per_token(candidate_logprobs, ref_logprobs, "k3").sum(1).double()
     r = scores.double()
 
     def estimate(idx: torch.Tensor) -> tuple[float, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,25 @@ class PolicyWithValue(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights and the value head; the base stays frozen."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable weights (LoRA and value head): a few MB, where a model copy would be hundreds."""
+        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def using(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run with other trainable weights for a while (e.g. the served version's, to compare a candidate with it)."""
+        own = self.trainable_state()
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for n, w in state.items():
+                params[n].copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, w in own.items():
+                    params[n].copy_(w)
 
     def save(self, directory: Path) -> None:
         """The PEFT adapter files plus the value head, for publishing and for the next round's warm start."""

@@ -159,17 +159,16 @@ class Trainer:
         traffic = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent)
                    if self.config.learn_from_traffic else logged.LoggedBatch([], [], Counter()))
         own = len(traffic.train) < self.config.min_logged_samples  # thin traffic: sample rollouts too
-        judge_on_traffic = len(traffic.heldout) >= self.config.gate_min_samples
-        train, held = split_prompts(self.store, self.heldout_percent) if own or not judge_on_traffic else ([], [])
+        train = split_prompts(self.store, self.heldout_percent)[0] if own else []
         if own and len(train) < self.config.min_prompts:
             return RoundResult("skipped", reason=f"{len(traffic.train)} logged on-policy completions < "
                                                  f"min_logged_samples {self.config.min_logged_samples} and {len(train)} "
                                                  f"logged prompts < min_prompts {self.config.min_prompts}")
-        held = self._gate_prompts(held or train)
         if waiting := self.reward_not_ready():
             return RoundResult("skipped", reason=waiting)
         self.last_round_started_at = started  # the traffic read above is used; what arrives from now on is new
         policy = self._policy(current)
+        served_weights = policy.trainable_state()  # the gate compares the candidate with these
         times["time/read_log_seconds"] = time.time() - t
         t = time.time()
         samples = list(traffic.train)
@@ -179,12 +178,9 @@ class Trainer:
         times["time/rollout_seconds"] = time.time() - t
         t = time.time()
         rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo)
-        held_rollouts = (steps.measure(policy, traffic.heldout, self.tokenizer.pad_token_id, self.ppo)
-                         if judge_on_traffic else None)
         times["time/forward_seconds"] = time.time() - t
         t = time.time()
         scores = steps.score(rollouts, self.reward_fn, self.ppo)
-        held_scores = steps.score(held_rollouts, self.reward_fn, self.ppo) if held_rollouts is not None else None
         times["time/score_seconds"] = time.time() - t
         adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.ppo)
         t = time.time()
@@ -193,12 +189,11 @@ class Trainer:
         times["time/update_seconds"] = time.time() - t
         self.kl_ctl.update(stats["objective/kl"], len(samples))
         stats.update({"samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
-                      "samples/heldout_logged": float(len(traffic.heldout)),
                       "samples/not_on_policy": float(sum(traffic.left_out.values())),
                       # rewarded by their users' ratings (the Reward service combines them with its score)
                       "samples/rated": float(len(self.store.rating_evidence([s.completion_id for s in traffic.train])))})
         t = time.time()
-        passed, reason, evaluation = self._gate(policy, current, held, held_rollouts, held_scores)
+        passed, reason, evaluation = self._gate(policy, served_weights, current)
         times["time/eval_seconds"] = time.time() - t
         numbers = {**stats, **times, **evaluation}
         if not passed:
@@ -211,23 +206,36 @@ class Trainer:
             self._remember(version, *self._candidate_replies)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
 
-    def _gate(self, policy: PolicyWithValue, current: str, held: list[str], held_rollouts: steps.Rollouts | None,
-              held_scores: torch.Tensor | None) -> tuple[bool, str, dict[str, float]]:
-        """Judge the updated policy: on held-out traffic when there is enough and it stays comparable, else by sampling."""
-        if held_rollouts is not None and held_scores is not None:
-            after = steps.response_logprobs(policy, held_rollouts, self.ppo)
-            v = logged.judge_on_traffic(held_rollouts.logprobs, after, held_rollouts.ref_logprobs, held_scores)
-            numbers = {"eval/on_traffic": 1.0, "eval/reward_current": v.reward_current, "eval/reward": v.reward_candidate,
-                       "eval/kl_current": v.kl_current, "eval/kl": v.kl_candidate, "eval/ess_share": v.ess_share}
+    def _gate(self, policy: PolicyWithValue, served_weights: dict[str, torch.Tensor], current: str
+              ) -> tuple[bool, str, dict[str, float]]:
+        """Judge the updated policy on the served version's held-out traffic, or by sampling when that is too thin.
+
+        The held-out traffic is read now, not when the round started: the served version kept serving
+        (and its users kept rating) while the round trained, so there is more of it.
+        """
+        held_samples = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent).heldout
+                        if self.config.learn_from_traffic else [])
+        numbers = {"samples/heldout_logged": float(len(held_samples))}
+        if len(held_samples) >= self.config.gate_min_samples:
+            candidate = steps.measure(policy, held_samples, self.tokenizer.pad_token_id, self.ppo)
+            with policy.using(served_weights):
+                served = steps.response_logprobs(policy, candidate, self.ppo)
+            scores = steps.score(candidate, self.reward_fn, self.ppo)
+            v = logged.judge_on_traffic(served, candidate.logprobs, candidate.ref_logprobs, scores)
+            numbers.update({"eval/on_traffic": 1.0, "eval/reward_current": v.reward_current,
+                            "eval/reward": v.reward_candidate, "eval/kl_current": v.kl_current,
+                            "eval/kl": v.kl_candidate, "eval/ess_share": v.ess_share})
             if v.ess_share >= self.config.gate_min_ess:
                 passed, reason = gate_on_traffic(v, self.config.kl_budget)
                 return passed, reason, numbers
             log.info("candidate moved too far to be judged on traffic; sampling instead",
                      extra={"ess_share": round(v.ess_share, 3)})
+        train, held = split_prompts(self.store, self.heldout_percent)
+        held = self._gate_prompts(held or train)
         before = self._evaluate(lambda: self._policy(current), current, held)
         after = self._evaluate(lambda: policy, None, held)
-        numbers = {"eval/on_traffic": 0.0, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
-                   **{k: v for k, v in after.items() if k.startswith("eval/")}}
+        numbers.update({"eval/on_traffic": 0.0, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
+                        **{k: v for k, v in after.items() if k.startswith("eval/")}})
         passed, reason = gate(after, before, self.config.kl_budget)
         self._candidate_replies = (held, after)  # remembered under its version if it is published
         return passed, reason, numbers

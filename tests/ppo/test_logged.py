@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -49,7 +50,10 @@ def test_the_traffic_gate_is_exact_for_an_unchanged_policy_and_follows_the_weigh
     scores = torch.tensor([1.0, 0.0, 0.0, -1.0])
     same = logged.judge_on_traffic(lp, lp, ref, scores)
     assert same.reward_candidate == pytest.approx(same.reward_current) == pytest.approx(0.0)
-    assert same.ess_share == pytest.approx(1.0) and same.kl_candidate == pytest.approx(0.3)
+    # k3 per token with log(p/ref) = 0.1: e^-0.1 - 1 + 0.1, three tokens
+    assert same.ess_share == pytest.approx(1.0) and same.kl_candidate == pytest.approx(3 * (math.exp(-0.1) - 0.9), rel=1e-5)
+    # never negative, even where the sampled tokens are likelier under the reference (k1 would say -0.3)
+    assert logged.judge_on_traffic(ref, ref, lp, scores).kl_candidate > 0
     # A candidate that makes the best reply 4x as likely (per token: x 4^(1/3)) and the worst 4x less
     moved = lp.clone()
     moved[0] += torch.log(torch.tensor(4.0)) / 3
@@ -116,3 +120,18 @@ def test_with_learning_from_traffic_off_a_round_uses_own_rollouts_only(tiny, tra
     r = trainer.run_round()
     assert r.metrics["samples/logged"] == 0 and r.metrics["samples/own"] == PPO.batch_size, r
     assert not trainer.due(last_round_at=1e12, now=1e12)
+
+
+def test_the_gate_reads_the_served_weights_back_and_leaves_the_candidate_as_it_was(tiny):
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPO)
+    rollouts = steps.collect(policy, tok, PROMPTS[:3], PPO, seed=0)
+    served = policy.trainable_state()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    candidate = steps.response_logprobs(policy, rollouts, PPO)
+    assert not torch.allclose(candidate, rollouts.logprobs, atol=1e-4)  # the perturbation changed the policy
+    with policy.using(served):
+        assert torch.allclose(steps.response_logprobs(policy, rollouts, PPO), rollouts.logprobs, atol=1e-5)
+    assert torch.equal(steps.response_logprobs(policy, rollouts, PPO), candidate)
