@@ -191,7 +191,7 @@ class TrainerSettings(HeldoutSettings):
     trainer: TrainerConfig = group(TrainerConfig)
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "num_mini_batches",
                                        "per_device_train_batch_size", "learning_rate",
-                                       "init_kl_coef", "adaptive_kl", "target_kl"))
+                                       "init_kl_coef", "adaptive_kl", "target_kl", "prompt_baseline"))
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value (the nested configs checked their own)."""

@@ -41,6 +41,8 @@ class PPOConfig:
     gamma: float = knob(1.0, "discount")
     lam: float = knob(0.95, "GAE lambda")
     whiten_rewards: bool = knob(False, "whiten per-token rewards before GAE")
+    prompt_baseline: bool = knob(True, "score minus the mean score of the batch's other replies to the same prompt "
+                                       "(RLOO's leave-one-out baseline; a user's n>=2 candidates), before GAE")
     # --- update ---
     num_ppo_epochs: int = knob(4, "PPO epochs per round")
     num_mini_batches: int = knob(1, "minibatches (optimizer steps) per epoch")

@@ -51,6 +51,10 @@ class Rollouts:
     values: torch.Tensor  # [B, T]
     completion_ids: list[str] = field(default_factory=list)  # per row, "" for the trainer's own rollouts
 
+    def prompt_keys(self) -> list[tuple[int, ...]]:
+        """Per row, the prompt's token ids as the policy saw them: rows with equal keys answer the same prompt."""
+        return [tuple(q[m.bool()].tolist()) for q, m in zip(self.query, self.query_mask, strict=True)]
+
     @property
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[query | response] ids and attention mask."""
@@ -158,6 +162,9 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Per-token rewards (-beta KL, score at the end) -> GAE -> whitened advantages, and returns."""
     kl = core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask
+    raw_scores = scores
+    if cfg.prompt_baseline:
+        scores = core.leave_one_out(scores, rollouts.prompt_keys())
     rewards = core.per_token_rewards(scores, kl, rollouts.mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = core.whiten(rewards, rollouts.mask, shift_mean=False)
@@ -165,9 +172,12 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
     adv = core.whiten(adv, rollouts.mask)
     seq_kl = kl.sum(1)
     non_score = (-kl_coef * kl).sum(1)
-    stats = {"objective/kl": float(seq_kl.mean()), "objective/scores": float(scores.mean()),
+    keys = rollouts.prompt_keys()
+    stats = {"objective/kl": float(seq_kl.mean()), "objective/scores": float(raw_scores.mean()),
              "objective/non_score_reward": float(non_score.mean()),
-             "objective/rlhf_reward": float((scores + non_score).mean()), "objective/kl_coef": kl_coef,
+             "objective/rlhf_reward": float((raw_scores + non_score).mean()), "objective/kl_coef": kl_coef,
+             # share of rows compared with a sibling reply to the same prompt (0 when prompt_baseline is off)
+             "objective/baselined_share": float(cfg.prompt_baseline) * sum(keys.count(k) > 1 for k in keys) / len(keys),
              "val/mean": float(core.masked_mean(rollouts.values, rollouts.mask)),
              "objective/response_length": float(rollouts.mask.sum(1).mean())}
     return adv, returns, stats

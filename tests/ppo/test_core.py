@@ -109,3 +109,11 @@ def test_config_refuses_bad_values_by_name():
         PPOConfig(cliprange=1.5)
     with pytest.raises(ConfigError, match="num_mini_batches"):
         PPOConfig(batch_size=2, num_mini_batches=4)
+
+
+def test_leave_one_out_compares_each_reply_with_its_siblings_and_leaves_single_replies_alone():
+    scores = torch.tensor([1.0, 3.0, 0.5, 2.0, 4.0, 6.0])
+    out = core.leave_one_out(scores, ["a", "a", "solo", "b", "b", "b"])
+    # a: 1 - 3, 3 - 1; b: 2 - (4 + 6) / 2, ...; solo unchanged
+    assert out.tolist() == [-2.0, 2.0, 0.5, -3.0, 0.0, 3.0]
+    assert scores.tolist() == [1.0, 3.0, 0.5, 2.0, 4.0, 6.0]  # the input is left as it was

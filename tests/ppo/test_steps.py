@@ -89,3 +89,17 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
     # Held-out KL after 10 rounds measured 2.90 / 2.70 / 3.15 with seeds 0 / 1 / 2: the adaptive controller keeps
     # it under its target (6), with room to spare; a policy that did not move would show 0.
     assert after["eval/finite"] == 1.0 and 0.5 < after["eval/kl"] < cfg.target_kl
+
+
+def test_replies_to_the_same_prompt_are_rewarded_against_each_other(tiny):
+    model, tok = tiny
+    cfg = PPOConfig(batch_size=3, response_length=6)
+    ro = steps.collect(PolicyWithValue(copy.deepcopy(model), cfg), tok, [PROMPTS[0], PROMPTS[0], PROMPTS[1]], cfg, seed=0)
+    assert ro.prompt_keys()[0] == ro.prompt_keys()[1] != ro.prompt_keys()[2]
+    scores = torch.tensor([2.0, 1.0, 5.0])
+    adv, ret, stats = steps.advantages(ro, scores, 0.05, cfg)
+    # the same as the siblings' difference given as scores with the baseline off: the pair's +-1, the lone reply's 5
+    off = PPOConfig(batch_size=3, response_length=6, prompt_baseline=False)
+    adv_by_hand, ret_by_hand, _ = steps.advantages(ro, torch.tensor([1.0, -1.0, 5.0]), 0.05, off)
+    assert torch.allclose(adv, adv_by_hand) and torch.allclose(ret, ret_by_hand)
+    assert stats["objective/scores"] == pytest.approx(8 / 3) and stats["objective/baselined_share"] == pytest.approx(2 / 3)
