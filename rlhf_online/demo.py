@@ -48,20 +48,20 @@ class DemoConfig:
     training_threads: int = 1  # torch threads of the trainer
     reward_threads: int = 1
     # The trainer's PPO knobs: a larger lr than the service's (PPO's early stop on approx. KL bounds each
-    # round's step) and a smaller starting KL penalty; response_length follows max_new_tokens. A round's batch
-    # is the users' replies of the served version, in num_mini_batches optimizer steps per epoch.
+    # round's step) and a smaller starting KL penalty; response_length follows max_new_tokens.
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate",
                                        "init_kl_coef"),
-                           learning_rate=1e-3, init_kl_coef=0.02, num_ppo_epochs=2, num_mini_batches=4)
-    # A round as soon as the served version has round_min_traffic new replies (about half a minute of the
-    # users here), a top-up round of own rollouts only if traffic stalls for round_interval_seconds; the
-    # sampling gate (used when held-out traffic is thin) on fewer held-out prompts and replies.
+                           learning_rate=1e-3, init_kl_coef=0.02)
+    # Rounds back to back on the trainer's own rollouts, the gate on fewer held-out prompts and replies.
+    # Rounds from the users' traffic (--learn-from-traffic true --round-interval-seconds 60 --num-ppo-epochs 2
+    # --num-mini-batches 4) work here too, but in 10 minutes they cut toxicity less (docs/benchmarks.md, 2026-12-05):
+    # 6 rounds of ~32 replies on one thread move the policy less far than 8-10 back-to-back rounds of 8.
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
-                                                   "learn_from_traffic", "logged_batch_size", "round_min_traffic",
-                                                   "min_logged_samples"),
-                                   round_interval_seconds=60.0, round_min_feedback=0, eval_prompts=12,
-                                   eval_samples_per_prompt=2, logged_batch_size=64, round_min_traffic=32,
-                                   min_logged_samples=32)
+                                                   "round_interval_seconds", "learn_from_traffic",
+                                                   "logged_batch_size", "round_min_traffic", "min_logged_samples"),
+                                   round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
+                                   eval_samples_per_prompt=2, learn_from_traffic=False, logged_batch_size=64,
+                                   round_min_traffic=32, min_logged_samples=32)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 

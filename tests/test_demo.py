@@ -28,7 +28,8 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
         "--max-new-tokens", "8", "--heldout-prompts", "6", "--heldout-samples", "1", "--serving-threads", "1",
         "--training-threads", "1", "--reward-threads", "1", "--eval-prompts", "4", "--batch-size", "4",
         "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000",
-        "--min-logged-samples", "8", "--round-min-traffic", "8", "--logged-batch-size", "32"])
+        "--learn-from-traffic", "true", "--round-interval-seconds", "60", "--min-logged-samples", "8",
+        "--round-min-traffic", "8", "--logged-batch-size", "32"])
     assert demo.main(args) == 0
     [run] = list(tmp_path.iterdir())
     report = json.loads((run / "report.json").read_text())
@@ -75,8 +76,12 @@ def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_pat
     assert trainer.ppo == dataclasses.replace(cfg.ppo, response_length=8)
     assert (trainer.ppo.batch_size, trainer.ppo.learning_rate, trainer.ppo.init_kl_coef) == (4, 0.01, 0.02)
     assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
-    assert trainer.trainer.round_interval_seconds == 60 and trainer.trainer.round_min_feedback == 0
-    assert trainer.trainer.learn_from_traffic and trainer.ppo.num_mini_batches == 4
+    assert trainer.trainer.round_interval_seconds == 1.0 and trainer.trainer.round_min_feedback == 0
+    assert not trainer.trainer.learn_from_traffic and trainer.ppo.num_mini_batches == 1
+    traffic = demo.service_envs(config.assemble(demo.DemoConfig, vars(parser.parse_args(
+        ["--learn-from-traffic", "true", "--num-mini-batches", "4"]))), tmp_path / "model", tmp_path, 1234)["trainer"]
+    on = config.build(TrainerSettings, None, traffic)
+    assert on.trainer.learn_from_traffic and on.ppo.num_mini_batches == 4
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
