@@ -55,7 +55,7 @@ class DemoConfig:
     # Rounds back to back on the trainer's own rollouts, the gate on fewer held-out prompts and replies.
     # Rounds from the users' traffic (--learn-from-traffic true --round-interval-seconds 60 --num-ppo-epochs 2
     # --num-mini-batches 4) work here too, but in 10 minutes they cut toxicity less (docs/benchmarks.md, 2026-12-05):
-    # 6 rounds of ~32 replies on one thread move the policy less far than 8-10 back-to-back rounds of 8.
+    # 6 rounds of ~32 replies on one thread moved the policy less far (KL 5) than 16 back-to-back rounds of 8 (KL 11).
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
                                                    "round_interval_seconds", "learn_from_traffic",
                                                    "logged_batch_size", "round_min_traffic", "min_logged_samples"),

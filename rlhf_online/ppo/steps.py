@@ -8,6 +8,7 @@ read from positions Lq - 1 .. Lq + T - 2.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,9 +163,9 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Per-token rewards (-beta KL, score at the end) -> GAE -> whitened advantages, and returns."""
     kl = core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask
-    raw_scores = scores
+    raw_scores, keys = scores, rollouts.prompt_keys()
     if cfg.prompt_baseline:
-        scores = core.leave_one_out(scores, rollouts.prompt_keys())
+        scores = core.leave_one_out(scores, keys)
     rewards = core.per_token_rewards(scores, kl, rollouts.mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = core.whiten(rewards, rollouts.mask, shift_mean=False)
@@ -172,12 +173,12 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
     adv = core.whiten(adv, rollouts.mask)
     seq_kl = kl.sum(1)
     non_score = (-kl_coef * kl).sum(1)
-    keys = rollouts.prompt_keys()
+    siblings = Counter(keys)
     stats = {"objective/kl": float(seq_kl.mean()), "objective/scores": float(raw_scores.mean()),
              "objective/non_score_reward": float(non_score.mean()),
              "objective/rlhf_reward": float((raw_scores + non_score).mean()), "objective/kl_coef": kl_coef,
              # share of rows compared with a sibling reply to the same prompt (0 when prompt_baseline is off)
-             "objective/baselined_share": float(cfg.prompt_baseline) * sum(keys.count(k) > 1 for k in keys) / len(keys),
+             "objective/baselined_share": float(cfg.prompt_baseline) * sum(siblings[k] > 1 for k in keys) / len(keys),
              "val/mean": float(core.masked_mean(rollouts.values, rollouts.mask)),
              "objective/response_length": float(rollouts.mask.sum(1).mean())}
     return adv, returns, stats
