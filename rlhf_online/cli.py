@@ -23,6 +23,7 @@ BENCHES = {
     "ppo": "PPO update throughput, ours vs TRL 1.12 (needs .venv-bench)",
     "ppo-round": "one RunRound through the three services, timed",
     "reward-accuracy": "learned reward vs simulated users' hidden preference",
+    "canary": "error rates and speed of the canary test on simulated users (no model)",
     "soak": "steady generation + feedback load with a swap every minute",
     "all": "every benchmark above, collected into all.json / all.md",
 }

@@ -1,0 +1,1 @@
+"""Canary versions of the LoRA policy: the sequential test that promotes or rolls back a canary."""
