@@ -89,37 +89,46 @@ def add_bench(sub: LazySubcommands) -> None:
 
 
 def _policies(args: argparse.Namespace) -> int:
-    """List, activate or roll back adapter versions in the registry directory."""
+    """List, activate, promote or roll back adapter versions in the registry directory."""
     import json
 
     from rlhf_online.adapters.registry import AdapterRegistry
 
     registry = AdapterRegistry(Path(args.adapter_dir or Path(args.data_dir) / "adapters"))
     if args.policies_command == "list":
-        current = registry.current()
+        current, canary = registry.current(), registry.canary()
         for m in registry.describe():
-            mark = "*" if m["version"] == current else " "
-            print(f"{mark} {m['version']}  parent={m.get('parent') or '-'}  base={m['base_model']}  "
+            mark = "*" if m["version"] == current else "~" if m["version"] == canary else " "
+            record = registry.decision(m["version"])
+            status = f"  canary={record['outcome']}" if record else ""
+            print(f"{mark} {m['version']}  parent={m.get('parent') or '-'}  base={m['base_model']}{status}  "
                   f"metrics={json.dumps(m.get('metrics', {}), sort_keys=True)}")
         print(f"CURRENT = {current or '(bare base)'}")
+        print(f"CANARY = {canary or '(none)'}")
     elif args.policies_command == "activate":
         registry.activate(args.version)
         print(f"CURRENT = {args.version or '(bare base)'}")
+    elif args.policies_command == "promote":
+        print(f"CURRENT = {registry.promote()} (promoted from CANARY)")
     else:
-        print(f"CURRENT = {registry.rollback() or '(bare base)'}")
+        had_canary = registry.canary()
+        stable = registry.rollback()
+        print(f"CANARY = (none) ({had_canary} rolled back)" if had_canary else f"CURRENT = {stable or '(bare base)'}")
     return 0
 
 
 def add_policies(sub: LazySubcommands) -> None:
-    """`policies list|activate|rollback` on the adapter registry."""
-    policies = sub.add_parser("policies", help="the adapter registry: list, activate, rollback")
+    """`policies list|activate|promote|rollback` on the adapter registry."""
+    policies = sub.add_parser("policies", help="the adapter registry: list, activate, promote, rollback")
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
     where.add_argument("--adapter-dir", default=os.environ.get("RLHF_ADAPTER_DIR"))
     psub = policies.add_subparsers(dest="policies_command", required=True)
-    psub.add_parser("list", parents=[where], help="published versions; * marks CURRENT")
+    psub.add_parser("list", parents=[where], help="published versions; * marks CURRENT, ~ CANARY")
     psub.add_parser("activate", parents=[where], help="make VERSION current ('' = bare base)").add_argument("version")
-    psub.add_parser("rollback", parents=[where], help="activate the newest version older than CURRENT")
+    psub.add_parser("promote", parents=[where], help="make the canary CURRENT now (the controller records it)")
+    psub.add_parser("rollback", parents=[where], help="drop the canary if there is one, else activate the newest "
+                                                      "version older than CURRENT")
     policies.set_defaults(fn=_policies)
 
 

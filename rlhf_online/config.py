@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from rlhf_online.data.split import HELDOUT_PERCENT
 from rlhf_online.errors import ConfigError
+from rlhf_online.canary.config import CanaryConfig
+from rlhf_online.canary.sequential import CanaryTestConfig
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.registry import REWARD_PREFIX, is_version
 
@@ -98,7 +100,9 @@ class GenerationSettings(CommonSettings):
     default_max_new_tokens: int = setting(64, "max_new_tokens when a request leaves it unset")
     max_n: int = setting(8, "most candidates one request may ask for (capped at max_batch_size)")
     workers: int = setting(0, "gRPC worker threads (0 = max_queue + max_batch_size + 8)")
-    adapter_poll_seconds: float = setting(2.0, "how often the replica checks the registry's CURRENT")
+    adapter_poll_seconds: float = setting(2.0, "how often the replica checks the registry's CURRENT and CANARY")
+    canary_percent: float = setting(20.0, "share of users (sticky per user_id) a canary version serves; their n >= 2 "
+                                          "requests mix canary and stable candidates")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -110,6 +114,7 @@ class GenerationSettings(CommonSettings):
                1 <= self.default_max_new_tokens <= self.max_new_tokens, f"in 1..max_new_tokens ({self.max_new_tokens})")
         _check("workers", self.workers, self.workers >= 0, ">= 0")
         _check("adapter_poll_seconds", self.adapter_poll_seconds, self.adapter_poll_seconds > 0, "> 0")
+        _check("canary_percent", self.canary_percent, 0 <= self.canary_percent <= 100, "in 0..100")
 
     @property
     def worker_threads(self) -> int:
@@ -192,6 +197,10 @@ class TrainerSettings(HeldoutSettings):
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "num_mini_batches",
                                        "per_device_train_batch_size", "learning_rate",
                                        "init_kl_coef", "adaptive_kl", "target_kl", "prompt_baseline"))
+    # Canaries: the controller (rlhf_online.canary.controller) and its sequential test (canary.sequential).
+    canary_controller: CanaryConfig = group(CanaryConfig)
+    canary_test: CanaryTestConfig = group(CanaryTestConfig, ("worse_by", "better_by", "alpha", "beta",
+                                                             "min_canary_ratings", "hacking_z"))
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value (the nested configs checked their own)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_online import metrics
+from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.engine.engine import Engine
 from rlhf_online.engine.request import (
     CandidateResult,
@@ -87,9 +88,19 @@ class Job:
         self._collector = ResultCollector(len(self.completion_ids))
 
     @property
+    def versions(self) -> tuple[str, ...]:
+        """The policy version of each candidate, in index order."""
+        return self.handle.versions
+
+    @property
     def version(self) -> str:
-        """The policy version serving this job."""
-        return self.handle.version
+        """The version this job's user was routed to: the canary if any candidate came from it, else the stable one."""
+        return self.canary or self.handle.version
+
+    @property
+    def canary(self) -> str:
+        """The canary version if one of the candidates came from it, else ""."""
+        return self.handle.request.canary
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the job's batch slots at its next step."""
@@ -139,16 +150,22 @@ class Job:
 class Frontend:
     """The engine plus the completion log: the generation lifecycle and the checks both APIs share."""
 
-    def __init__(self, engine: Engine, store: Store) -> None:
+    def __init__(self, engine: Engine, store: Store, router: CanaryRouter | None = None) -> None:
         self.engine, self.store = engine, store
+        self.router = router or CanaryRouter()  # which candidates a canary serves, while there is one
         self.eos_ids = frozenset(engine.eos_ids)  # token ids that end a candidate (TGI marks them special)
 
     # ------------------------------------------------------------ what the APIs tell clients
 
     @property
     def policy_version(self) -> str:
-        """The version new requests are served from ("" = bare base)."""
+        """The stable version new requests are served from ("" = bare base)."""
         return self.engine.policy_version
+
+    @property
+    def canary_version(self) -> str:
+        """The canary version a share of users is served instead ("" = none)."""
+        return self.engine.canary_version
 
     def info(self) -> ServingInfo:
         """The served model and the limits requests must fit in."""
@@ -205,7 +222,8 @@ class Frontend:
                     for h in submitted:
                         h.cancel()  # evicted at the next step, instead of failing the whole batch's step
 
-        handle = self.engine.submit(prompt_ids, params, n=n, deadline=deadline, sink=sink)
+        handle = self.engine.submit(prompt_ids, params, n=n, deadline=deadline, sink=sink,
+                                    route=lambda stable, canary: self.router.versions(user_id, n, stable, canary))
         submitted.append(handle)
         ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(n)]
         return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, tuple(prompt_ids),
@@ -254,11 +272,11 @@ class Frontend:
         now = time.time()
         self.store.add_completions([
             CompletionRecord(completion_id=cid, prompt=job.prompt, messages=job.messages, text=r.text,
-                             policy_version=job.version, user_id=job.user_id, params=params,
+                             policy_version=version, user_id=job.user_id, params=params,
                              prompt_tokens=job.prompt_tokens, completion_tokens=r.completion_tokens,
                              finish_reason=r.finish_reason, metadata=job.metadata, created_at=now,
                              prompt_token_ids=job.prompt_ids, token_ids=r.token_ids)
-            for cid, r in zip(job.completion_ids, results, strict=True)])
+            for cid, r, version in zip(job.completion_ids, results, job.versions, strict=True)])
         metrics.COMPLETIONS_LOGGED.inc(len(results))
 
     def feedback(self, completion_id: str, rating: str, user_id: str = "", comment: str = "") -> bool:

@@ -34,7 +34,8 @@ FEEDBACK = Counter("rlhf_feedback_total", "Feedback newly recorded, by rating.",
 FEEDBACK_DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Feedback repeats that were counted once.")
 PREFERENCES = Counter("rlhf_preferences_total", "Pairwise preferences newly recorded.")
 COMPLETIONS_LOGGED = Counter("rlhf_completions_logged_total", "Completions written to the store.")
-POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new requests (N of vN; 0 = bare base).")
+POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new requests by role: stable (CURRENT) or "
+                       "canary (CANARY, a share of users); N of vN, 0 = bare base or no canary.", ["role"])
 ADAPTERS_LOADED = Gauge("rlhf_adapters_loaded", "LoRA adapters resident in this replica.")
 
 
@@ -42,6 +43,12 @@ ADAPTERS_LOADED = Gauge("rlhf_adapters_loaded", "LoRA adapters resident in this 
 ADAPTER_SWAPS = Counter("rlhf_adapter_swaps_total", "Policy version switches by outcome.", ["outcome"])
 ADAPTER_SWAP_SECONDS = Histogram("rlhf_adapter_swap_duration_seconds", "From seeing a new CURRENT to serving it.",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+
+# --- canary controller (trainer) ---
+CANARY_DECISIONS = Counter("rlhf_canary_decisions_total", "Canary candidates decided, by outcome: promoted, "
+                           "rolled_back, timed_out, overridden (by an operator), superseded, discarded.", ["outcome"])
+CANARY_EVIDENCE = Gauge("rlhf_canary_evidence", "The live canary's evidence: canary_rated, stable_rated, pairs, "
+                        "delta (thumbs-up rate, canary minus stable), llr (the sequential test's statistic).", ["kind"])
 
 # --- trainer ---
 TRAINER_ROUNDS = Counter("rlhf_trainer_rounds_total", "PPO rounds by outcome.", ["outcome"])

@@ -74,6 +74,10 @@ class VersionedRegistry:
         """A version's manifest, after checking every file against its sha256 (ValueError if corrupt)."""
         return verify_dir(self.path(version))
 
+    def info(self, version: str) -> dict:
+        """A version's manifest, unverified (to read its fields; `manifest` checks the files too)."""
+        return json.loads((self.path(version) / "manifest.json").read_text())
+
     def describe(self) -> list[dict]:
         """Manifests of all versions (unverified: for listing), oldest first."""
         return [json.loads((self.root / v / "manifest.json").read_text()) for v in self.versions()]
@@ -120,10 +124,14 @@ class VersionedRegistry:
         self.activate(target)
         return target
 
+    def in_use(self) -> set[str]:
+        """Versions a pointer names (never pruned)."""
+        return {self.current()}
+
     def prune(self, keep: int) -> list[str]:
-        """Delete all but the newest `keep` versions (never the current one); return what was removed."""
-        current = self.current()
-        doomed = [v for v in self.versions()[:-keep] if v != current] if keep > 0 else []
+        """Delete all but the newest `keep` versions (never one a pointer names); return what was removed."""
+        pinned = self.in_use()
+        doomed = [v for v in self.versions()[:-keep] if v not in pinned] if keep > 0 else []
         for v in doomed:
             # Rename first so the version disappears atomically, then delete at leisure.
             trash = self.root / f".{v}.deleted-{os.getpid()}"

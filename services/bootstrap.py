@@ -74,6 +74,7 @@ def run_reward(settings: RewardSettings) -> int:
 def run_trainer(settings: TrainerSettings) -> int:
     """`rlhf-online serve trainer`: rounds run on the main thread until SIGTERM."""
     from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.canary.controller import CanaryController
     from rlhf_online.mainthread import MainThreadRunner
     from rlhf_online.ppo.trainer import Trainer, load_base_model
     from services.trainer import reward_client, reward_readiness, start_trainer_server
@@ -81,10 +82,13 @@ def run_trainer(settings: TrainerSettings) -> int:
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
     base = load_base_model(resolve_base_model(settings.base_model, Path(settings.data_dir)), settings.device)
-    trainer = Trainer(settings.trainer, settings.ppo, open_store(settings.store_url), registry,
+    store = open_store(settings.store_url)
+    canary = (CanaryController(settings.canary_controller, settings.canary_test, registry, store)
+              if settings.canary_controller.canary else None)
+    trainer = Trainer(settings.trainer, settings.ppo, store, registry,
                       reward_client(settings.reward_addr), base, base_model=settings.base_model,
                       reward_not_ready=reward_readiness(settings.reward_addr, settings.admin_token),
-                      heldout_percent=settings.heldout_percent)
+                      heldout_percent=settings.heldout_percent, canary=canary)
     runner = MainThreadRunner()
     running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)

@@ -9,6 +9,7 @@ import grpc
 
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.adapters.watcher import AdapterWatcher
+from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.config import GenerationSettings
 from rlhf_online.engine.engine import Engine
 from rlhf_online.engine.request import SamplingParams
@@ -37,8 +38,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         results = self.frontend.generate(job)
         return pb.GenerateResponse(
             completions=[pb.Completion(completion_id=cid, text=r.text, finish_reason=FINISH[r.finish_reason],
-                                       completion_tokens=r.completion_tokens)
-                         for cid, r in zip(job.completion_ids, results, strict=True)],
+                                       completion_tokens=r.completion_tokens, policy_version=version)
+                         for cid, r, version in zip(job.completion_ids, results, job.versions, strict=True)],
             policy_version=job.version, prompt_tokens=job.prompt_tokens)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
@@ -47,11 +48,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         for u in self.frontend.stream(job):
             if u.result is None:
                 yield pb.GenerateStreamResponse(completion_id=u.completion_id, text_delta=u.delta,
-                                                policy_version=job.version)
+                                                policy_version=job.versions[u.index])
             else:
                 yield pb.GenerateStreamResponse(completion_id=u.completion_id, text_delta=u.delta,
                                                 finish_reason=FINISH[u.result.finish_reason],
-                                                policy_version=job.version,
+                                                policy_version=job.versions[u.index],
                                                 completion_tokens=u.result.completion_tokens)
 
     def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: grpc.ServicerContext) -> pb.SubmitFeedbackResponse:
@@ -67,8 +68,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.SubmitPreferenceResponse(duplicate=not new)
 
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
-        """The version new requests are served from."""
-        return pb.Policy(version=self.frontend.policy_version, base_model=self.settings.base_model)
+        """The versions new requests are served from: the stable one, and the canary with its share of users."""
+        canary = self.frontend.canary_version
+        return pb.Policy(version=self.frontend.policy_version, base_model=self.settings.base_model,
+                         canary_version=canary, canary_percent=self.settings.canary_percent if canary else 0.0)
 
     def _submit(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Job:
         """Queue a request with the client's deadline; cancelled when the RPC ends."""
@@ -94,7 +97,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 def start_generation_server(settings: GenerationSettings, engine: Engine, store: Store) -> RunningServer:
     """Start the service around an engine; draining stops the engine taking new requests."""
-    frontend = Frontend(engine, store)
+    frontend = Frontend(engine, store, CanaryRouter(settings.canary_percent))
     servicer = GenerationServicer(frontend, settings)
     running = start_server(settings, [SERVICE_NAME],
                            lambda s: pb_grpc.add_GenerationServicer_to_server(servicer, s),

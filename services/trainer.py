@@ -95,7 +95,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.TrainerStatus:
         """Where the trainer stands."""
         t = self.trainer
-        return pb.TrainerStatus(current=self.registry.current(), round_in_progress=t.in_progress.is_set(),
+        return pb.TrainerStatus(current=self.registry.current(), canary=self.registry.canary(),
+                                round_in_progress=t.in_progress.is_set(),
                                 rounds_total=t.rounds_total, last_round=_round_pb(t.last),
                                 feedback_since_last_round=max(0, t.store.count_feedback() - t.feedback_at_last_round))
 
@@ -104,14 +105,19 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         return _round_pb(self.runner.call(self.trainer.run_round))
 
     def ListPolicies(self, request: pb.ListPoliciesRequest, context: grpc.ServicerContext) -> pb.ListPoliciesResponse:
-        """Every published version with its metrics, and which one is CURRENT."""
-        return pb.ListPoliciesResponse(current=self.registry.current(), policies=[
+        """Every published version with its metrics, and which ones CURRENT and CANARY name."""
+        return pb.ListPoliciesResponse(current=self.registry.current(), canary=self.registry.canary(), policies=[
             gen_pb.Policy(version=m["version"], base_model=m["base_model"], metrics=m.get("metrics", {}))
             for m in self.registry.describe()])
 
     def ActivatePolicy(self, request: pb.ActivatePolicyRequest, context: grpc.ServicerContext) -> gen_pb.Policy:
-        """Promote or roll back: CURRENT names `version` ("" = the bare base); replicas follow within a poll."""
+        """Promote or roll back by hand: CURRENT names `version` ("" = the bare base); replicas follow within a poll.
+
+        Naming the canary promotes it; the canary controller records either as an operator's decision.
+        """
         self.registry.activate(request.version)
+        if self.trainer.canary is not None:
+            self.trainer.canary.step()
         if not request.version:
             return gen_pb.Policy(version="", base_model=self.trainer.base_model)
         m = self.registry.manifest(request.version)
@@ -138,6 +144,9 @@ def start_trainer_server(settings: TrainerSettings, trainer: Trainer, registry: 
                 log.exception("background round failed")
 
     threading.Thread(target=loop, name="round-scheduler", daemon=True).start()
+    if trainer.canary is not None:
+        trainer.canary.start()
+        running.on_drain.append(trainer.canary.stop)
     running.on_drain.append(stop.set)
     running.busy.append(trainer.in_progress.is_set)
     running.on_stopped.extend([runner.stop, trainer.store.close])

@@ -1,14 +1,30 @@
-"""The adapter registry: v000001/ … (PEFT files + manifest.json), CURRENT naming the served version.
+"""The adapter registry: v000001/ … (PEFT files + manifest.json), CURRENT and CANARY naming the served versions.
 
-The versioning, atomic writes and the pointer are rlhf_online.registry's; CURRENT "" is the bare base.
+The versioning, atomic writes and CURRENT are rlhf_online.registry's; CURRENT "" is the bare base.
+CANARY names a version that a share of users is served instead (sticky per user) until their
+feedback promotes it to CURRENT or rolls it back; it is written atomically like CURRENT, and ""
+(or no file) means no canary. Each canary's record — when it went live, the evidence and the
+decision — is decisions/<version>.json, rewritten atomically as it changes.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from rlhf_online.artifacts import write_atomically, write_json_atomically
+from rlhf_online.errors import InvalidArgument, NotFound
 from rlhf_online.registry import ADAPTER_PREFIX, VersionedRegistry
+
+CANARY = "CANARY"
+DECISIONS = "decisions"
+# A candidate's record goes queued -> live (served as the canary) -> promoted | rolled_back; a queued
+# one may instead be superseded (a newer candidate went live in its place) or discarded (its parent
+# was rolled back).
+QUEUED, LIVE, PROMOTED, ROLLED_BACK, SUPERSEDED, DISCARDED = (
+    "queued", "live", "promoted", "rolled_back", "superseded", "discarded")
 
 
 class AdapterRegistry(VersionedRegistry):
@@ -21,3 +37,92 @@ class AdapterRegistry(VersionedRegistry):
                 metrics: dict[str, float] | None = None) -> str:
         """Write a new version with `write(dir)` (e.g. PeftModel.save_pretrained) and return its name."""
         return super().publish(write, base_model=base_model, parent=parent, metrics=metrics or {})
+
+    # ------------------------------------------------------------ the canary pointer
+
+    def canary(self) -> str:
+        """The version CANARY names, or "" when there is no canary."""
+        try:
+            return (self.root / CANARY).read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def in_use(self) -> set[str]:
+        """CURRENT and CANARY (never pruned)."""
+        return {self.current(), self.canary()}
+
+    def set_canary(self, version: str) -> None:
+        """Make `version` the canary ("" = none): verified first, and never the version CURRENT names."""
+        if version:
+            if version == self.current():
+                raise InvalidArgument("version", f"{version} is already CURRENT; a canary must be another version")
+            try:
+                self.manifest(version)
+            except ValueError as e:
+                raise InvalidArgument("version", f"{version} is corrupt: {e}") from None
+        write_atomically(self.root / CANARY, lambda tmp: tmp.write_text(version + "\n"))
+
+    def promote(self) -> str:
+        """CURRENT := CANARY, then no canary; returns the promoted version (InvalidArgument without a canary).
+
+        CURRENT moves first: a replica reading between the two writes sees the same version as
+        stable and canary, which serves everyone that version — never a version nobody promoted.
+        """
+        canary = self.canary()
+        if not canary:
+            raise InvalidArgument("canary", "there is no canary to promote")
+        self.activate(canary)
+        self.set_canary("")
+        return canary
+
+    def rollback(self) -> str:
+        """Drop the canary if there is one, else activate the version before CURRENT; returns what is stable now."""
+        if self.canary():
+            self.set_canary("")
+            return self.current()
+        return super().rollback()
+
+    # ------------------------------------------------------------ canary records
+
+    def record(self, version: str, fields: dict[str, Any]) -> dict:
+        """Merge `fields` into a version's canary record (created on first use) and return it."""
+        self.path(version)  # a record only for a version that exists
+        old = self.decision(version) or {"version": version}
+        new = {**old, **fields}
+        write_json_atomically(self.root / DECISIONS / f"{version}.json", new)
+        return new
+
+    def decision(self, version: str) -> dict | None:
+        """A version's canary record, or None if it never was a canary candidate."""
+        try:
+            return json.loads((self.root / DECISIONS / f"{version}.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def decisions(self) -> list[dict]:
+        """Every canary record, oldest version first."""
+        folder = self.root / DECISIONS
+        return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{self.prefix}*.json"))] if folder.is_dir() else []
+
+    # ------------------------------------------------------------ lineage
+
+    def parent(self, version: str) -> str:
+        """The version a version was trained from ("" = the bare base), from its manifest."""
+        return self.info(version).get("parent", "")
+
+    def lineage(self, version: str, ancestor: str) -> list[str] | None:
+        """The versions from `ancestor` (excluded) down to `version` (included), oldest first; None if not a descendant."""
+        chain: list[str] = []
+        while version != ancestor:
+            if not version or version in chain:
+                return None  # reached the bare base (or a loop) without meeting the ancestor
+            chain.append(version)
+            try:
+                version = self.parent(version)
+            except (NotFound, FileNotFoundError):
+                return None  # a pruned parent ends the chain
+        return chain[::-1]
+
+    def with_outcome(self, outcome: str) -> list[str]:
+        """Versions whose record has this outcome, oldest first."""
+        return [r["version"] for r in self.decisions() if r.get("outcome") == outcome]

@@ -1,9 +1,11 @@
-"""Each generation replica watches the registry's CURRENT and hot-swaps to the version it names.
+"""Each generation replica watches the registry's CURRENT and CANARY and hot-swaps to the versions they name.
 
-The new version is validated (hashes, base model, shapes) and loaded beside the old one; new
+A new version is validated (hashes, base model, shapes) and loaded beside the old ones; new
 requests then go to it while requests already running finish on the version they started on,
-and the engine unloads the old version once nothing uses it. A version that fails validation
-or loading is refused and counted, and the old one keeps serving.
+and the engine unloads a version once nothing uses it. A version that fails validation or
+loading is refused and counted, and the old one keeps serving (a refused canary: none is served).
+CURRENT is applied before CANARY, so a promotion (CURRENT := CANARY, then CANARY := "") never
+leaves the promoted version unloaded in between.
 """
 
 from __future__ import annotations
@@ -21,41 +23,51 @@ log = logging.getLogger("rlhf_online.adapters")
 
 
 class AdapterWatcher:
-    """Polls CURRENT and switches the engine to it."""
+    """Polls CURRENT and CANARY and switches the engine to them."""
 
     def __init__(self, registry: AdapterRegistry, engine: Engine, *, base_model: str, poll_seconds: float = 2.0) -> None:
         self.registry, self.engine, self.base_model, self.poll_seconds = registry, engine, base_model, poll_seconds
-        self.refused: set[str] = set()  # versions that failed: not retried until CURRENT moves on
+        self.refused: set[str] = set()  # versions that failed: never retried (a version's files do not change)
         self.polls = 0  # checks started so far
         self.switched_on_poll = 0  # the number of the check that made the latest switch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> str:
-        """One poll: switch to CURRENT if it changed; returns the version served afterwards."""
+        """One poll: follow CURRENT, then CANARY, where they changed; returns the stable version served afterwards."""
         self.polls += 1
         poll = self.polls
-        wanted = self.registry.current()
-        if wanted == self.engine.policy_version or wanted in self.refused:
-            return self.engine.policy_version
+        if self._follow("stable", self.registry.current(), self.engine.policy_version, self.engine.set_current):
+            self.switched_on_poll = poll
+        canary = self.registry.canary()
+        if canary == self.engine.policy_version:
+            canary = ""  # promoted, CANARY not yet cleared: everyone gets it as the stable version
+        if self._follow("canary", canary, self.engine.canary_version, self.engine.set_canary):
+            self.switched_on_poll = poll
+        return self.engine.policy_version
+
+    def _follow(self, role: str, wanted: str, serving: str, switch) -> bool:
+        """Load `wanted` if needed and switch the role to it; False when nothing changed or it was refused."""
+        if wanted == serving or wanted in self.refused:
+            return False
         t0 = time.perf_counter()
         try:
             if wanted and wanted not in self.engine.loaded_versions():
                 validate_adapter(self.registry.path(wanted), base_model=self.base_model, model=self.engine.model)
                 self.engine.load_adapter(wanted, self.registry.path(wanted))
-            self.engine.set_current(wanted)
+            switch(wanted)
         except Exception as e:  # whatever went wrong (a malformed config fails inside PEFT with a TypeError)
             self.refused.add(wanted)
             metrics.ADAPTER_SWAPS.labels("failed").inc()
             log.error("adapter refused; the old version keeps serving",
-                      extra={"version": wanted, "serving": self.engine.policy_version, "error": str(e)})
-            return self.engine.policy_version
+                      extra={"version": wanted, "role": role, "serving": serving, "error": str(e)})
+            return False
         seconds = time.perf_counter() - t0
-        self.switched_on_poll = poll
         metrics.ADAPTER_SWAPS.labels("ok").inc()
         metrics.ADAPTER_SWAP_SECONDS.observe(seconds)
-        log.info("policy switched", extra={"version": wanted or "(base)", "seconds": round(seconds, 3)})
-        return wanted
+        shown = wanted or ("(none)" if role == "canary" else "(base)")
+        log.info("policy switched", extra={"version": shown, "role": role, "seconds": round(seconds, 3)})
+        return True
 
     def run(self) -> None:
         """Poll until stopped; a failing poll is logged, never fatal."""

@@ -1,1 +1,1 @@
-"""Canary versions of the LoRA policy: the sequential test that promotes or rolls back a canary."""
+"""Canary versions of the LoRA policy: routing a share of users to them, the sequential test, the controller."""

@@ -217,15 +217,17 @@ def decide(evidence: Evidence, config: CanaryTestConfig) -> Decision:
     if looks < config.min_canary_ratings:
         return Decision(CONTINUE, f"continue: {looks} canary completions judged, fewer than "
                                   f"min_canary_ratings {config.min_canary_ratings}; {numbers}", delta, se, llr)
-    if llr <= config.rollback_at:
-        return Decision(ROLLBACK, f"rollback: the ratings favour a canary {worse} over one at {better}; {numbers}",
-                        delta, se, llr)
+    gain, gain_se = e.reward_gain, e.reward_gain_se
+    hacked = math.isfinite(gain) and math.isfinite(gain_se) and gain > config.hacking_z * gain_se and delta <= 0
+    hacking = (f"reward hacking: the learned reward rose by {gain:.3g} (se {gain_se:.3g}, above "
+               f"{config.hacking_z:g} se) while users' thumbs-up did not rise")
+    if llr <= config.rollback_at:  # a reward-hacking canary is usually caught here: the reason names the signature
+        why = f" ({hacking})" if hacked else ""
+        return Decision(ROLLBACK, f"rollback{why}: the ratings favour a canary {worse} over one at {better}; "
+                                  f"{numbers}", delta, se, llr)
     if llr < config.promote_at:
         return Decision(CONTINUE, f"continue: not yet decided between {worse} and {better}; {numbers}", delta, se, llr)
-    gain, gain_se = e.reward_gain, e.reward_gain_se
-    if math.isfinite(gain) and math.isfinite(gain_se) and gain > config.hacking_z * gain_se and delta <= 0:
-        return Decision(ROLLBACK, f"rollback (reward hacking): the learned reward rose by {gain:.3g} "
-                                  f"(se {gain_se:.3g}, above {config.hacking_z:g} se) while users' thumbs-up did "
-                                  f"not rise; {numbers}", delta, se, llr)
+    if hacked:
+        return Decision(ROLLBACK, f"rollback ({hacking}); {numbers}", delta, se, llr)
     return Decision(PROMOTE, f"promote: the ratings favour a canary at {better} over one {worse}; {numbers}",
                     delta, se, llr)

@@ -12,7 +12,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +91,15 @@ class Engine:
         self._batch: KVBatch | None = None
         self._commands: collections.deque = collections.deque()
         self._current = ""  # policy version new requests get; "" = bare base
+        self._canary = ""  # the version a share of requests gets instead (chosen by the caller); "" = none
         self._adapters: dict[str, str] = {}  # version -> PEFT adapter name
-        self._retired: set[str] = set()  # versions replaced as current: unloaded once nothing uses them
+        self._retired: set[str] = set()  # versions no longer current or canary: unloaded once nothing uses them
         self._stopping = False
         self._draining = False
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0}  # for tests and benchmarks
+        for role in ("stable", "canary"):  # the bare base and no canary until the watcher says otherwise
+            metrics.POLICY_VERSION.labels(role).set(0)
 
     # ---------------------------------------------------------------- public API (any thread)
 
@@ -129,6 +132,11 @@ class Engine:
         return self._current
 
     @property
+    def canary_version(self) -> str:
+        """The canary version callers may pin requests to besides the current one ("" = none)."""
+        return self._canary
+
+    @property
     def busy(self) -> int:
         """Requests queued or running."""
         with self._lock:
@@ -158,10 +166,14 @@ class Engine:
         return self._encode([{"role": r, "content": c} for r, c in messages], field="messages")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
-               deadline: float | None = None, sink: Callable[[Any], None] | None = None) -> RequestHandle:
+               deadline: float | None = None, sink: Callable[[Any], None] | None = None,
+               route: Callable[[str, str], Sequence[str]] | None = None) -> RequestHandle:
         """Queue a request; raises RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE when draining.
 
-        Events go to the handle's queue, or to `sink` (called on the engine thread) when given.
+        Every candidate runs on the current version, or, with `route`, on the version
+        `route(current, canary)[i]` names: called under the engine's lock, so the versions it picks
+        are the ones served at that instant and stay loaded while the request runs. Events go to the
+        handle's queue, or to `sink` (called on the engine thread) when given.
         """
         validate_params(params, n, self.config.limits)
         req = GenerationRequest(prompt_ids=prompt_ids, params=params, n=n, deadline=deadline, sink=sink)
@@ -171,7 +183,11 @@ class Engine:
             if len(self._waiting) >= self.config.max_queue:
                 metrics.REQUESTS_FINISHED.labels("rejected").inc()
                 raise ResourceExhausted(f"queue full ({self.config.max_queue} requests waiting); retry later")
-            req.version = self._current
+            versions = tuple(route(self._current, self._canary)) if route else (self._current,) * n
+            if len(versions) != n or not set(versions) <= {self._current, self._canary}:
+                raise ValueError(f"route gave {versions} for {n} candidates; want current or canary versions")
+            req.versions = versions
+            req.canary = self._canary if self._canary and self._canary in versions else ""
             self._waiting.append(req)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._lock.notify_all()
@@ -186,11 +202,23 @@ class Engine:
         with self._lock:
             if version and version not in self._adapters:
                 raise InvalidArgument("version", f"{version} is not loaded")
-            if self._current and self._current != version:
+            if self._current and self._current not in (version, self._canary):
                 self._retired.add(self._current)
             self._retired.discard(version)  # a rollback may bring a retired version back
             self._current = version
-            metrics.POLICY_VERSION.set(metrics.version_number(version))
+            metrics.POLICY_VERSION.labels("stable").set(metrics.version_number(version))
+            self._lock.notify_all()
+
+    def set_canary(self, version: str) -> None:
+        """Let callers pin requests to `version` (loaded already) besides the current one; "" = no canary."""
+        with self._lock:
+            if version and version not in self._adapters:
+                raise InvalidArgument("version", f"{version} is not loaded")
+            if self._canary and self._canary not in (version, self._current):
+                self._retired.add(self._canary)  # rolled back: unloaded once its requests finish
+            self._retired.discard(version)
+            self._canary = version
+            metrics.POLICY_VERSION.labels("canary").set(metrics.version_number(version))
             self._lock.notify_all()
 
     def loaded_versions(self) -> list[str]:
@@ -279,7 +307,8 @@ class Engine:
     def _unload_unused(self) -> None:
         """Delete retired adapters that no queued or running request uses any more."""
         with self._lock:
-            used = {self._current} | {r.request.version for r in self._rows} | {q.version for q in self._waiting}
+            used = ({self._current, self._canary} | {v for r in self._rows for v in r.request.versions}
+                    | {v for q in self._waiting for v in q.versions})
             idle = [v for v in self._retired if v not in used]
         for v in idle:
             if len(self._adapters) == 1:
@@ -384,8 +413,8 @@ class Engine:
                     finish_request(req, RlhfError(GENERATION_FAILED))
                 metrics.REQUESTS_FINISHED.labels("failed").inc(len(take))
 
-    def _adapter_of(self, req: GenerationRequest) -> str:
-        return self._adapters.get(req.version or "", BASE)
+    def _adapter_of(self, version: str) -> str:
+        return self._adapters.get(version, BASE)
 
     def _forward(self, adapters: list[str], **kw: Any) -> torch.Tensor:
         """Model forward; a PEFT model gets one adapter name per row (mixed-version batch).
@@ -407,21 +436,26 @@ class Engine:
 
     def _prefill(self, reqs: list[GenerationRequest]) -> None:
         """Run the prompts of new requests (left-padded together), sample each candidate's first token."""
+        # One prefill row per (request, version): candidates on one version share it, while an
+        # interleaved request (canary and stable candidates) needs one per version, since the
+        # adapters change the keys and values of the prompt too.
+        units = [(i, v) for i, r in enumerate(reqs) for v in dict.fromkeys(r.versions)]
+        unit_of = {u: j for j, u in enumerate(units)}
         length = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.zeros(len(reqs), length, dtype=torch.long)
-        mask = torch.zeros(len(reqs), length, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids):] = 1
+        ids = torch.zeros(len(units), length, dtype=torch.long)
+        mask = torch.zeros(len(units), length, dtype=torch.long)
+        for j, (i, _) in enumerate(units):
+            ids[j, length - len(reqs[i].prompt_ids):] = torch.tensor(reqs[i].prompt_ids)
+            mask[j, length - len(reqs[i].prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward([self._adapter_of(r) for r in reqs], input_ids=ids.to(self.device),
+        logits = self._forward([self._adapter_of(v) for _, v in units], input_ids=ids.to(self.device),
                                attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                               past_key_values=cache, use_cache=True, logits_to_keep=1)  # [b, V]
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)  # [units, V]
         metrics.PROMPT_TOKENS.inc(sum(len(r.prompt_ids) for r in reqs))
         self.stats["prefills"] += 1
-        # n candidates share one prefill: repeat each request's cache row n times.
-        expand = [i for i, r in enumerate(reqs) for _ in range(r.n)]
+        # Candidates share their unit's prefill: repeat each unit's cache row once per candidate on it.
+        expand = [unit_of[(i, r.versions[k])] for i, r in enumerate(reqs) for k in range(r.n)]
         idx = torch.tensor(expand)
         for layer in cache.layers:
             layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))
@@ -432,10 +466,10 @@ class Engine:
             for k in range(r.n):
                 seed = None if r.params.seed is None else r.params.seed + k
                 rows.append(_Row(r, k, IncrementalText(self.tokenizer, r.params.stop), make_generator(seed),
-                                 self._adapter_of(r)))
+                                 self._adapter_of(r.versions[k])))
         logits = logits.index_select(0, idx.to(logits.device))
         new = KVBatch(cache, mask.index_select(0, idx).to(self.device),
-                      torch.tensor([len(reqs[i].prompt_ids) for i in expand], device=self.device),
+                      torch.tensor([len(reqs[units[j][0]].prompt_ids) for j in expand], device=self.device),
                       torch.zeros(len(expand), dtype=torch.long, device=self.device))
         tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
         new.next_tokens = torch.tensor(tokens, device=self.device)

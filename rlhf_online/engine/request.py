@@ -93,13 +93,14 @@ _DONE = object()
 
 @dataclass
 class GenerationRequest:
-    """A tokenized request, pinned to the policy version that was current when it was admitted."""
+    """A tokenized request; each candidate is pinned to the policy version it was admitted with."""
 
     prompt_ids: list[int]
     params: SamplingParams
     n: int = 1
     deadline: float | None = None  # time.monotonic() seconds; None = no deadline
-    version: str | None = None  # set by the engine at submission
+    versions: tuple[str, ...] = ()  # one per candidate, set by the engine at submission ("" = bare base)
+    canary: str = ""  # the canary version when a candidate runs on it, set by the engine at submission
     request_id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -129,8 +130,13 @@ class RequestHandle:
 
     @property
     def version(self) -> str:
-        """The policy version this request runs on ("" = bare base)."""
-        return self.request.version or ""
+        """The policy version of the first candidate ("" = bare base); every one's in `versions`."""
+        return self.request.versions[0] if self.request.versions else ""
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The policy version of each candidate, in index order (interleaved under a canary)."""
+        return self.request.versions
 
     def cancel(self) -> None:
         """Stop generating for this request; its batch slots are freed at the next step."""

@@ -1,13 +1,17 @@
 """A PPO round end to end: read the log -> score -> advantages -> update -> gate -> publish.
 
-The policy warm-starts from the served adapter (CURRENT). Its batch is what CURRENT already served
-to users and logged (ppo.logged: exact on-policy samples, rewarded by their users' ratings through
-the Reward service), topped up with rollouts of its own when that traffic is thin (right after a
-swap). The candidate is judged on the served version's held-out traffic, importance-weighted to
-the candidate, or, with too little of it, on sampled replies to held-out prompts with fixed seeds:
-published only if the reward did not drop beyond noise, the KL to the reference stays within
-budget and every number is finite; otherwise the round is recorded as rejected with the reason
-and the next round starts again from the served version.
+The policy warm-starts from the head of the line of versions (canary.controller.head): CURRENT,
+or with canaries on, the newest candidate users are judging or will judge, so rounds never wait
+for a canary's decision. Its batch is what that version already served to users and logged
+(ppo.logged: exact on-policy samples, rewarded by their users' ratings through the Reward
+service), topped up with rollouts of its own when that traffic is thin (right after a swap, or a
+candidate not yet served). The candidate is judged on the served version's held-out traffic,
+importance-weighted to the candidate, or, with too little of it, on sampled replies to held-out
+prompts with fixed seeds: published only if the reward did not drop beyond noise, the KL to the
+reference stays within budget and every number is finite; otherwise the round is recorded as
+rejected with the reason and the next round starts again from the same version. A published
+candidate becomes CURRENT at once, or with canaries on, waits in line for its users' verdict
+(canary.controller).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.canary.controller import CanaryController, head
 from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
 from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
@@ -65,6 +70,15 @@ def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z
     return True, summary
 
 
+def paired_se(candidate: list[float], current: list[float]) -> float:
+    """Standard error of the mean paired difference (nan without pairs)."""
+    diffs = [c - p for c, p in zip(candidate, current, strict=True)]
+    if not diffs:
+        return math.nan
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+
+
 def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
     """The gate on sampled replies: paired rewards (same prompts, same seeds) of the candidate and the served version.
 
@@ -75,7 +89,7 @@ def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tu
     if not diffs or not math.isfinite(current["eval/kl"]):
         return False, "non-finite evaluation"
     mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+    se = paired_se(candidate["rewards"], current["rewards"])
     summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
                f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}")
     return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z)
@@ -95,7 +109,8 @@ class Trainer:
 
     def __init__(self, config: TrainerConfig, ppo: PPOConfig, store: Store, registry: AdapterRegistry,
                  reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]], *, base_model: str,
-                 reward_not_ready: Callable[[], str] | None = None, heldout_percent: int = HELDOUT_PERCENT) -> None:
+                 reward_not_ready: Callable[[], str] | None = None, heldout_percent: int = HELDOUT_PERCENT,
+                 canary: CanaryController | None = None) -> None:
         self.config, self.ppo, self.base_model = config, ppo, base_model  # base_model: recorded in manifests
         self.heldout_percent = heldout_percent  # the same setting as the reward model's, so both hold out alike
         self.store, self.registry, self.reward_fn = store, registry, reward_fn
@@ -103,6 +118,7 @@ class Trainer:
         # learned reward would see all-zero scores and publish pure drift.
         self.reward_not_ready = reward_not_ready or (lambda: "")
         self.load_base = load_base
+        self.canary = canary  # None: a candidate that passes the gate becomes CURRENT at once
         _, self.tokenizer = load_base()
         self.kl_ctl = (AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.init_kl_coef))
@@ -153,7 +169,7 @@ class Trainer:
         self.feedback_at_last_round = self.store.count_feedback()
         started = time.time()
         self._candidate_replies = None
-        current = self.registry.current()
+        current = head(self.registry)  # CURRENT, or the newest candidate users are judging or will judge
         times: dict[str, float] = {}
         t = time.time()
         traffic = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent)
@@ -200,7 +216,11 @@ class Trainer:
             return RoundResult("rejected", reason=reason, metrics=numbers)
         version = self.registry.publish(policy.save, base_model=self.base_model, parent=current,
                                         metrics={k: v for k, v in numbers.items() if math.isfinite(v)})
-        self.registry.activate(version)
+        if self.canary is None:
+            self.registry.activate(version)
+        else:  # its users decide: it waits its turn as the canary (at once when none is live)
+            self.canary.queue(version)
+            self.canary.step()
         self.registry.prune(self.config.keep_versions)
         if self._candidate_replies is not None:
             self._remember(version, *self._candidate_replies)
@@ -223,7 +243,8 @@ class Trainer:
             scores = steps.score(candidate, self.reward_fn, self.ppo)
             v = logged.judge_on_traffic(served, candidate.logprobs, candidate.ref_logprobs, scores)
             numbers.update({"eval/on_traffic": 1.0, "eval/reward_current": v.reward_current,
-                            "eval/reward": v.reward_candidate, "eval/kl_current": v.kl_current,
+                            "eval/reward": v.reward_candidate, "eval/reward_diff_se": v.diff_se,
+                            "eval/kl_current": v.kl_current,
                             "eval/kl": v.kl_candidate, "eval/ess_share": v.ess_share})
             if v.ess_share >= self.config.gate_min_ess:
                 passed, reason = gate_on_traffic(v, self.config.kl_budget)
@@ -237,6 +258,7 @@ class Trainer:
         numbers.update({"eval/on_traffic": 0.0, **{f"{k}_current": v for k, v in before.items() if k.startswith("eval/")},
                         **{k: v for k, v in after.items() if k.startswith("eval/")}})
         passed, reason = gate(after, before, self.config.kl_budget)
+        numbers["eval/reward_diff_se"] = paired_se(after["rewards"], before["rewards"])
         self._candidate_replies = (held, after)  # remembered under its version if it is published
         return passed, reason, numbers
 
@@ -272,7 +294,7 @@ class Trainer:
         """A round is due: enough new traffic of the served version or new feedback since the last round, or the interval passed."""
         s = self.config
         if s.learn_from_traffic and s.round_min_traffic and self.store.count_served(
-                self.registry.current(), self.last_round_started_at) >= s.round_min_traffic:
+                head(self.registry), self.last_round_started_at) >= s.round_min_traffic:
             return True
         if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
             return True

@@ -12,9 +12,10 @@ from rlhf_online.store.base import (
     PreferenceRecord,
     RatingEvidence,
     Store,
+    VersionComparison,
 )
 
-__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RatingEvidence", "Store",
+__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RatingEvidence", "Store", "VersionComparison",
            "open_store"]
 
 SQLITE_PREFIX = "sqlite:///"

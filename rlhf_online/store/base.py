@@ -82,6 +82,18 @@ class RatingEvidence:
         return self.thumbs_up + self.thumbs_down + self.preferred + self.dispreferred
 
 
+@dataclass(frozen=True)
+class VersionComparison:
+    """Users' verdicts on two policy versions' completions over the same period (a canary and its stable)."""
+
+    a_up: int = 0  # thumbs-up on version a's completions
+    a_rated: int = 0  # thumbs ratings on them, up or down
+    b_up: int = 0
+    b_rated: int = 0
+    a_wins: int = 0  # preferences between a completion of a and one of b where a's was chosen
+    pairs: int = 0  # preferences between a completion of a and one of b
+
+
 class Store(ABC):
     """Durable, thread-safe storage of completions and the feedback on them."""
 
@@ -133,6 +145,12 @@ class Store(ABC):
     @abstractmethod
     def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
         """The users' ratings of these completions; ids nobody rated are left out."""
+
+    @abstractmethod
+    def compare_versions(self, a: str, b: str, after_created_at: float = 0.0,
+                         same_users: bool = False) -> VersionComparison:
+        """Thumbs on each version's completions created after a time (b's only from a's users with
+        `same_users`), and preferences between the two."""
 
     @abstractmethod
     def count_feedback(self) -> int:

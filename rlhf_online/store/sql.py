@@ -23,6 +23,7 @@ from rlhf_online.store.base import (
     PreferenceRecord,
     RatingEvidence,
     Store,
+    VersionComparison,
     check_preference_pair,
     check_rating,
 )
@@ -211,6 +212,39 @@ class SqlStore(Store):
         query, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at FROM preferences "
                               "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [PreferenceRecord(*row) for row in self._read(query, args)]
+
+    def compare_versions(self, a: str, b: str, after_created_at: float = 0.0,
+                         same_users: bool = False) -> VersionComparison:
+        """Thumbs on each version's completions created after a time, and preferences between the two.
+
+        With `same_users`, b's thumbs count only from users who were served a completion of a in
+        the window (a canary's users: the controlled comparison). Both read the window through the
+        completions index on (policy_version, created_at), so the cost follows the window's traffic.
+        """
+        if a == b:
+            raise InvalidArgument("b", f"compare two different versions, got {a!r} twice")
+        users = ("AND (c.policy_version = ? OR c.user_id IN (SELECT DISTINCT u.user_id FROM completions u "
+                 "WHERE u.policy_version = ? AND u.created_at > ?)) ") if same_users else ""
+        user_args = (a, a, after_created_at) if same_users else ()
+        with self._reading() as cur:  # one snapshot for both counts
+            thumbs = self._execute(cur, "SELECT c.policy_version, f.rating, COUNT(*) FROM completions c "
+                                        "JOIN feedback f ON f.completion_id = c.id "
+                                        f"WHERE c.policy_version IN (?, ?) AND c.created_at > ? {users}"
+                                        "GROUP BY c.policy_version, f.rating",
+                                   (a, b, after_created_at, *user_args)).fetchall()
+            wins = self._execute(cur, "SELECT c.policy_version, COUNT(*) FROM completions c "
+                                      "JOIN preferences p ON p.chosen_id = c.id "
+                                      "JOIN completions r ON r.id = p.rejected_id "
+                                      "WHERE c.policy_version IN (?, ?) AND c.created_at > ? "
+                                      "AND r.policy_version IN (?, ?) AND r.policy_version <> c.policy_version "
+                                      "AND r.created_at > ? GROUP BY c.policy_version",
+                                 (a, b, after_created_at, a, b, after_created_at)).fetchall()
+        count = {(v, rating): int(n) for v, rating, n in thumbs}
+        won = {v: int(n) for v, n in wins}
+        return VersionComparison(
+            a_up=count.get((a, "thumbs_up"), 0), a_rated=count.get((a, "thumbs_up"), 0) + count.get((a, "thumbs_down"), 0),
+            b_up=count.get((b, "thumbs_up"), 0), b_rated=count.get((b, "thumbs_up"), 0) + count.get((b, "thumbs_down"), 0),
+            a_wins=won.get(a, 0), pairs=won.get(a, 0) + won.get(b, 0))
 
     def count_feedback(self) -> int:
         """Number of feedback rows."""

@@ -75,16 +75,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., n: _Optional[int] = ..., user_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("completion_id", "text", "finish_reason", "completion_tokens")
+    __slots__ = ("completion_id", "text", "finish_reason", "completion_tokens", "policy_version")
     COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     completion_id: str
     text: str
     finish_reason: FinishReason
     completion_tokens: int
-    def __init__(self, completion_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, completion_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., completion_tokens: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("completions", "policy_version", "prompt_tokens")
@@ -149,7 +151,7 @@ class GetPolicyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("version", "base_model", "metrics")
+    __slots__ = ("version", "base_model", "metrics", "canary_version", "canary_percent")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,7 +162,11 @@ class Policy(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     version: str
     base_model: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    canary_version: str
+    canary_percent: float
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...

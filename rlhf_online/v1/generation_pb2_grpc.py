@@ -93,7 +93,7 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPolicy(self, request, context):
-        """The policy version this replica serves now.
+        """The policy versions this replica serves now: the stable one and, while there is one, the canary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf_online.v1 import generation_pb2 as rlhf__online_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crlhf_online/v1/trainer.proto\x12\x0erlhf_online.v1\x1a\x1frlhf_online/v1/generation.proto\"\x12\n\x10GetStatusRequest\"\xa5\x01\n\rTrainerStatus\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\t\x12\x19\n\x11round_in_progress\x18\x02 \x01(\x08\x12\x14\n\x0crounds_total\x18\x03 \x01(\x04\x12/\n\nlast_round\x18\x04 \x01(\x0b\x32\x1b.rlhf_online.v1.RoundResult\x12!\n\x19\x66\x65\x65\x64\x62\x61\x63k_since_last_round\x18\x05 \x01(\x04\"\x11\n\x0fRunRoundRequest\"\xaa\x01\n\x0bRoundResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x39\n\x07metrics\x18\x04 \x03(\x0b\x32(.rlhf_online.v1.RoundResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListPoliciesRequest\"Q\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.rlhf_online.v1.Policy\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\t\"(\n\x15\x41\x63tivatePolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t2\xcd\x02\n\x07Trainer\x12L\n\tGetStatus\x12 .rlhf_online.v1.GetStatusRequest\x1a\x1d.rlhf_online.v1.TrainerStatus\x12H\n\x08RunRound\x12\x1f.rlhf_online.v1.RunRoundRequest\x1a\x1b.rlhf_online.v1.RoundResult\x12Y\n\x0cListPolicies\x12#.rlhf_online.v1.ListPoliciesRequest\x1a$.rlhf_online.v1.ListPoliciesResponse\x12O\n\x0e\x41\x63tivatePolicy\x12%.rlhf_online.v1.ActivatePolicyRequest\x1a\x16.rlhf_online.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crlhf_online/v1/trainer.proto\x12\x0erlhf_online.v1\x1a\x1frlhf_online/v1/generation.proto\"\x12\n\x10GetStatusRequest\"\xb5\x01\n\rTrainerStatus\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x06 \x01(\t\x12\x19\n\x11round_in_progress\x18\x02 \x01(\x08\x12\x14\n\x0crounds_total\x18\x03 \x01(\x04\x12/\n\nlast_round\x18\x04 \x01(\x0b\x32\x1b.rlhf_online.v1.RoundResult\x12!\n\x19\x66\x65\x65\x64\x62\x61\x63k_since_last_round\x18\x05 \x01(\x04\"\x11\n\x0fRunRoundRequest\"\xaa\x01\n\x0bRoundResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x39\n\x07metrics\x18\x04 \x03(\x0b\x32(.rlhf_online.v1.RoundResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListPoliciesRequest\"a\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.rlhf_online.v1.Policy\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\t\"(\n\x15\x41\x63tivatePolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\t2\xcd\x02\n\x07Trainer\x12L\n\tGetStatus\x12 .rlhf_online.v1.GetStatusRequest\x1a\x1d.rlhf_online.v1.TrainerStatus\x12H\n\x08RunRound\x12\x1f.rlhf_online.v1.RunRoundRequest\x1a\x1b.rlhf_online.v1.RoundResult\x12Y\n\x0cListPolicies\x12#.rlhf_online.v1.ListPoliciesRequest\x1a$.rlhf_online.v1.ListPoliciesResponse\x12O\n\x0e\x41\x63tivatePolicy\x12%.rlhf_online.v1.ActivatePolicyRequest\x1a\x16.rlhf_online.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=81
   _globals['_GETSTATUSREQUEST']._serialized_end=99
   _globals['_TRAINERSTATUS']._serialized_start=102
-  _globals['_TRAINERSTATUS']._serialized_end=267
-  _globals['_RUNROUNDREQUEST']._serialized_start=269
-  _globals['_RUNROUNDREQUEST']._serialized_end=286
-  _globals['_ROUNDRESULT']._serialized_start=289
-  _globals['_ROUNDRESULT']._serialized_end=459
-  _globals['_ROUNDRESULT_METRICSENTRY']._serialized_start=413
-  _globals['_ROUNDRESULT_METRICSENTRY']._serialized_end=459
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=461
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=482
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=484
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=565
-  _globals['_ACTIVATEPOLICYREQUEST']._serialized_start=567
-  _globals['_ACTIVATEPOLICYREQUEST']._serialized_end=607
-  _globals['_TRAINER']._serialized_start=610
-  _globals['_TRAINER']._serialized_end=943
+  _globals['_TRAINERSTATUS']._serialized_end=283
+  _globals['_RUNROUNDREQUEST']._serialized_start=285
+  _globals['_RUNROUNDREQUEST']._serialized_end=302
+  _globals['_ROUNDRESULT']._serialized_start=305
+  _globals['_ROUNDRESULT']._serialized_end=475
+  _globals['_ROUNDRESULT_METRICSENTRY']._serialized_start=429
+  _globals['_ROUNDRESULT_METRICSENTRY']._serialized_end=475
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=477
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=498
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=500
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=597
+  _globals['_ACTIVATEPOLICYREQUEST']._serialized_start=599
+  _globals['_ACTIVATEPOLICYREQUEST']._serialized_end=639
+  _globals['_TRAINER']._serialized_start=642
+  _globals['_TRAINER']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

@@ -12,18 +12,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("current", "round_in_progress", "rounds_total", "last_round", "feedback_since_last_round")
+    __slots__ = ("current", "canary", "round_in_progress", "rounds_total", "last_round", "feedback_since_last_round")
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     ROUND_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_SINCE_LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     current: str
+    canary: str
     round_in_progress: bool
     rounds_total: int
     last_round: RoundResult
     feedback_since_last_round: int
-    def __init__(self, current: _Optional[str] = ..., round_in_progress: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., last_round: _Optional[_Union[RoundResult, _Mapping]] = ..., feedback_since_last_round: _Optional[int] = ...) -> None: ...
+    def __init__(self, current: _Optional[str] = ..., canary: _Optional[str] = ..., round_in_progress: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., last_round: _Optional[_Union[RoundResult, _Mapping]] = ..., feedback_since_last_round: _Optional[int] = ...) -> None: ...
 
 class RunRoundRequest(_message.Message):
     __slots__ = ()
@@ -53,12 +55,14 @@ class ListPoliciesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListPoliciesResponse(_message.Message):
-    __slots__ = ("policies", "current")
+    __slots__ = ("policies", "current", "canary")
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     policies: _containers.RepeatedCompositeFieldContainer[_generation_pb2.Policy]
     current: str
-    def __init__(self, policies: _Optional[_Iterable[_Union[_generation_pb2.Policy, _Mapping]]] = ..., current: _Optional[str] = ...) -> None: ...
+    canary: str
+    def __init__(self, policies: _Optional[_Iterable[_Union[_generation_pb2.Policy, _Mapping]]] = ..., current: _Optional[str] = ..., canary: _Optional[str] = ...) -> None: ...
 
 class ActivatePolicyRequest(_message.Message):
     __slots__ = ("version",)

@@ -80,7 +80,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivatePolicy(self, request, context):
-        """Promote or roll back to a published version (admin).
+        """Make a published version CURRENT (admin): a promotion or a rollback by hand. Activating the
+        canary promotes it; the canary controller records either as an operator's decision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

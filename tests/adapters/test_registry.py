@@ -71,3 +71,44 @@ def test_policies_cli(registry, publish):
     assert "CURRENT = v000001" in cli("rollback").stdout and registry.current() == v1
     bad = cli("activate", "v000042")
     assert bad.returncode == 1 and "not found" in bad.stderr
+
+
+def test_canary_pointer_promote_and_rollback(registry, publish):
+    v1, v2, v3 = publish(0), publish(1, parent="v000001"), publish(2, parent="v000002")
+    registry.activate(v1)
+    assert registry.canary() == ""
+    registry.set_canary(v2)
+    assert (registry.current(), registry.canary()) == (v1, v2)
+    assert (registry.root / "CANARY").read_text() == "v000002\n"
+    with pytest.raises(InvalidArgument, match="already CURRENT"):
+        registry.set_canary(v1)
+    assert registry.promote() == v2 and (registry.current(), registry.canary()) == (v2, "")
+    with pytest.raises(InvalidArgument, match="no canary"):
+        registry.promote()
+    registry.set_canary(v3)
+    assert registry.rollback() == v2 and (registry.current(), registry.canary()) == (v2, "")  # the canary goes first
+    assert registry.rollback() == v1 and registry.current() == v1  # then CURRENT, as before canaries
+
+
+def test_prune_keeps_current_and_canary(registry, publish):
+    v1, v2, v3, v4 = publish(0), publish(1), publish(2), publish(0)
+    registry.activate(v1)
+    registry.set_canary(v2)
+    assert registry.prune(keep=1) == [v3]
+    assert registry.versions() == [v1, v2, v4]
+
+
+def test_records_and_lineage(registry, publish):
+    v1 = publish(0)
+    v2 = publish(1, parent=v1)
+    v3 = publish(2, parent=v2)
+    other = publish(0)
+    assert registry.lineage(v3, v1) == [v2, v3] and registry.lineage(v3, "") == [v1, v2, v3]
+    assert registry.lineage(v1, v1) == [] and registry.lineage(other, v1) is None
+    assert registry.decision(v2) is None and registry.decisions() == []
+    registry.record(v2, {"outcome": "queued", "queued_at": 1.0})
+    registry.record(v3, {"outcome": "queued"})
+    assert registry.record(v2, {"outcome": "live"}) == {"version": v2, "outcome": "live", "queued_at": 1.0}
+    assert registry.with_outcome("queued") == [v3] and [r["version"] for r in registry.decisions()] == [v2, v3]
+    with pytest.raises(NotFound):
+        registry.record("v000099", {"outcome": "queued"})

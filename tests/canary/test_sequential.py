@@ -104,6 +104,14 @@ def test_the_reward_hacking_guard_turns_a_promotion_into_a_rollback():
     assert decide(Evidence(**rose, reward_gain=0.3, reward_gain_se=0.05), config).outcome == "promote"
 
 
+def test_a_rollback_of_a_canary_that_pleased_the_reward_model_says_so():
+    # With the default test, users' thumbs-down already roll such a canary back: the reason names the signature.
+    worse = dict(canary_up=50, canary_rated=100, stable_up=700, stable_rated=1000)
+    d = decide(Evidence(**worse, reward_gain=0.3, reward_gain_se=0.05), DEFAULT)
+    assert d.outcome == "rollback" and "reward hacking: the learned reward rose by 0.3" in d.reason
+    assert "reward hacking" not in decide(Evidence(**worse), DEFAULT).reason
+
+
 @pytest.mark.parametrize("field, value", [
     ("worse_by", 0.0), ("worse_by", 1.0), ("better_by", -0.05), ("alpha", 0.0), ("alpha", 0.5), ("beta", 0.0),
     ("beta", 0.98), ("min_canary_ratings", 0), ("pair_overlap", 1.5), ("hacking_z", -1.0),

@@ -134,7 +134,7 @@ def test_prometheus_scrapes_the_generation_service_and_evaluates_the_rules(kit, 
 
     checks = [("rlhf_generation_tokens_total", {}), ("rlhf_completions_logged_total", {}),
               ("rlhf_grpc_requests_total", {"service": "Generation", "method": "Generate", "code": "OK"}),
-              ("rlhf_feedback_total", {"rating": "thumbs_up"}), ("rlhf_policy_version", {})]
+              ("rlhf_feedback_total", {"rating": "thumbs_up"}), ("rlhf_policy_version", {"role": "stable"})]
     for name, labels in checks:
         want = REGISTRY.get_sample_value(name, labels)
         assert want is not None, (name, labels)

@@ -124,3 +124,34 @@ def test_retired_version_is_unloaded_even_when_the_server_goes_idle(make_engine,
     while engine.loaded_versions():
         assert time.time() < end, "retired adapter stayed loaded on an idle server"
         time.sleep(0.02)
+
+
+def test_an_interleaved_request_decodes_each_candidate_on_its_own_version(make_engine, tiny, adapter_dir):
+    """Canary and stable candidates of one request: each gets its own policy's greedy text (its own prefill too)."""
+    engine = make_engine().start()
+    ids = engine.encode_prompt(PROMPT)
+    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
+    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
+    engine.load_adapter("v000001", adapter_dir)
+    engine.set_canary("v000001")  # the stable version stays the bare base
+    assert (engine.policy_version, engine.canary_version) == ("", "v000001")
+    h = engine.submit(ids, PARAMS, n=4, route=lambda stable, canary: [canary, stable, stable, canary])
+    assert h.versions == ("v000001", "", "", "v000001") and h.request.canary == "v000001"
+    assert [r.text for r in h.result()] == [lora_text, base_text, base_text, lora_text]
+    plain = engine.submit(ids, PARAMS, n=2)  # no route: every candidate on the stable version
+    assert plain.versions == ("", "") and plain.request.canary == "" and plain.result()[0].text == base_text
+
+
+def test_a_route_to_a_version_not_served_is_refused_and_a_dropped_canary_unloads(make_engine, adapter_dir):
+    engine = make_engine().start()
+    ids = engine.encode_prompt(PROMPT)
+    with pytest.raises(ValueError, match="current or canary"):
+        engine.submit(ids, PARAMS, route=lambda stable, canary: ["v000001"])
+    engine.load_adapter("v000001", adapter_dir)
+    engine.set_canary("v000001")
+    assert engine.submit(ids, PARAMS, route=lambda s, c: [c]).result()[0].text
+    engine.set_canary("")  # rolled back: unloaded once nothing uses it
+    deadline = time.monotonic() + 30
+    while engine.loaded_versions() and time.monotonic() < deadline:
+        engine.submit(ids, SamplingParams(max_new_tokens=1)).result()  # steps run the unloading
+    assert engine.loaded_versions() == [] and engine.canary_version == ""

@@ -1,0 +1,22 @@
+"""The canary controller's own knobs (the sequential test's are canary.sequential.CanaryTestConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_online.ppo.config import _refuse, knob
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """Whether candidates go through a canary, and how long one may take."""
+
+    canary: bool = knob(True, "publish each candidate as a canary that its users' feedback promotes or rolls back; "
+                              "false: every candidate that passes the gate becomes CURRENT at once")
+    canary_timeout_seconds: float = knob(900.0, "roll a canary back if the test has not decided after this long")
+    canary_poll_seconds: float = knob(5.0, "how often the controller reads the canary's evidence")
+
+    def __post_init__(self) -> None:
+        """Reject values the controller cannot run with, naming the field."""
+        _refuse(self, {"canary_timeout_seconds": (self.canary_timeout_seconds > 0, "> 0"),
+                       "canary_poll_seconds": (self.canary_poll_seconds > 0, "> 0")})

@@ -1,0 +1,212 @@
+"""The promotion controller: a published candidate becomes the canary, and its users' feedback decides.
+
+Every `poll_seconds` (and right after each publish) the controller in the Trainer service:
+1. reconciles what an operator did by hand (`policies promote|rollback`, ActivatePolicy),
+2. with no canary live, makes the newest queued candidate the canary (older queued ones are
+   superseded: the newest descends from them and carries their updates),
+3. with a canary live, reads its users' thumbs on the canary's and the stable version's replies
+   since it went live and their preferences between the two (store.compare_versions), adds the
+   learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
+   (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""; queued
+   candidates trained from it are discarded), or keep collecting — until `timeout_seconds`, when
+   it rolls back.
+Each decision is written to the candidate's record (registry decisions/<version>.json) with its
+evidence, logged and counted. The controller keeps no state of its own: a restarted trainer picks
+up where the records and pointers say it stands.
+
+The trainer does not wait for decisions: it warm-starts each round from `head(registry)`, the
+newest queued candidate, else the canary, else CURRENT, so learning continues on top of the
+canary while users judge it; if the canary is rolled back, the rounds built on it are discarded
+with it and training restarts from CURRENT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from rlhf_online import metrics
+from rlhf_online.adapters.registry import (
+    DISCARDED,
+    LIVE,
+    PROMOTED,
+    QUEUED,
+    ROLLED_BACK,
+    SUPERSEDED,
+    AdapterRegistry,
+)
+from rlhf_online.canary.config import CanaryConfig
+from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, decide
+from rlhf_online.store import Store
+
+log = logging.getLogger("rlhf_online.canary")
+MIN_SAME_USER_STABLE_RATINGS = 10  # fewer stable ratings from the canary's own users: compare with everyone's
+
+
+def head(registry: AdapterRegistry) -> str:
+    """The version the next round warm-starts from: the newest queued candidate, else the canary, else CURRENT."""
+    queued = registry.with_outcome(QUEUED)
+    return queued[-1] if queued else registry.canary() or registry.current()
+
+
+class CanaryController:
+    """Moves candidates through queued -> live -> promoted | rolled back, on the users' evidence."""
+
+    def __init__(self, config: CanaryConfig, test: CanaryTestConfig, registry: AdapterRegistry, store: Store,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config, self.test, self.registry, self.store, self.clock = config, test, registry, store, clock
+        self.last: Decision | None = None  # the latest test result on the live canary
+        self._lock = threading.Lock()  # one step at a time (the poll thread and the publisher both step)
+        self._stop = threading.Event()
+
+    def queue(self, version: str) -> None:
+        """A freshly published candidate waits for its turn as the canary."""
+        self.registry.record(version, {"outcome": QUEUED, "queued_at": self.clock()})
+        log.info("candidate queued for canary", extra={"version": version})
+
+    def step(self) -> dict | None:
+        """One look: reconcile, start a canary, or test the live one; returns a decision record when one was made."""
+        with self._lock:
+            self._reconcile()
+            canary = self.registry.canary()
+            if not canary:
+                self._start_next()
+                return None
+            record = self.registry.decision(canary) or self.registry.record(
+                canary, {"outcome": LIVE, "live_at": self.clock(), "stable": self.registry.current()})
+            decided = self._test(canary, record)
+            if decided is not None:
+                self._start_next()
+            return decided
+
+    # ------------------------------------------------------------ the steps
+
+    def _reconcile(self) -> None:
+        """Record what an operator changed by hand: a live record whose version is no longer the canary."""
+        current, canary = self.registry.current(), self.registry.canary()
+        if canary and canary == current:  # ActivatePolicy named the canary: a promotion by hand
+            self.registry.set_canary("")
+            canary = ""
+        for version in self.registry.with_outcome(LIVE):
+            if version == canary:
+                continue
+            outcome = PROMOTED if version == current else ROLLED_BACK
+            self._close(version, outcome, "by an operator: CANARY or CURRENT changed outside the controller",
+                        {"by": "operator"}, label="overridden")
+
+    def _start_next(self) -> None:
+        """Make the newest queued candidate that descends from CURRENT through no rejected version the canary."""
+        current = self.registry.current()
+        queued = self.registry.with_outcome(QUEUED)
+        rejected = set(self.registry.with_outcome(ROLLED_BACK)) | set(self.registry.with_outcome(DISCARDED))
+        chosen = ""
+        for version in reversed(queued):
+            chain = self.registry.lineage(version, current)
+            if chain is None or rejected & set(chain):
+                self.registry.record(version, {"outcome": DISCARDED, "decided_at": self.clock(),
+                                               "reason": f"not trained from CURRENT {current or '(base)'} through "
+                                                         "versions users accepted"})
+                metrics.CANARY_DECISIONS.labels(DISCARDED).inc()
+            elif not chosen:
+                chosen = version
+            else:
+                self.registry.record(version, {"outcome": SUPERSEDED, "decided_at": self.clock(),
+                                               "reason": f"{chosen}, trained from it, went live instead"})
+                metrics.CANARY_DECISIONS.labels(SUPERSEDED).inc()
+        if not chosen:
+            return
+        self.registry.record(chosen, {"outcome": LIVE, "live_at": self.clock(), "stable": current})
+        self.registry.set_canary(chosen)
+        log.info("canary live", extra={"version": chosen, "stable": current or "(base)"})
+
+    def _test(self, canary: str, record: dict) -> dict | None:
+        """Gather the evidence since the canary went live and act on the sequential test."""
+        stable = self.registry.current()
+        # The canary's own users judge both versions (interleaved pairs give them stable replies too):
+        # a share of users who rate differently from the rest would otherwise bias the comparison.
+        # Without enough such stable ratings (traffic of n = 1 only), every user's stable ratings count.
+        seen = self.store.compare_versions(canary, stable, record["live_at"], same_users=True)
+        if seen.b_rated < MIN_SAME_USER_STABLE_RATINGS:
+            seen = self.store.compare_versions(canary, stable, record["live_at"])
+        gain, gain_se = self.reward_gain(canary, stable)
+        evidence = Evidence(canary_up=seen.a_up, canary_rated=seen.a_rated, stable_up=seen.b_up,
+                            stable_rated=seen.b_rated, pair_wins=seen.a_wins, pairs=seen.pairs,
+                            reward_gain=gain, reward_gain_se=gain_se)
+        decision = decide(evidence, self.test)
+        self.last = decision
+        for kind, value in (("canary_rated", seen.a_rated), ("stable_rated", seen.b_rated), ("pairs", seen.pairs),
+                            ("delta", decision.delta), ("llr", decision.llr)):
+            metrics.CANARY_EVIDENCE.labels(kind).set(value)
+        numbers = _json_safe({"evidence": vars(evidence), "test": decision.as_dict()})
+        age = self.clock() - record["live_at"]
+        if decision.outcome == "continue" and age >= self.config.canary_timeout_seconds:
+            return self._rollback(canary, f"no decision after {age:.0f} s (timeout "
+                                          f"{self.config.canary_timeout_seconds:g} s): {decision.reason}", numbers,
+                                  label="timed_out")
+        if decision.outcome == "promote":
+            self.registry.promote()
+            return self._close(canary, PROMOTED, decision.reason, numbers, label=PROMOTED)
+        if decision.outcome == "rollback":
+            return self._rollback(canary, decision.reason, numbers, label=ROLLED_BACK)
+        self.registry.record(canary, numbers)  # the evidence so far, for anyone watching
+        return None
+
+    def _rollback(self, canary: str, reason: str, numbers: dict, *, label: str) -> dict:
+        self.registry.set_canary("")
+        return self._close(canary, ROLLED_BACK, reason, numbers, label=label)
+
+    def _close(self, version: str, outcome: str, reason: str, numbers: dict, *, label: str) -> dict:
+        """Write the decision into the version's record, count it and log it."""
+        rec = self.registry.record(version, _json_safe({**numbers, "outcome": outcome, "reason": reason,
+                                                        "decided_at": self.clock()}))
+        metrics.CANARY_DECISIONS.labels(label).inc()
+        log.info("canary decided", extra={"version": version, "outcome": outcome, "reason": reason})
+        return rec
+
+    def reward_gain(self, canary: str, stable: str) -> tuple[float, float]:
+        """The learned-reward gain the trainer's gates measured from `stable` to `canary`, and its standard error.
+
+        Summed over the lineage (a canary may be several rounds past the stable version); nan when
+        any step lacks the numbers (e.g. a version published before they were recorded).
+        """
+        chain = self.registry.lineage(canary, stable) or []
+        gain, var = 0.0, 0.0
+        for version in chain:
+            m = self.registry.info(version).get("metrics", {})
+            try:
+                gain += float(m["eval/reward"]) - float(m["eval/reward_current"])
+                var += float(m["eval/reward_diff_se"]) ** 2
+            except (KeyError, TypeError, ValueError):
+                return math.nan, math.nan
+        return (gain, math.sqrt(var)) if chain else (math.nan, math.nan)
+
+    # ------------------------------------------------------------ the poll thread
+
+    def run(self) -> None:
+        """Step every poll_seconds until stopped; a failing step is logged, never fatal."""
+        while not self._stop.wait(self.config.canary_poll_seconds):
+            try:
+                self.step()
+            except Exception:
+                log.exception("canary controller step failed")
+
+    def start(self) -> CanaryController:
+        """Poll in a daemon thread."""
+        threading.Thread(target=self.run, name="canary-controller", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stop.set()
+
+
+def _json_safe(value: object) -> object:
+    """JSON has no nan or infinity: unknown numbers are recorded as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,143 @@
+"""The promotion controller on a real registry and store, with a clock the test moves: no model, no sleeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhf_online import metrics
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.canary.config import CanaryConfig
+from rlhf_online.canary.controller import CanaryController, head
+from rlhf_online.canary.sequential import CanaryTestConfig
+from rlhf_online.store import CompletionRecord, open_store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    clock = Clock()
+    controller = CanaryController(CanaryConfig(canary_timeout_seconds=600), CanaryTestConfig(), registry, store, clock)
+    yield registry, store, clock, controller
+    store.close()
+
+
+def publish(registry: AdapterRegistry, parent: str = "", **metrics_: float) -> str:
+    return registry.publish(lambda d: (d / "adapter.bin").write_bytes(b"w"), base_model="tiny", parent=parent,
+                            metrics=metrics_)
+
+
+def rate(store, clock: Clock, version: str, user: str, ups: int, downs: int, tag: str) -> None:
+    """`ups` + `downs` rated replies of `version` to `user`, served one second from now."""
+    records = [CompletionRecord(completion_id=f"{tag}{i}", prompt="p", messages=(), text="t", policy_version=version,
+                                user_id=user, created_at=clock.now + 1) for i in range(ups + downs)]
+    store.add_completions(records)
+    for i, r in enumerate(records):
+        store.add_feedback(r.completion_id, user, "thumbs_up" if i < ups else "thumbs_down")
+
+
+def decisions(label: str) -> float:
+    return metrics.CANARY_DECISIONS.labels(label)._value.get()
+
+
+def test_a_worse_canary_is_rolled_back_and_candidates_trained_from_it_discarded(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    bad = publish(registry, parent=stable)
+    controller.queue(bad)
+    assert head(registry) == bad  # rounds continue from the candidate, not from CURRENT
+    assert controller.step() is None and registry.canary() == bad  # live at once: nothing else was
+    later = publish(registry, parent=bad)  # a round trained on top of the canary meanwhile
+    controller.queue(later)
+    assert head(registry) == later
+    rate(store, clock, stable, "someone", 70, 30, "s")
+    rate(store, clock, bad, "someone", 10, 30, "c")
+    before = decisions("rolled_back")
+    record = controller.step()
+    assert record["outcome"] == "rolled_back" and record["reason"].startswith("rollback")
+    assert record["evidence"]["canary_rated"] == 40 and record["evidence"]["stable_rated"] == 100
+    assert (registry.current(), registry.canary()) == (stable, "") and decisions("rolled_back") == before + 1
+    assert registry.decision(later)["outcome"] == "discarded"
+    assert head(registry) == stable  # training restarts from what users accepted
+
+
+def test_a_better_canary_is_promoted_and_the_newest_queued_candidate_goes_live_next(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    good = publish(registry, parent=stable)
+    controller.queue(good)
+    controller.step()
+    middle = publish(registry, parent=good)
+    newest = publish(registry, parent=middle)
+    controller.queue(middle)
+    controller.queue(newest)
+    rate(store, clock, stable, "u", 50, 50, "s")
+    rate(store, clock, good, "u", 45, 5, "c")
+    record = controller.step()
+    assert record["outcome"] == "promoted" and record["test"]["delta"] > 0.3
+    assert registry.current() == good and registry.canary() == newest  # the newest carries middle's updates
+    assert registry.decision(middle)["outcome"] == "superseded"
+    assert registry.decision(newest)["outcome"] == "live" and registry.decision(newest)["stable"] == good
+
+
+def test_an_undecided_canary_times_out_into_a_rollback(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    quiet = publish(registry, parent=stable)
+    controller.queue(quiet)
+    controller.step()
+    clock.now += 599
+    assert controller.step() is None and registry.canary() == quiet
+    assert registry.decision(quiet)["test"]["outcome"] == "continue"  # the evidence so far, recorded
+    clock.now += 2
+    record = controller.step()
+    assert record["outcome"] == "rolled_back" and "timeout 600 s" in record["reason"] and registry.canary() == ""
+
+
+def test_an_operator_promotion_or_rollback_is_recorded_as_theirs(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    first = publish(registry, parent=stable)
+    controller.queue(first)
+    controller.step()
+    registry.promote()  # `rlhf-online policies promote`
+    controller.step()
+    assert registry.decision(first)["outcome"] == "promoted" and registry.decision(first)["by"] == "operator"
+    second = publish(registry, parent=first)
+    controller.queue(second)
+    controller.step()
+    registry.activate(second)  # ActivatePolicy naming the canary: a promotion by hand
+    controller.step()
+    assert (registry.current(), registry.canary()) == (second, "")
+    assert registry.decision(second)["outcome"] == "promoted"
+    third = publish(registry, parent=second)
+    controller.queue(third)
+    controller.step()
+    registry.rollback()  # `rlhf-online policies rollback` drops the canary
+    controller.step()
+    assert registry.decision(third)["outcome"] == "rolled_back" and registry.current() == second
+
+
+def test_the_reward_gain_sums_the_gates_along_the_lineage(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    a = publish(registry, parent=stable, **{"eval/reward": 0.5, "eval/reward_current": 0.2, "eval/reward_diff_se": 0.03})
+    b = publish(registry, parent=a, **{"eval/reward": 0.9, "eval/reward_current": 0.5, "eval/reward_diff_se": 0.04})
+    gain, se = controller.reward_gain(b, stable)
+    assert gain == pytest.approx(0.7) and se == pytest.approx(0.05)
+    unknown = publish(registry, parent=b)  # a step without the gate's numbers: unknown
+    assert all(math.isnan(x) for x in controller.reward_gain(unknown, stable))
