@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rlhf_online.data.split import HELDOUT_PERCENT
-from rlhf_online.errors import ConfigError
 from rlhf_online.canary.config import CanaryConfig
 from rlhf_online.canary.sequential import CanaryTestConfig
+from rlhf_online.data.split import HELDOUT_PERCENT
+from rlhf_online.errors import ConfigError
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.registry import REWARD_PREFIX, is_version
 
