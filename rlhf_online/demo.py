@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_online import config
+from rlhf_online.canary.config import CanaryConfig
 from rlhf_online.config import TrainerSettings, group
 from rlhf_online.errors import ConfigError
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
@@ -62,6 +63,11 @@ class DemoConfig:
                                    round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
                                    eval_samples_per_prompt=2, learn_from_traffic=False, logged_batch_size=64,
                                    round_min_traffic=32, min_logged_samples=32)
+    # Canaries, on here (the service leaves them off unless --canary true): each candidate serves this share of the
+    # users, sticky per user, until their ratings promote or roll it back. 50, not the service's 20: of the demo's
+    # 6 users, 20% would be one user.
+    canary_percent: float = 50.0
+    canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds"), canary=True, canary_poll_seconds=2.0)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 
@@ -75,6 +81,9 @@ class DemoConfig:
         for name in ("heldout_prompts", "until_served_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want >= 0); set --{_flag(name)}")
+        if not 0 <= self.canary_percent <= 100:
+            raise ConfigError(f"canary_percent: invalid value {self.canary_percent!r} (want 0..100); "
+                              f"set --{_flag('canary_percent')}")
         if not 0 < self.rated_fraction <= 1:
             raise ConfigError(f"rated_fraction: invalid value {self.rated_fraction!r} (want 0 < F <= 1); "
                               f"set --{_flag('rated_fraction')}")
@@ -98,13 +107,13 @@ def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) ->
               "RLHF_GRACE_SECONDS": "5"}
     return {
         "generation": {**common, "RLHF_TORCH_THREADS": str(cfg.serving_threads), "RLHF_ADAPTER_POLL_SECONDS": "1",
-                       "RLHF_MAX_BATCH_SIZE": "16"},
+                       "RLHF_MAX_BATCH_SIZE": "16", "RLHF_CANARY_PERCENT": str(cfg.canary_percent)},
         "reward": {**common, "RLHF_TORCH_THREADS": str(cfg.reward_threads),
                    "RLHF_RETRAIN_MIN_FEEDBACK": str(cfg.reward_retrain_min_feedback),
                    "RLHF_RETRAIN_INTERVAL_SECONDS": "10"},
         "trainer": {**common, "RLHF_TORCH_THREADS": str(cfg.training_threads),
                     "RLHF_REWARD_ADDR": f"127.0.0.1:{reward_port}",
-                    **config.group_env(TrainerSettings, trainer=cfg.trainer, ppo=ppo)},
+                    **config.group_env(TrainerSettings, trainer=cfg.trainer, ppo=ppo, canary_controller=cfg.canary)},
     }
 
 
@@ -229,9 +238,15 @@ def main(args: argparse.Namespace) -> int:
              "preferences": stats.preferences, "failed_requests": sum(stats.errors.values()),
              "reward_model": monitor.snapshots[-1].reward_version if monitor.snapshots else "",
              "reward_accuracy": monitor.snapshots[-1].reward_accuracy if monitor.snapshots else float("nan")}
+    from rlhf_online.report import canaries
+
+    version_rows = _version_rows(registry, stats)
+    canary_rows = canaries.canary_rows(registry.decisions(), monitor.t0, cfg.canary_percent)
+    extra["canaries"] = canary_rows
+    extra["promoted_but_worse"] = canaries.promoted_but_worse(canary_rows, version_rows)
     report = write.build_report(summary, kl=kl, kl_budget=cfg.trainer.kl_budget, rounds=monitor.rounds,
                                 wall_seconds=time.time() - t0, final_version=final, extra=extra,
-                                versions=_version_rows(registry, stats))
+                                versions=version_rows)
     by_version = {v: list(x) for v, x in stats.by_version.items()}
     write_atomically(run_dir / "report.png", lambda tmp: plot.plot(tmp, monitor.snapshots, monitor.rounds,
                                                                    by_version, summary, cfg.trainer.kl_budget,
@@ -249,6 +264,11 @@ def main(args: argparse.Namespace) -> int:
           f"thumbs-up {b['thumbs_up_rate']:.2f} -> {fi['thumbs_up_rate']:.2f}; KL {kl:.2f} (budget {cfg.trainer.kl_budget:g}); "
           f"{report['rounds']} rounds in {report['wall_seconds']:.0f} s.")
     print(_worse_line(report["versions"]))
+    if cfg.canary.canary:
+        outcomes = [c["outcome"] for c in canary_rows]
+        print(f"Canaries: {outcomes.count('promoted')} promoted, {outcomes.count('rolled_back')} rolled back, "
+              f"{outcomes.count('live')} still live, {outcomes.count('queued')} queued; promoted although users rated "
+              f"them worse than their parent: {', '.join(report['promoted_but_worse']) or 'none'}.")
     print(f"Report: {run_dir / 'report.md'} (plot {run_dir / 'report.png'}, data {run_dir / 'report.json'})")
     os.sync()
     return 0

@@ -40,11 +40,16 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
     assert db.execute("select count(*) from preferences").fetchone()[0] == report["preferences"] > 0
     assert report["failed_requests"] == 0
 
-    # The reward service trained on it, a round ran and published, and users were served the new version.
+    # The reward service trained on it, a round ran and published, and users were served the new version: as a
+    # canary (on by default), to the users in its share, whose ratings then decide whether it becomes CURRENT.
     assert report["reward_model"].startswith("r")
-    assert report["rounds_published"] >= 1 and report["final_version"].startswith("v")
+    assert report["rounds_published"] >= 1
     served = [json.loads(line)["policy_version"] for line in (run / "ratings.jsonl").read_text().splitlines()]
     assert any(v.startswith("v") for v in served) and served[0] == ""
+    first = report["canaries"][0]
+    assert first["version"] == "v000001" and first["share_percent"] == 50 and first["live_minute"] is not None
+    assert report["final_version"] in ("", *(c["version"] for c in report["canaries"] if c["outcome"] == "promoted"))
+    assert "## Canaries" in (run / "report.md").read_text() and report["promoted_but_worse"] == []
 
     # Rounds learned from the users' traffic: a published version trained on logged replies of the version
     # it started from, rewarded (through the Reward service) by the ratings users gave those very replies.

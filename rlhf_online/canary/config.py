@@ -11,8 +11,10 @@ from rlhf_online.ppo.config import _refuse, knob
 class CanaryConfig:
     """Whether candidates go through a canary, and how long one may take."""
 
-    canary: bool = knob(True, "publish each candidate as a canary that its users' feedback promotes or rolls back; "
-                              "false: every candidate that passes the gate becomes CURRENT at once")
+    # Off by default in the service, as canary rollouts are (Argo Rollouts, Flagger): deciding needs rated
+    # traffic, and a deployment without it would roll every candidate back at the timeout. The demo turns it on.
+    canary: bool = knob(False, "publish each candidate as a canary that its users' feedback promotes or rolls back; "
+                               "false: every candidate that passes the gate becomes CURRENT at once")
     canary_timeout_seconds: float = knob(900.0, "roll a canary back if the test has not decided after this long")
     canary_poll_seconds: float = knob(5.0, "how often the controller reads the canary's evidence")
 

@@ -31,6 +31,7 @@ class Snapshot:
     rounds_published: int
     rounds_rejected: int
     errors: int
+    canary_version: str = ""  # served to a share of the users while its ratings are judged ("" = none)
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Monitor:
             reward_accuracy=info.metrics.get("pairwise_accuracy", float("nan")),
             reward_feedback_seen=info.feedback_seen,
             rounds_published=sum(r.outcome == "published" for r in self.rounds),
-            rounds_rejected=sum(r.outcome == "rejected" for r in self.rounds), errors=sum(s.errors.values()))
+            rounds_rejected=sum(r.outcome == "rejected" for r in self.rounds), errors=sum(s.errors.values()),
+            canary_version=policy.canary_version)
         self.snapshots.append(snap)
         _append(self._snap_file, asdict(snap))
         return snap
@@ -111,7 +113,8 @@ class Monitor:
         acc = f"acc {snap.reward_accuracy:.2f}" if snap.reward_version else "untrained"
         return (f"[{int(snap.t) // 60:2d}:{int(snap.t) % 60:02d}] requests {snap.requests:4d} | thumbs {snap.feedback:4d} "
                 f"up {_pct(snap.thumbs_up_rate)} (recent {_pct(snap.recent_thumbs_up_rate)}) | "
-                f"reward {snap.reward_version or '-'} {acc} | policy {snap.policy_version or 'base'} | rounds "
+                f"reward {snap.reward_version or '-'} {acc} | policy {snap.policy_version or 'base'}"
+                + (f" + canary {snap.canary_version}" if snap.canary_version else "") + " | rounds "
                 f"{snap.rounds_published} published, {snap.rounds_rejected} rejected | {kl}"
                 + (f" | errors {snap.errors}" if snap.errors else ""))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_online.artifacts import write_atomically, write_json_atomically
+from rlhf_online.report import canaries
 from rlhf_online.report.timeline import RoundRecord
 from rlhf_online.report.versions import BETTER, WORSE
 
@@ -54,6 +55,8 @@ def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list
         lines.append(f"| {i} | {r.t / 60:.1f} | {r.outcome} | {r.version or '-'} | {r.reward_before:.3f} -> "
                      f"{r.reward_after:.3f} | {r.kl:.2f} | {r.seconds:.0f} |")
     lines += ["", *(_versions_table(report["versions"]) if "versions" in report else _ratings_table(by_version))]
+    if "canaries" in report:
+        lines += ["", *canaries.markdown(report["canaries"])]
     lines += ["", "![the loop over time](report.png)", ""]
     return "\n".join(lines)
 

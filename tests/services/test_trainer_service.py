@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_online import config
 from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.canary.controller import CanaryController
 from rlhf_online.config import TrainerSettings
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.ppo.trainer import Trainer, gate
@@ -27,7 +28,7 @@ def length_reward(prompts, texts, completion_ids=()):
 def trainer(tiny, tmp_path):
     servers = []
 
-    def start(prompts: int = 12, reward=length_reward, **overrides):
+    def start(prompts: int = 12, reward=length_reward, canary: bool = False, **overrides):
         settings = config.assemble(TrainerSettings, dict(
             port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path, base_model="tiny",
             store_url=f"sqlite:///{tmp_path / 'store.db'}", round_interval_seconds=0, round_min_feedback=0,
@@ -36,8 +37,10 @@ def trainer(tiny, tmp_path):
         store.add_completions([CompletionRecord(completion_id=f"c{i}", prompt=f"Tell me about thing {i}.", messages=(),
                                                 text="ok", policy_version="") for i in range(prompts)])
         registry = AdapterRegistry(settings.adapter_dir)
+        controller = (CanaryController(settings.canary_controller, settings.canary_test, registry, store)
+                      if canary else None)
         t = Trainer(settings.trainer, settings.ppo, store, registry, reward, lambda: (copy.deepcopy(tiny[0]), tiny[1]),
-                    base_model=settings.base_model)
+                    base_model=settings.base_model, canary=controller)
         running = start_trainer_server(settings, t, registry, MainThreadRunner())
         servers.append(running)
         return pb_grpc.TrainerStub(grpc.insecure_channel(f"127.0.0.1:{running.port}")), registry
@@ -111,3 +114,19 @@ def test_admin_rpcs_need_the_token(trainer):
             call()
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert stub.GetStatus(pb.GetStatusRequest(), timeout=10).rounds_total == 0
+
+
+def test_with_canaries_a_round_publishes_a_canary_and_the_next_trains_on_top_of_it(trainer):
+    stub, registry = trainer(reward=flat_reward, canary=True)
+    first = stub.RunRound(pb.RunRoundRequest(), timeout=120)
+    assert first.outcome == "published" and registry.canary() == first.version and registry.current() == ""
+    listed = stub.ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+    status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert (listed.current, listed.canary, status.current, status.canary) == ("", first.version, "", first.version)
+    second = stub.RunRound(pb.RunRoundRequest(), timeout=120)  # no verdict on the canary yet: training goes on
+    assert second.outcome == "published" and registry.manifest(second.version)["parent"] == first.version
+    assert registry.decision(second.version)["outcome"] == "queued" and registry.canary() == first.version
+    assert "eval/reward_diff_se" in second.metrics  # what the controller's reward-hacking guard reads
+    stub.ActivatePolicy(pb.ActivatePolicyRequest(version=first.version), timeout=10)  # an operator promotes it
+    assert registry.current() == first.version and registry.canary() == second.version
+    assert registry.decision(first.version)["by"] == "operator"
