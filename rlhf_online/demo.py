@@ -185,7 +185,8 @@ def _version_rows(registry, stats) -> list[dict]:
 
     # describe(), not manifest(): the parent is all we read here, and hashing every adapter again buys nothing.
     parents = {m["version"]: m.get("parent", "") for m in registry.describe()}
-    return versions.version_rows(stats.served_by_version, stats.by_version, parents)
+    return versions.version_rows(stats.served_by_version, stats.by_version, parents,
+                                 by_user=stats.served_by_version_user)
 
 
 def _worse_line(rows: list[dict]) -> str:

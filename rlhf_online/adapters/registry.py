@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_online.artifacts import write_atomically, write_json_atomically
 from rlhf_online.errors import InvalidArgument, NotFound
-from rlhf_online.registry import ADAPTER_PREFIX, VersionedRegistry
+from rlhf_online.registry import ADAPTER_PREFIX, VersionedRegistry, is_version
 
 CANARY = "CANARY"
 DECISIONS = "decisions"
@@ -48,8 +48,13 @@ class AdapterRegistry(VersionedRegistry):
             return ""
 
     def in_use(self) -> set[str]:
-        """CURRENT and CANARY (never pruned)."""
-        return {self.current(), self.canary()}
+        """Never pruned: CURRENT, CANARY, queued candidates and the versions between them and CURRENT."""
+        current, canary = self.current(), self.canary()
+        kept = {current, canary}
+        for version in [canary, *self.with_outcome(QUEUED)]:
+            if version:
+                kept.update(self.lineage(version, current) or [version])
+        return kept
 
     def set_canary(self, version: str) -> None:
         """Make `version` the canary ("" = none): verified first, and never the version CURRENT names."""
@@ -85,9 +90,15 @@ class AdapterRegistry(VersionedRegistry):
     # ------------------------------------------------------------ canary records
 
     def record(self, version: str, fields: dict[str, Any]) -> dict:
-        """Merge `fields` into a version's canary record (created on first use) and return it."""
-        self.path(version)  # a record only for a version that exists
-        old = self.decision(version) or {"version": version}
+        """Merge `fields` into a version's canary record (created on first use) and return it.
+
+        A record is created only for a version that exists; it outlives the version (a pruned
+        candidate's record still says what became of it).
+        """
+        old = self.decision(version) if is_version(version, self.prefix) else None
+        if old is None:
+            self.path(version)  # InvalidArgument if malformed, NotFound if never published
+            old = {"version": version}
         new = {**old, **fields}
         write_json_atomically(self.root / DECISIONS / f"{version}.json", new)
         return new

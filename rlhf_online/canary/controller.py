@@ -7,17 +7,19 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
 3. with a canary live, reads its users' thumbs on the canary's and the stable version's replies
    since it went live and their preferences between the two (store.compare_versions), adds the
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
-   (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""; queued
-   candidates trained from it are discarded), or keep collecting — until `timeout_seconds`, when
-   it rolls back.
+   (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
+   collecting — until `canary_timeout_seconds`, when it rolls back. Queued candidates trained on
+   top of a rolled-back canary are discarded when the users found it worse beyond noise (or it
+   pleased the reward model, not them); after a canary merely not shown better, the newest of
+   them, with more rounds of training in it, goes live next and is judged on its own.
 Each decision is written to the candidate's record (registry decisions/<version>.json) with its
 evidence, logged and counted. The controller keeps no state of its own: a restarted trainer picks
 up where the records and pointers say it stands.
 
 The trainer does not wait for decisions: it warm-starts each round from `head(registry)`, the
 newest queued candidate, else the canary, else CURRENT, so learning continues on top of the
-canary while users judge it; if the canary is rolled back, the rounds built on it are discarded
-with it and training restarts from CURRENT.
+canary while users judge it; if the canary is rolled back as worse, the rounds built on it are
+discarded with it and training restarts from CURRENT.
 """
 
 from __future__ import annotations
@@ -94,14 +96,16 @@ class CanaryController:
             if version == canary:
                 continue
             outcome = PROMOTED if version == current else ROLLED_BACK
+            # An operator's rollback rejects the candidates trained on top of it too.
             self._close(version, outcome, "by an operator: CANARY or CURRENT changed outside the controller",
-                        {"by": "operator"}, label="overridden")
+                        {"by": "operator", "rejects_line": outcome == ROLLED_BACK}, label="overridden")
 
     def _start_next(self) -> None:
         """Make the newest queued candidate that descends from CURRENT through no rejected version the canary."""
         current = self.registry.current()
         queued = self.registry.with_outcome(QUEUED)
-        rejected = set(self.registry.with_outcome(ROLLED_BACK)) | set(self.registry.with_outcome(DISCARDED))
+        rejected = {r["version"] for r in self.registry.decisions() if r.get("outcome") == DISCARDED
+                    or (r.get("outcome") == ROLLED_BACK and r.get("rejects_line", True))}
         chosen = ""
         for version in reversed(queued):
             chain = self.registry.lineage(version, current)
@@ -142,21 +146,25 @@ class CanaryController:
             metrics.CANARY_EVIDENCE.labels(kind).set(value)
         numbers = _json_safe({"evidence": vars(evidence), "test": decision.as_dict()})
         age = self.clock() - record["live_at"]
+        # A rollback drops the candidates trained on top of the canary only when the users found it
+        # worse (or it pleased the reward model, not them); one merely not shown better keeps its
+        # line, whose newest candidate, with more rounds of training, is judged next on its own.
+        rejects_line = decision.clearly_worse or decision.hacking
         if decision.outcome == "continue" and age >= self.config.canary_timeout_seconds:
             return self._rollback(canary, f"no decision after {age:.0f} s (timeout "
                                           f"{self.config.canary_timeout_seconds:g} s): {decision.reason}", numbers,
-                                  label="timed_out")
+                                  label="timed_out", rejects_line=rejects_line)
         if decision.outcome == "promote":
             self.registry.promote()
             return self._close(canary, PROMOTED, decision.reason, numbers, label=PROMOTED)
         if decision.outcome == "rollback":
-            return self._rollback(canary, decision.reason, numbers, label=ROLLED_BACK)
+            return self._rollback(canary, decision.reason, numbers, label=ROLLED_BACK, rejects_line=rejects_line)
         self.registry.record(canary, numbers)  # the evidence so far, for anyone watching
         return None
 
-    def _rollback(self, canary: str, reason: str, numbers: dict, *, label: str) -> dict:
+    def _rollback(self, canary: str, reason: str, numbers: dict, *, label: str, rejects_line: bool) -> dict:
         self.registry.set_canary("")
-        return self._close(canary, ROLLED_BACK, reason, numbers, label=label)
+        return self._close(canary, ROLLED_BACK, reason, {**numbers, "rejects_line": rejects_line}, label=label)
 
     def _close(self, version: str, outcome: str, reason: str, numbers: dict, *, label: str) -> dict:
         """Write the decision into the version's record, count it and log it."""

@@ -150,6 +150,12 @@ class Decision:
     delta: float  # estimated canary minus stable thumbs-up rate
     delta_se: float
     llr: float  # the test statistic
+    hacking: bool = False  # the learned reward rose clearly while the users' thumbs-up did not
+
+    @property
+    def clearly_worse(self) -> bool:
+        """The users rated the canary below the stable version beyond noise (delta's 95% interval below 0)."""
+        return math.isfinite(self.delta) and math.isfinite(self.delta_se) and self.delta + 1.96 * self.delta_se < 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (nan and inf as None), for recording the decision with its evidence."""
@@ -224,10 +230,10 @@ def decide(evidence: Evidence, config: CanaryTestConfig) -> Decision:
     if llr <= config.rollback_at:  # a reward-hacking canary is usually caught here: the reason names the signature
         why = f" ({hacking})" if hacked else ""
         return Decision(ROLLBACK, f"rollback{why}: the ratings favour a canary {worse} over one at {better}; "
-                                  f"{numbers}", delta, se, llr)
+                                  f"{numbers}", delta, se, llr, hacked)
     if llr < config.promote_at:
         return Decision(CONTINUE, f"continue: not yet decided between {worse} and {better}; {numbers}", delta, se, llr)
     if hacked:
-        return Decision(ROLLBACK, f"rollback ({hacking}); {numbers}", delta, se, llr)
+        return Decision(ROLLBACK, f"rollback ({hacking}); {numbers}", delta, se, llr, True)
     return Decision(PROMOTE, f"promote: the ratings favour a canary at {better} over one {worse}; {numbers}",
                     delta, se, llr)

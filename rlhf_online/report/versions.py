@@ -66,11 +66,13 @@ def nearest_served_ancestor(version: str, parents: Mapping[str, str], served: Ma
 
 
 def version_rows(served: Mapping[str, list[int]], rated: Mapping[str, list[int]], parents: Mapping[str, str],
-                 level: float = 0.95) -> list[dict]:
+                 level: float = 0.95, by_user: Mapping[str, Mapping[str, list[int]]] | None = None) -> list[dict]:
     """One row per version that served replies, base first: traffic, ratings, noise-free rate and the parent comparison.
 
     served: version -> [noise-free thumbs up, replies served]; rated: version -> [thumbs up, ratings sent];
-    parents: version -> its parent in the adapter registry ("" = the bare base).
+    parents: version -> its parent in the adapter registry ("" = the bare base); by_user (optional):
+    version -> user -> [noise-free thumbs up, replies]. With it, a version is compared with its parent
+    on the users both served only: a canary serves a share of the users, who may rate unlike the rest.
     """
     rows = []
     for v in sorted((v for v in served if served[v][1] > 0), key=lambda v: (v != "", v)):
@@ -82,9 +84,16 @@ def version_rows(served: Mapping[str, list[int]], rated: Mapping[str, list[int]]
                "noise_free_rate": ups / n, "noise_free_ci95": [lo, hi], "vs_parent": None}
         ancestor = nearest_served_ancestor(v, parents, served) if v else None
         if ancestor is not None:
-            diff, dlo, dhi = difference_interval(ups, n, *served[ancestor], level)
+            mine, theirs, users = (ups, n), tuple(served[ancestor]), None
+            if by_user is not None:
+                common = sorted(set(by_user.get(v, {})) & set(by_user.get(ancestor, {})))
+                if common:
+                    mine = tuple(map(sum, zip(*(by_user[v][u] for u in common), strict=True)))
+                    theirs = tuple(map(sum, zip(*(by_user[ancestor][u] for u in common), strict=True)))
+                    users = len(common)
+            diff, dlo, dhi = difference_interval(*mine, *theirs, level)
             row["vs_parent"] = {"compared_with": ancestor, "difference": diff, "ci95": [dlo, dhi],
-                                "verdict": verdict(dlo, dhi)}
+                                "verdict": verdict(dlo, dhi), "users_compared": users}
         rows.append(row)
     return rows
 

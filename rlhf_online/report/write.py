@@ -75,8 +75,9 @@ def _versions_table(rows: list[dict]) -> list[str]:
     lines = ["## Learning per policy version", "",
              "The noise-free thumbs-up rate is the personas' verdict without rating noise on every reply the version "
              "served, rated or not; it is compared with the parent's (or, when the parent served nothing, the nearest "
-             "ancestor's that did): the difference with its 95% normal-approximation interval, worse or better when "
-             "the whole interval is below or above 0.", "",
+             "ancestor's that did), on the users both served (a canary serves only its share of the users): the "
+             "difference with its 95% normal-approximation interval, worse or better when the whole interval is "
+             "below or above 0.", "",
              "| version | parent | replies served | ratings sent | users' thumbs-up rate (sent) | "
              "noise-free thumbs-up rate [95% Wilson] | vs parent [95% CI] |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:

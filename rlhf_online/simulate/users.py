@@ -76,6 +76,8 @@ class PoolStats:
     by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [up, rated]
     # Every reply served per policy version, rated or not: [the persona's noise-free thumbs up, replies].
     served_by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    # The same per version and user: a canary serves only its share of the users, who may rate unlike the rest.
+    served_by_version_user: dict[str, dict[str, list[int]]] = field(default_factory=lambda: defaultdict(dict))
 
     @property
     def ratings(self) -> int:
@@ -181,36 +183,50 @@ class UserPool:
             self.stub.SubmitPreference(pb.SubmitPreferenceRequest(
                 chosen_completion_id=chosen.completion_id, rejected_completion_id=rejected.completion_id,
                 user_id=user_id), timeout=30)
-        self._count(user_id, r.policy_version, len(texts), sum(x == "thumbs_up" for x in ratings), len(ratings),
-                    prefers, sum(persona.thumbs_up(x) for x in scores))
+        verdicts: list[bool | None] = [None] * len(texts)  # each candidate's rating: up, down, or not rated
+        for i, rating in zip(rated, ratings, strict=True):
+            verdicts[i] = rating == "thumbs_up"
+        # Per candidate: under a canary, a request's candidates may come from two versions.
+        self._count(user_id, r.policy_version, [(c.policy_version or r.policy_version, verdicts[i],
+                                                  persona.thumbs_up(scores[i]))
+                                                 for i, c in enumerate(r.completions)], prefers)
 
     def _rates(self, rng: random.Random) -> bool:
         """Whether the user rates this reply (or sends this preference): with probability rated_fraction."""
         # No draw at 1.0, so a pool that rates everything rolls the same dice as before the knob existed.
         return self.config.rated_fraction >= 1 or rng.random() < self.config.rated_fraction
 
-    def _count(self, user_id: str, version: str, replies: int, ups: int, rated: int, preferred: bool,
-               noise_free_ups: int) -> None:
-        """Add one answered request to the totals and the events file."""
+    def _count(self, user_id: str, version: str, candidates: list[tuple[str, bool | None, bool]],
+               preferred: bool) -> None:
+        """Add one answered request to the totals and the events file.
+
+        `version` is the response's; `candidates` is, per reply, (the version that wrote it, its rating:
+        True up, False down, None not rated, the persona's noise-free verdict).
+        """
+        ups = sum(r is True for _, r, _ in candidates)
+        rated = sum(r is not None for _, r, _ in candidates)
         with self._lock:
             s = self.stats
             s.requests += 1
-            s.completions += replies
+            s.completions += len(candidates)
             s.thumbs_up += ups
             s.thumbs_down += rated - ups
             s.preferences += preferred
-            if rated:
-                s.by_version[version][0] += ups
-                s.by_version[version][1] += rated
-            s.served_by_version[version][0] += noise_free_ups
-            s.served_by_version[version][1] += replies
+            for v, rating, noise_free_up in candidates:
+                if rating is not None:
+                    s.by_version[v][0] += rating
+                    s.by_version[v][1] += 1
+                s.served_by_version[v][0] += noise_free_up
+                s.served_by_version[v][1] += 1
+                per_user = s.served_by_version_user[v].setdefault(user_id, [0, 0])
+                per_user[0] += noise_free_up
+                per_user[1] += 1
             if self._events:
                 self._events.write(json.dumps({
-                    "t": time.time(), "user": user_id, "policy_version": version, "completions": replies,
-                    "ratings": rated, "thumbs_up": ups, "preference": preferred,
-                    "noise_free_thumbs_up": noise_free_ups}) + "\n")
+                    "t": time.time(), "user": user_id, "policy_version": version, "completions": len(candidates),
+                    "versions": [v for v, _, _ in candidates], "ratings": rated, "thumbs_up": ups,
+                    "preference": preferred, "noise_free_thumbs_up": sum(n for _, _, n in candidates)}) + "\n")
                 self._events.flush()
-
 
 def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: float,
             events_path: Path | None = None, report_every: float = 10.0) -> PoolStats:

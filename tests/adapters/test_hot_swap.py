@@ -8,9 +8,11 @@ import time
 import grpc
 import pytest
 from prometheus_client import REGISTRY
+from support import wait_for
 
 from rlhf_online.adapters.watcher import AdapterWatcher
 from rlhf_online.artifacts import write_atomically
+from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.config import GenerationSettings
 from rlhf_online.store import open_store
 from rlhf_online.v1 import generation_pb2 as pb
@@ -28,7 +30,7 @@ def replica(make_engine, tmp_path, registry):
     """A generation server on the tiny model watching `registry` every 50 ms."""
     settings = GenerationSettings(port=0, metrics_port=0, host="127.0.0.1", data_dir=tmp_path, base_model="tiny",
                                   store_url=f"sqlite:///{tmp_path / 'store.db'}", adapter_dir=registry.root,
-                                  adapter_poll_seconds=0.05)
+                                  adapter_poll_seconds=0.05, canary_percent=50.0)
     cfg = engine_config(settings)
     engine = make_engine(step_delay=0.005, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue)
     switches: list[tuple[float, str]] = [(0.0, "")]
@@ -95,6 +97,60 @@ def test_swaps_under_load_drop_nothing_and_pin_each_request(replica, registry, p
     while engine.loaded_versions() != [versions[2]]:  # the old ones are unloaded once nothing uses them
         assert time.time() < end, engine.loaded_versions()
         time.sleep(0.02)
+
+
+def test_canary_on_off_and_promoted_under_load_drops_nothing_and_keeps_outsiders_off_it(replica, registry, publish):
+    stub, engine, _ = replica
+    stable, first, second = publish(0), publish(1), publish(2)
+    registry.activate(stable)
+    wait_serving(stub, stable)
+    router = CanaryRouter(50.0)
+    users = [f"user-{i}" for i in range(6)]
+    inside = {u for u in users if router.in_canary(u)}
+    assert 0 < len(inside) < len(users)
+    stop, errors, served = threading.Event(), [], []
+
+    def client(user: str) -> None:
+        while not stop.is_set():
+            try:
+                r = stub.Generate(pb.GenerateRequest(prompt=f"hello {user}", n=2, user_id=user, params=pb.SamplingParams(
+                    max_new_tokens=12, temperature=1.0)), timeout=30)
+                served.append((user, r.policy_version, [c.policy_version for c in r.completions]))
+            except grpc.RpcError as e:
+                errors.append(e.code())
+
+    def canary_served(version: str) -> None:
+        wait_for(lambda: engine.canary_version == version, 20, f"replica canary {version!r}")
+        seen = len(served)
+        wait_for(lambda: any(version in got for _, _, got in served[seen:]), 60, f"a reply of canary {version!r}")
+
+    threads = [threading.Thread(target=client, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    registry.set_canary(first)
+    canary_served(first)
+    registry.set_canary("")  # rolled back
+    wait_for(lambda: engine.canary_version == "", 20, "the canary dropped")
+    registry.set_canary(second)
+    canary_served(second)
+    registry.promote()
+    wait_serving(stub, second)
+    seen = len(served)
+    wait_for(lambda: len(served) > seen + len(users), 60, "requests after the promotion")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    for user, version, got in served:
+        if user not in inside:
+            assert set(got) <= {stable, second} and first not in got, (user, got)  # never a canary's reply
+            assert len(set(got)) == 1
+        elif len(set(got)) == 2:  # interleaved: one candidate of each side, the response names the canary
+            assert version in got and version in (first, second)
+    assert any(len(set(got)) == 2 for _, _, got in served)
+    after = served[seen:]
+    assert all(set(got) == {second} for _, _, got in after[len(users):])  # promoted: everyone, both candidates
+    wait_for(lambda: engine.loaded_versions() == [second], 30, "the old versions unloaded")
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "wrong base model"])

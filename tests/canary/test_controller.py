@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 
@@ -65,11 +66,28 @@ def test_a_worse_canary_is_rolled_back_and_candidates_trained_from_it_discarded(
     rate(store, clock, bad, "someone", 10, 30, "c")
     before = decisions("rolled_back")
     record = controller.step()
-    assert record["outcome"] == "rolled_back" and record["reason"].startswith("rollback")
+    assert record["outcome"] == "rolled_back" and record["reason"].startswith("rollback") and record["rejects_line"]
     assert record["evidence"]["canary_rated"] == 40 and record["evidence"]["stable_rated"] == 100
     assert (registry.current(), registry.canary()) == (stable, "") and decisions("rolled_back") == before + 1
     assert registry.decision(later)["outcome"] == "discarded"
     assert head(registry) == stable  # training restarts from what users accepted
+
+
+def test_a_canary_not_shown_better_is_rolled_back_but_its_line_goes_on(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    first = publish(registry, parent=stable)  # one round in: hardly different from the stable version
+    controller.queue(first)
+    controller.step()
+    later = publish(registry, parent=first)  # more rounds of training on top of it
+    controller.queue(later)
+    rate(store, clock, stable, "u", 700, 300, "s")
+    rate(store, clock, first, "u", 67, 33, "c")  # 67% vs 70%: not better, not clearly worse
+    record = controller.step()
+    assert record["outcome"] == "rolled_back" and record["rejects_line"] is False
+    assert registry.current() == stable and registry.canary() == later  # judged next, on its own
+    assert registry.decision(later)["outcome"] == "live"
 
 
 def test_a_better_canary_is_promoted_and_the_newest_queued_candidate_goes_live_next(setup):
@@ -141,3 +159,21 @@ def test_the_reward_gain_sums_the_gates_along_the_lineage(setup):
     assert gain == pytest.approx(0.7) and se == pytest.approx(0.05)
     unknown = publish(registry, parent=b)  # a step without the gate's numbers: unknown
     assert all(math.isnan(x) for x in controller.reward_gain(unknown, stable))
+
+
+def test_prune_keeps_the_line_of_candidates_and_a_lost_one_is_discarded_not_a_stuck_controller(setup):
+    registry, store, clock, controller = setup
+    stable = publish(registry)
+    registry.activate(stable)
+    old = publish(registry, parent=stable)
+    controller.queue(old)
+    newer = publish(registry, parent=old)
+    controller.queue(newer)
+    unrelated = publish(registry)
+    publish(registry)
+    registry.prune(keep=1)  # queued candidates and their line back to CURRENT stay
+    assert unrelated not in registry.versions() and {stable, old, newer} <= set(registry.versions())
+    shutil.rmtree(registry.root / old)  # lost anyway (say, by hand): its record stays, its descendants' line is cut
+    controller.step()
+    assert registry.decision(old)["outcome"] == "discarded" and registry.decision(newer)["outcome"] == "discarded"
+    assert registry.canary() == "" and head(registry) == stable

@@ -46,7 +46,7 @@ def test_no_evidence_at_all_continues_with_a_json_ready_record():
     assert record["delta"] is None and record["delta_se"] is None and record["outcome"] == "continue"
     json.dumps(record, allow_nan=False)  # strict JSON: no NaN
     assert set(decide(Evidence(85, 100, 700, 1000), DEFAULT).as_dict()) == {"outcome", "reason", "delta", "delta_se",
-                                                                           "llr"}
+                                                                           "llr", "hacking"}
 
 
 @pytest.mark.parametrize("up, expected", [(40, "promote"), (0, "rollback")])
@@ -108,7 +108,7 @@ def test_a_rollback_of_a_canary_that_pleased_the_reward_model_says_so():
     # With the default test, users' thumbs-down already roll such a canary back: the reason names the signature.
     worse = dict(canary_up=50, canary_rated=100, stable_up=700, stable_rated=1000)
     d = decide(Evidence(**worse, reward_gain=0.3, reward_gain_se=0.05), DEFAULT)
-    assert d.outcome == "rollback" and "reward hacking: the learned reward rose by 0.3" in d.reason
+    assert d.outcome == "rollback" and "reward hacking: the learned reward rose by 0.3" in d.reason and d.hacking
     assert "reward hacking" not in decide(Evidence(**worse), DEFAULT).reason
 
 
@@ -133,3 +133,10 @@ def test_the_thresholds_are_walds():
 def test_impossible_counts_are_refused_by_name(field, counts):
     with pytest.raises(InvalidArgument, match=f"^{field}:"):
         Evidence(**counts)
+
+
+def test_clearly_worse_means_the_whole_interval_below_zero():
+    assert decide(Evidence(40, 100, 700, 1000), DEFAULT).clearly_worse  # -30 points
+    not_better = decide(Evidence(67, 100, 700, 1000), DEFAULT)  # -3 points: rolled back, but not clearly worse
+    assert not_better.outcome == "rollback" and not not_better.clearly_worse
+    assert not decide(Evidence(), DEFAULT).clearly_worse

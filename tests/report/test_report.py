@@ -120,3 +120,14 @@ def test_the_markdown_shows_a_version_worse_than_its_parent(tmp_path):
     assert "better" in table["v000001"] and "worse" not in table["v000001"]
     assert "(vs v000002)" in table["v000004"] and table["base"].rstrip().endswith("| - |")
     assert "Worse than its parent: v000002." in md
+
+
+def test_a_canary_is_compared_with_its_parent_on_the_users_both_served():
+    """A canary served to a share of generous users must not look better than its parent for that alone."""
+    served = {"": [100, 200], "v000001": [90, 100]}
+    by_user = {"": {"generous": [90, 100], "harsh": [10, 100]}, "v000001": {"generous": [90, 100]}}
+    naive = versions.version_rows(served, {}, {"v000001": ""})[1]["vs_parent"]
+    fair = versions.version_rows(served, {}, {"v000001": ""}, by_user=by_user)[1]["vs_parent"]
+    assert naive["verdict"] == "better" and naive["users_compared"] is None
+    assert fair["difference"] == pytest.approx(0.0) and fair["verdict"] == "no clear difference"
+    assert fair["users_compared"] == 1

@@ -104,3 +104,18 @@ def test_a_failing_server_counts_errors_instead_of_crashing_the_users():
 def test_bad_pool_settings_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):
         UserPoolConfig(**bad)
+
+
+def test_each_candidate_counts_for_the_version_that_wrote_it(generation, tmp_path):
+    """Under a canary a request's two candidates come from two versions: each is counted for its own."""
+    pool = UserPool(generation[0], ["hi"], UserPoolConfig(users=1), tmp_path / "events.jsonl")
+    pool._count("polite-0", "v2", [("v2", True, True), ("v1", False, False)], preferred=True)
+    pool._count("positive-1", "v1", [("v1", None, True)], preferred=False)
+    pool.stop()
+    s = pool.stats
+    assert (s.requests, s.completions, s.thumbs_up, s.thumbs_down, s.preferences) == (2, 3, 1, 1, 1)
+    assert s.by_version == {"v2": [1, 1], "v1": [0, 1]}  # the unrated reply counts as served, not as rated
+    assert s.served_by_version == {"v2": [1, 1], "v1": [1, 2]}
+    assert s.served_by_version_user == {"v2": {"polite-0": [1, 1]}, "v1": {"polite-0": [0, 1], "positive-1": [1, 1]}}
+    rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert rows[0]["versions"] == ["v2", "v1"] and rows[0]["policy_version"] == "v2"
