@@ -67,7 +67,9 @@ class DemoConfig:
     # users, sticky per user, until their ratings promote or roll it back. 50, not the service's 20: of the demo's
     # 6 users, 20% would be one user.
     canary_percent: float = 50.0
-    canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds"), canary=True, canary_poll_seconds=2.0)
+    # canary_same_users: 3 users of two personas in the share are no random sample of the 6 (canary.config).
+    canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds", "canary_same_users"), canary=True,
+                                 canary_poll_seconds=2.0, canary_same_users=True)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 
@@ -245,6 +247,7 @@ def main(args: argparse.Namespace) -> int:
     canary_rows = canaries.canary_rows(registry.decisions(), monitor.t0, cfg.canary_percent)
     extra["canaries"] = canary_rows
     extra["promoted_but_worse"] = canaries.promoted_but_worse(canary_rows, version_rows)
+    extra["promotion_lag_minutes"] = canaries.promotion_lag_minutes(canary_rows)
     report = write.build_report(summary, kl=kl, kl_budget=cfg.trainer.kl_budget, rounds=monitor.rounds,
                                 wall_seconds=time.time() - t0, final_version=final, extra=extra,
                                 versions=version_rows)
@@ -268,8 +271,9 @@ def main(args: argparse.Namespace) -> int:
     if cfg.canary.canary:
         outcomes = [c["outcome"] for c in canary_rows]
         print(f"Canaries: {outcomes.count('promoted')} promoted, {outcomes.count('rolled_back')} rolled back, "
-              f"{outcomes.count('live')} still live, {outcomes.count('queued')} queued; promoted although users rated "
-              f"them worse than their parent: {', '.join(report['promoted_but_worse']) or 'none'}.")
+              f"{outcomes.count('live')} still live, {outcomes.count('queued')} queued; published to CURRENT in "
+              f"{', '.join(f'{m:.1f}' for m in report['promotion_lag_minutes']) or '-'} minutes; promoted although "
+              f"users rated them worse than their parent: {', '.join(report['promoted_but_worse']) or 'none'}.")
     print(f"Report: {run_dir / 'report.md'} (plot {run_dir / 'report.png'}, data {run_dir / 'report.json'})")
     os.sync()
     return 0

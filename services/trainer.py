@@ -115,9 +115,11 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
         Naming the canary promotes it; the canary controller records either as an operator's decision.
         """
-        self.registry.activate(request.version)
         if self.trainer.canary is not None:
+            self.trainer.canary.activate(request.version)  # under the controller's lock: no step promotes over it
             self.trainer.canary.step()
+        else:
+            self.registry.activate(request.version)
         if not request.version:
             return gen_pb.Policy(version="", base_model=self.trainer.base_model)
         m = self.registry.manifest(request.version)

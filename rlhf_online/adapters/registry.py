@@ -81,10 +81,18 @@ class AdapterRegistry(VersionedRegistry):
         return canary
 
     def rollback(self) -> str:
-        """Drop the canary if there is one, else activate the version before CURRENT; returns what is stable now."""
+        """Drop the canary if there is one, else activate the version before CURRENT; returns what is stable now.
+
+        The version before CURRENT is the stable one it was promoted over when a canary record says
+        so (never a candidate users rejected), else the newest version older than CURRENT.
+        """
         if self.canary():
             self.set_canary("")
             return self.current()
+        record = self.decision(self.current()) if self.current() else None
+        if record and record.get("outcome") == PROMOTED and "stable" in record:
+            self.activate(record["stable"])
+            return record["stable"]
         return super().rollback()
 
     # ------------------------------------------------------------ canary records

@@ -3,9 +3,11 @@
 A new version is validated (hashes, base model, shapes) and loaded beside the old ones; new
 requests then go to it while requests already running finish on the version they started on,
 and the engine unloads a version once nothing uses it. A version that fails validation or
-loading is refused and counted, and the old one keeps serving (a refused canary: none is served).
-CURRENT is applied before CANARY, so a promotion (CURRENT := CANARY, then CANARY := "") never
-leaves the promoted version unloaded in between.
+loading is refused and counted, and the old stable version keeps serving; a canary is dropped
+before a different one is loaded, so a refused one leaves no canary (never the one before it).
+CANARY is read before CURRENT: a promotion writes CURRENT first, so the pair read is never a
+promoted version missing from both pointers, and CURRENT is applied first, so the promoted
+version moves from canary to stable without being unloaded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.adapters.validate import validate_adapter
 from rlhf_online.engine.engine import Engine
+from rlhf_online.errors import InvalidArgument
 
 log = logging.getLogger("rlhf_online.adapters")
 
@@ -37,9 +40,9 @@ class AdapterWatcher:
         """One poll: follow CURRENT, then CANARY, where they changed; returns the stable version served afterwards."""
         self.polls += 1
         poll = self.polls
+        canary = self.registry.canary()
         if self._follow("stable", self.registry.current(), self.engine.policy_version, self.engine.set_current):
             self.switched_on_poll = poll
-        canary = self.registry.canary()
         if canary == self.engine.policy_version:
             canary = ""  # promoted, CANARY not yet cleared: everyone gets it as the stable version
         if self._follow("canary", canary, self.engine.canary_version, self.engine.set_canary):
@@ -49,13 +52,19 @@ class AdapterWatcher:
     def _follow(self, role: str, wanted: str, serving: str, switch) -> bool:
         """Load `wanted` if needed and switch the role to it; False when nothing changed or it was refused."""
         if wanted == serving or wanted in self.refused:
+            if role == "canary" and wanted in self.refused and serving:
+                self.engine.set_canary("")  # CANARY names a refused version: serve no canary, not the old one
             return False
         t0 = time.perf_counter()
         try:
-            if wanted and wanted not in self.engine.loaded_versions():
-                validate_adapter(self.registry.path(wanted), base_model=self.base_model, model=self.engine.model)
-                self.engine.load_adapter(wanted, self.registry.path(wanted))
-            switch(wanted)
+            if role == "canary" and serving:
+                self.engine.set_canary("")  # the old canary stops taking requests while the new one loads
+            self._load(wanted)
+            try:
+                switch(wanted)
+            except InvalidArgument:  # a retired version unloaded between the check and the switch: load it again
+                self._load(wanted)
+                switch(wanted)
         except Exception as e:  # whatever went wrong (a malformed config fails inside PEFT with a TypeError)
             self.refused.add(wanted)
             metrics.ADAPTER_SWAPS.labels("failed").inc()
@@ -68,6 +77,12 @@ class AdapterWatcher:
         shown = wanted or ("(none)" if role == "canary" else "(base)")
         log.info("policy switched", extra={"version": shown, "role": role, "seconds": round(seconds, 3)})
         return True
+
+    def _load(self, version: str) -> None:
+        """Validate and load `version` unless it is resident (or the bare base)."""
+        if version and version not in self.engine.loaded_versions():
+            validate_adapter(self.registry.path(version), base_model=self.base_model, model=self.engine.model)
+            self.engine.load_adapter(version, self.registry.path(version))
 
     def run(self) -> None:
         """Poll until stopped; a failing poll is logged, never fatal."""

@@ -11,6 +11,11 @@ n=2 interleaved pair with probability --pair-fraction:
 - canary share, n=1: one canary rating;
 - the rest: one or two stable ratings.
 
+The stable side of the evidence is what the controller reads: every user's stable ratings (its
+default, --stable-evidence all), or with --canary-same-users (--stable-evidence same-users) the
+stable ratings of the canary's own users, i.e. of the stable candidates of their interleaved pairs,
+falling back to every user's while those are fewer than MIN_SAME_USER_STABLE_RATINGS.
+
 The controller looks after every --look-every ratings (any version's, as a polling controller
 sees them arrive) and calls decide() on the counts so far; a canary still undecided at
 --max-canary-ratings canary ratings is rolled back (timeout). The trials of one effect run together
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_online.bench.common import machine, write_report
+from rlhf_online.canary.controller import MIN_SAME_USER_STABLE_RATINGS
 from rlhf_online.canary.sequential import (
     PROMOTE,
     ROLLBACK,
@@ -47,6 +53,8 @@ from rlhf_online.canary.sequential import (
 FALSE_PROMOTION_EFFECT, FALSE_PROMOTION_MAX = -0.05, 0.05
 POWER_EFFECT, POWER_MIN = 0.10, 0.80
 COUNTS = ("canary_up", "canary_rated", "stable_up", "stable_rated", "pair_wins", "pairs")
+# Kept beside COUNTS: the stable ratings of the canary's own users (the stable candidates of their pairs).
+SAME_UP, SAME_RATED = len(COUNTS), len(COUNTS) + 1
 BLOCK = 128  # requests simulated per step for the trials still undecided
 
 
@@ -60,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canary-percent", type=float, default=20.0, help="share of users served the canary")
     p.add_argument("--pair-fraction", type=float, default=0.5, help="share of requests that are n=2 pairs")
     p.add_argument("--look-every", type=int, default=10, help="the controller calls decide() every this many ratings")
+    p.add_argument("--stable-evidence", choices=("all", "same-users"), default="all",
+                   help="the stable ratings the test reads: everyone's (the controller's default) or, as with "
+                        "--canary-same-users, the canary's own users'")
     p.add_argument("--max-canary-ratings", type=int, default=1000,
                    help="timeout: roll back a canary undecided after this many canary ratings")
     p.add_argument("--out", default="bench-results")
@@ -78,7 +89,7 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
     outcome = np.full(trials, "", dtype=object)
     at_canary, at_total = np.zeros(trials, dtype=np.int64), np.zeros(trials, dtype=np.int64)
     active = np.arange(trials)
-    counts = np.zeros((trials, len(COUNTS)), dtype=np.int64)  # cumulative, in COUNTS order
+    counts = np.zeros((trials, len(COUNTS) + 2), dtype=np.int64)  # cumulative, in COUNTS order, then SAME_*
     ratings = np.zeros(trials, dtype=np.int64)
     while active.size:
         n = active.size
@@ -90,12 +101,16 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
         # What each request adds to each count, in COUNTS order (cast: bool + bool is `or` in numpy).
         inc = np.stack([canary & first, canary, (~canary & first).astype(np.int64) + (pair & second),
                         (~canary).astype(np.int64) + pair,
-                        canary & pair & ((first & ~second) | ((first == second) & coin)), canary & pair], axis=-1)
-        cum = counts[active, None, :] + np.cumsum(inc, axis=1, dtype=np.int64)  # (n, BLOCK, 6) after each request
+                        canary & pair & ((first & ~second) | ((first == second) & coin)), canary & pair,
+                        canary & pair & second, canary & pair], axis=-1)
+        cum = counts[active, None, :] + np.cumsum(inc, axis=1, dtype=np.int64)  # (n, BLOCK, 8) after each request
         total = ratings[active, None] + np.cumsum(1 + pair, axis=1, dtype=np.int64)
         before = np.concatenate([ratings[active, None], total[:, :-1]], axis=1)
         look = total // args.look_every > before // args.look_every  # this request's ratings crossed a multiple
         c = [cum[..., i] for i in range(len(COUNTS))]
+        if args.stable_evidence == "same-users":  # the controller's choice, look by look
+            same = cum[..., SAME_RATED] >= MIN_SAME_USER_STABLE_RATINGS
+            c[2], c[3] = np.where(same, cum[..., SAME_UP], c[2]), np.where(same, cum[..., SAME_RATED], c[3])
         delta, var = estimate(*c, config.pair_overlap)
         llr = log_likelihood_ratio(delta, var, config)
         judged = canary_looks(c[1], c[5], config.pair_overlap) >= config.min_canary_ratings
@@ -106,7 +121,7 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
         where = stop.argmax(axis=1)  # the first look that decided or timed out (0 where none did)
         for row in np.flatnonzero(done):
             trial, j = active[row], where[row]
-            evidence = Evidence(**{name: int(cum[row, j, i]) for i, name in enumerate(COUNTS)})
+            evidence = Evidence(**{name: int(c[i][row, j]) for i, name in enumerate(COUNTS)})
             verdict = decide(evidence, config).outcome
             expected = "continue" if not decided[row, j] else PROMOTE if llr[row, j] > 0 else ROLLBACK
             if verdict != expected:  # the arrays and decide() are one statistic: a mismatch is a bug, not noise
@@ -153,7 +168,8 @@ def main(args: argparse.Namespace) -> int:
         "config": {**dataclasses.asdict(config), "promote_at": config.promote_at, "rollback_at": config.rollback_at},
         "simulation": {"trials": args.trials, "seed": args.seed, "stable_rate": args.stable_rate,
                        "canary_percent": args.canary_percent, "pair_fraction": args.pair_fraction,
-                       "look_every": args.look_every, "max_canary_ratings": args.max_canary_ratings},
+                       "look_every": args.look_every, "max_canary_ratings": args.max_canary_ratings,
+                       "stable_evidence": args.stable_evidence},
         "effects": rows,
     }
     write_report(args.out, "canary", result, table(result))
@@ -173,7 +189,8 @@ def table(result: dict[str, Any]) -> list[str]:
     fp, power = result["false_promotion_rate"], result["power"]
     lines += ["", f"{s['trials']} trials per effect (seed {s['seed']}): stable thumbs-up {s['stable_rate']}, "
               f"{s['canary_percent']:g}% canary share, {s['pair_fraction']:g} of requests interleaved pairs, "
-              f"decide() every {s['look_every']} ratings, rollback at {s['max_canary_ratings']} canary ratings. "
+              f"decide() every {s['look_every']} ratings, rollback at {s['max_canary_ratings']} canary ratings, "
+              f"stable evidence: {s['stable_evidence']}. "
               f"Test: worse_by {c['worse_by']}, better_by {c['better_by']}, alpha {c['alpha']}, beta {c['beta']}, "
               f"min_canary_ratings {c['min_canary_ratings']}, pair_overlap {c['pair_overlap']}.",
               "", f"False promotion at {100 * FALSE_PROMOTION_EFFECT:+.0f} points: "

@@ -17,6 +17,13 @@ class CanaryConfig:
                                "false: every candidate that passes the gate becomes CURRENT at once")
     canary_timeout_seconds: float = knob(900.0, "roll a canary back if the test has not decided after this long")
     canary_poll_seconds: float = knob(5.0, "how often the controller reads the canary's evidence")
+    # Every user's stable ratings are an unbiased comparison when the share is a hash of many users (a
+    # random sample), and the test's error rates were measured on them. With a handful of users the
+    # share is no random sample (the demo's 6 users of two personas that rate differently), and only
+    # the stable replies of the canary's own users (their interleaved pairs) make a fair comparison.
+    canary_same_users: bool = knob(False, "compare the canary with the stable replies of its own users only (their "
+                                          "interleaved pairs): for a share of few users; noisier (bench canary "
+                                          "--stable-evidence same-users)")
 
     def __post_init__(self) -> None:
         """Reject values the controller cannot run with, naming the field."""

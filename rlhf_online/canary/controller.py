@@ -4,14 +4,15 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
 1. reconciles what an operator did by hand (`policies promote|rollback`, ActivatePolicy),
 2. with no canary live, makes the newest queued candidate the canary (older queued ones are
    superseded: the newest descends from them and carries their updates),
-3. with a canary live, reads its users' thumbs on the canary's and the stable version's replies
-   since it went live and their preferences between the two (store.compare_versions), adds the
+3. with a canary live, reads the users' thumbs on the canary's and the stable version's replies
+   since it went live (with canary_same_users, the stable replies of the canary's own users only)
+   and their preferences between the two (store.compare_versions), adds the
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
    (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
    collecting — until `canary_timeout_seconds`, when it rolls back. Queued candidates trained on
-   top of a rolled-back canary are discarded when the users found it worse beyond noise (or it
-   pleased the reward model, not them); after a canary merely not shown better, the newest of
-   them, with more rounds of training in it, goes live next and is judged on its own.
+   top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
+   canary merely not shown better, the newest of them, with more rounds of training in it, goes
+   live next and is judged on its own.
 Each decision is written to the candidate's record (registry decisions/<version>.json) with its
 evidence, logged and counted. The controller keeps no state of its own: a restarted trainer picks
 up where the records and pointers say it stands.
@@ -42,9 +43,11 @@ from rlhf_online.adapters.registry import (
 )
 from rlhf_online.canary.config import CanaryConfig
 from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, decide
+from rlhf_online.errors import InvalidArgument, NotFound
 from rlhf_online.store import Store
 
 log = logging.getLogger("rlhf_online.canary")
+EVIDENCE_KINDS = ("canary_rated", "stable_rated", "pairs", "delta", "llr")
 MIN_SAME_USER_STABLE_RATINGS = 10  # fewer stable ratings from the canary's own users: compare with everyone's
 
 
@@ -69,6 +72,12 @@ class CanaryController:
         self.registry.record(version, {"outcome": QUEUED, "queued_at": self.clock()})
         log.info("candidate queued for canary", extra={"version": version})
 
+    def activate(self, version: str) -> None:
+        """An operator's ActivatePolicy: CURRENT := version, under the lock so no step promotes over it."""
+        with self._lock:
+            self.registry.activate(version)
+            self._reconcile()
+
     def step(self) -> dict | None:
         """One look: reconcile, start a canary, or test the live one; returns a decision record when one was made."""
         with self._lock:
@@ -76,9 +85,14 @@ class CanaryController:
             canary = self.registry.canary()
             if not canary:
                 self._start_next()
+                if not self.registry.canary():
+                    for kind in EVIDENCE_KINDS:  # nothing live: the dashboard shows no stale evidence
+                        metrics.CANARY_EVIDENCE.labels(kind).set(0)
                 return None
-            record = self.registry.decision(canary) or self.registry.record(
-                canary, {"outcome": LIVE, "live_at": self.clock(), "stable": self.registry.current()})
+            record = self.registry.decision(canary) or {}
+            if record.get("outcome") != LIVE:  # CANARY set by hand, or a crash before its record was written
+                record = self.registry.record(canary, {"outcome": LIVE, "live_at": self.clock(),
+                                                       "stable": self.registry.current()})
             decided = self._test(canary, record)
             if decided is not None:
                 self._start_next()
@@ -87,10 +101,17 @@ class CanaryController:
     # ------------------------------------------------------------ the steps
 
     def _reconcile(self) -> None:
-        """Record what an operator changed by hand: a live record whose version is no longer the canary."""
+        """Record what an operator changed by hand (`policies promote|rollback|activate`, ActivatePolicy)."""
         current, canary = self.registry.current(), self.registry.canary()
         if canary and canary == current:  # ActivatePolicy named the canary: a promotion by hand
             self.registry.set_canary("")
+            canary = ""
+        live = self.registry.decision(canary) if canary else None
+        if live and live.get("outcome") == LIVE and live.get("stable", current) != current:
+            # CURRENT moved under a live canary: it was judged against a version no longer served.
+            self.registry.set_canary("")
+            self._close(canary, ROLLED_BACK, f"CURRENT changed by an operator (to {current or '(base)'}) while it "
+                                             "was live", {"by": "operator", "rejects_line": False}, label="overridden")
             canary = ""
         for version in self.registry.with_outcome(LIVE):
             if version == canary:
@@ -99,41 +120,54 @@ class CanaryController:
             # An operator's rollback rejects the candidates trained on top of it too.
             self._close(version, outcome, "by an operator: CANARY or CURRENT changed outside the controller",
                         {"by": "operator", "rejects_line": outcome == ROLLED_BACK}, label="overridden")
+        for version in self.registry.with_outcome(QUEUED):
+            if version == current:  # activated by hand before its turn
+                self._close(version, PROMOTED, "by an operator: activated before its turn as the canary",
+                            {"by": "operator"}, label="overridden")
 
     def _start_next(self) -> None:
-        """Make the newest queued candidate that descends from CURRENT through no rejected version the canary."""
+        """Make the newest queued candidate that descends from CURRENT through accepted versions the canary.
+
+        Rejected on the way: a version rolled back as worse, a discarded one, and a promoted one that
+        is no longer CURRENT (an operator rolled back from it) — candidates trained on top of any of
+        them are discarded. Older acceptable ones are superseded by the newest, which carries their
+        updates. A candidate that cannot become the canary (its files fail verification) is discarded.
+        """
         current = self.registry.current()
-        queued = self.registry.with_outcome(QUEUED)
-        rejected = {r["version"] for r in self.registry.decisions() if r.get("outcome") == DISCARDED
+        rejected = {r["version"] for r in self.registry.decisions() if r.get("outcome") in (DISCARDED, PROMOTED)
                     or (r.get("outcome") == ROLLED_BACK and r.get("rejects_line", True))}
         chosen = ""
-        for version in reversed(queued):
+        for version in reversed(self.registry.with_outcome(QUEUED)):
             chain = self.registry.lineage(version, current)
             if chain is None or rejected & set(chain):
-                self.registry.record(version, {"outcome": DISCARDED, "decided_at": self.clock(),
-                                               "reason": f"not trained from CURRENT {current or '(base)'} through "
-                                                         "versions users accepted"})
-                metrics.CANARY_DECISIONS.labels(DISCARDED).inc()
-            elif not chosen:
-                chosen = version
-            else:
+                self._discard(version, f"not trained from CURRENT {current or '(base)'} through versions users "
+                                       "accepted")
+            elif chosen:
                 self.registry.record(version, {"outcome": SUPERSEDED, "decided_at": self.clock(),
                                                "reason": f"{chosen}, trained from it, went live instead"})
                 metrics.CANARY_DECISIONS.labels(SUPERSEDED).inc()
-        if not chosen:
-            return
-        self.registry.record(chosen, {"outcome": LIVE, "live_at": self.clock(), "stable": current})
-        self.registry.set_canary(chosen)
-        log.info("canary live", extra={"version": chosen, "stable": current or "(base)"})
+            else:
+                try:  # the pointer first: a crash before the record is repaired by the next step
+                    self.registry.set_canary(version)
+                except (InvalidArgument, NotFound) as e:
+                    self._discard(version, f"cannot be served: {e}")
+                    continue
+                self.registry.record(version, {"outcome": LIVE, "live_at": self.clock(), "stable": current})
+                chosen = version
+                log.info("canary live", extra={"version": chosen, "stable": current or "(base)"})
+
+    def _discard(self, version: str, reason: str) -> None:
+        self.registry.record(version, {"outcome": DISCARDED, "decided_at": self.clock(), "reason": reason})
+        metrics.CANARY_DECISIONS.labels(DISCARDED).inc()
 
     def _test(self, canary: str, record: dict) -> dict | None:
         """Gather the evidence since the canary went live and act on the sequential test."""
         stable = self.registry.current()
-        # The canary's own users judge both versions (interleaved pairs give them stable replies too):
-        # a share of users who rate differently from the rest would otherwise bias the comparison.
-        # Without enough such stable ratings (traffic of n = 1 only), every user's stable ratings count.
-        seen = self.store.compare_versions(canary, stable, record["live_at"], same_users=True)
-        if seen.b_rated < MIN_SAME_USER_STABLE_RATINGS:
+        # With canary_same_users, the canary's own users judge both versions (interleaved pairs give them
+        # stable replies too), so a share of users who rate unlike the rest cannot bias the comparison;
+        # without enough such stable ratings (traffic of n = 1 only), every user's stable ratings count.
+        seen = self.store.compare_versions(canary, stable, record["live_at"], same_users=self.config.canary_same_users)
+        if self.config.canary_same_users and seen.b_rated < MIN_SAME_USER_STABLE_RATINGS:
             seen = self.store.compare_versions(canary, stable, record["live_at"])
         gain, gain_se = self.reward_gain(canary, stable)
         evidence = Evidence(canary_up=seen.a_up, canary_rated=seen.a_rated, stable_up=seen.b_up,
@@ -141,15 +175,16 @@ class CanaryController:
                             reward_gain=gain, reward_gain_se=gain_se)
         decision = decide(evidence, self.test)
         self.last = decision
-        for kind, value in (("canary_rated", seen.a_rated), ("stable_rated", seen.b_rated), ("pairs", seen.pairs),
-                            ("delta", decision.delta), ("llr", decision.llr)):
+        for kind, value in zip(EVIDENCE_KINDS, (seen.a_rated, seen.b_rated, seen.pairs, decision.delta, decision.llr),
+                               strict=True):
             metrics.CANARY_EVIDENCE.labels(kind).set(value)
         numbers = _json_safe({"evidence": vars(evidence), "test": decision.as_dict()})
         age = self.clock() - record["live_at"]
         # A rollback drops the candidates trained on top of the canary only when the users found it
-        # worse (or it pleased the reward model, not them); one merely not shown better keeps its
-        # line, whose newest candidate, with more rounds of training, is judged next on its own.
-        rejects_line = decision.clearly_worse or decision.hacking
+        # worse beyond noise; one merely not shown better (the reward-hacking signature included: a
+        # learned-reward gain measured on a few dozen held-out replies against users' thumbs-up no
+        # higher within noise) keeps its line, whose newest candidate is judged next on its own.
+        rejects_line = decision.clearly_worse
         if decision.outcome == "continue" and age >= self.config.canary_timeout_seconds:
             return self._rollback(canary, f"no decision after {age:.0f} s (timeout "
                                           f"{self.config.canary_timeout_seconds:g} s): {decision.reason}", numbers,

@@ -305,21 +305,25 @@ class Engine:
             peft_config.pop(version, None)
 
     def _unload_unused(self) -> None:
-        """Delete retired adapters that no queued or running request uses any more."""
+        """Delete retired adapters that no queued or running request uses any more.
+
+        Checked and deleted under the lock: set_current / set_canary may bring a retired version
+        back at any moment, and one deleted after that would leave its requests on the bare base.
+        Deleting an adapter takes milliseconds, and this runs between steps, on the engine thread.
+        """
         with self._lock:
             used = ({self._current, self._canary} | {v for r in self._rows for v in r.request.versions}
                     | {v for q in self._waiting for v in q.versions})
             idle = [v for v in self._retired if v not in used]
-        for v in idle:
-            if len(self._adapters) == 1:
-                # PEFT cannot run with zero adapters: take the LoRA layers out, back to the plain base.
-                self.model = self.model.unload()
-            else:
-                self.model.delete_adapter(v)
-            with self._lock:
+            for v in idle:
+                if len(self._adapters) == 1:
+                    # PEFT cannot run with zero adapters: take the LoRA layers out, back to the plain base.
+                    self.model = self.model.unload()
+                else:
+                    self.model.delete_adapter(v)
                 del self._adapters[v]
                 self._retired.discard(v)
-            log.info("adapter unloaded", extra={"version": v})
+                log.info("adapter unloaded", extra={"version": v})
         if idle:
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
 
@@ -398,11 +402,12 @@ class Engine:
             budget = self.config.max_prefill_tokens
             while self._waiting and self._waiting[0].n <= free:
                 nxt = self._waiting[0]
-                if take and len(nxt.prompt_ids) > budget:
+                cost = len(nxt.prompt_ids) * len(set(nxt.versions))  # an interleaved prompt is prefilled per version
+                if take and cost > budget:
                     break
                 take.append(self._waiting.popleft())
                 free -= nxt.n
-                budget -= len(nxt.prompt_ids)
+                budget -= cost
             metrics.QUEUE_DEPTH.set(len(self._waiting))
         if take:
             try:

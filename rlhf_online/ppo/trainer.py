@@ -71,9 +71,9 @@ def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z
 
 
 def paired_se(candidate: list[float], current: list[float]) -> float:
-    """Standard error of the mean paired difference (nan without pairs)."""
+    """Standard error of the mean paired difference (nan with fewer than two pairs)."""
     diffs = [c - p for c, p in zip(candidate, current, strict=True)]
-    if not diffs:
+    if len(diffs) < 2:  # one pair says nothing about the spread
         return math.nan
     mean = sum(diffs) / len(diffs)
     return math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
@@ -89,7 +89,7 @@ def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tu
     if not diffs or not math.isfinite(current["eval/kl"]):
         return False, "non-finite evaluation"
     mean = sum(diffs) / len(diffs)
-    se = paired_se(candidate["rewards"], current["rewards"])
+    se = paired_se(candidate["rewards"], current["rewards"]) if len(diffs) > 1 else 0.0  # one pair: any drop counts
     summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
                f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}")
     return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z)
@@ -220,7 +220,10 @@ class Trainer:
             self.registry.activate(version)
         else:  # its users decide: it waits its turn as the canary (at once when none is live)
             self.canary.queue(version)
-            self.canary.step()
+            try:
+                self.canary.step()
+            except Exception:  # published and queued all the same: the controller's poll tries again
+                log.exception("canary controller step after publish failed")
         self.registry.prune(self.config.keep_versions)
         if self._candidate_replies is not None:
             self._remember(version, *self._candidate_replies)

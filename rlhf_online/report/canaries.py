@@ -21,7 +21,8 @@ def canary_rows(records: Sequence[dict], t0: float, percent: float) -> list[dict
         e, test = r.get("evidence") or {}, r.get("test") or {}
         rows.append({"version": r["version"], "outcome": r.get("outcome", ""), "stable": r.get("stable"),
                      "share_percent": percent if "live_at" in r else None,
-                     "live_minute": minute("live_at", r), "decided_minute": minute("decided_at", r),
+                     "queued_minute": minute("queued_at", r), "live_minute": minute("live_at", r),
+                     "decided_minute": minute("decided_at", r),
                      "canary_up": e.get("canary_up"), "canary_rated": e.get("canary_rated"),
                      "stable_up": e.get("stable_up"), "stable_rated": e.get("stable_rated"),
                      "pair_wins": e.get("pair_wins"), "pairs": e.get("pairs"),
@@ -45,19 +46,29 @@ def markdown(rows: Sequence[dict]) -> list[str]:
              "candidate of each version) until the sequential test on their ratings decides "
              "(rlhf_online/canary/sequential.py): thumbs up / rated on each side, interleaved pairs the canary won, "
              "the estimated thumbs-up difference in points with its standard error, the test statistic.", "",
-             "| version | vs stable | share | live (min) | decided (min) | canary up/rated | stable up/rated | "
-             "pairs won | delta [se] | llr | outcome |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| version | vs stable | share | published (min) | live (min) | decided (min) | canary up/rated | "
+             "stable up/rated | pairs won | delta [se] | llr | outcome |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         delta = "-" if r["delta"] is None else f"{100 * r['delta']:+.1f} [{100 * (r['delta_se'] or 0):.1f}]"
         llr = "-" if r["llr"] is None else f"{r['llr']:.2f}"
         share = "-" if r["share_percent"] is None else f"{r['share_percent']:g}%"
         outcome = r["outcome"] + (" (operator)" if r["by"] == "operator" else "")
         lines.append(f"| {r['version']} | {r['stable'] or ('base' if r['stable'] == '' else '-')} | {share} | "
-                     f"{_num(r['live_minute'])} | {_num(r['decided_minute'])} | {_frac(r, 'canary_up', 'canary_rated')} | "
+                     f"{_num(r['queued_minute'])} | {_num(r['live_minute'])} | {_num(r['decided_minute'])} | {_frac(r, 'canary_up', 'canary_rated')} | "
                      f"{_frac(r, 'stable_up', 'stable_rated')} | {_frac(r, 'pair_wins', 'pairs')} | {delta} | {llr} | "
                      f"{outcome} |")
     reasons = [f"- {r['version']}: {r['reason']}" for r in rows if r["reason"]]
-    return lines + (["", "Reasons:", "", *reasons] if reasons else [])
+    lag = promotion_lag_minutes(rows)
+    waited = (["", f"Published to CURRENT: {', '.join(f'{m:.1f}' for m in lag)} minutes for the promoted versions "
+                   "(the time canaries add before a candidate reaches everyone)."] if lag else [])
+    return lines + waited + (["", "Reasons:", "", *reasons] if reasons else [])
+
+
+def promotion_lag_minutes(rows: Sequence[dict]) -> list[float]:
+    """For each promoted version: minutes from its publication to its promotion."""
+    return [r["decided_minute"] - r["queued_minute"] for r in rows
+            if r["outcome"] == "promoted" and r["queued_minute"] is not None and r["decided_minute"] is not None]
 
 
 def _frac(row: dict, up: str, n: str) -> str:

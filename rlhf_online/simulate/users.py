@@ -187,7 +187,7 @@ class UserPool:
         for i, rating in zip(rated, ratings, strict=True):
             verdicts[i] = rating == "thumbs_up"
         # Per candidate: under a canary, a request's candidates may come from two versions.
-        self._count(user_id, r.policy_version, [(c.policy_version or r.policy_version, verdicts[i],
+        self._count(user_id, r.policy_version, [(c.policy_version, verdicts[i],
                                                   persona.thumbs_up(scores[i]))
                                                  for i, c in enumerate(r.completions)], prefers)
 

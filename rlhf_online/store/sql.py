@@ -223,10 +223,11 @@ class SqlStore(Store):
         """
         if a == b:
             raise InvalidArgument("b", f"compare two different versions, got {a!r} twice")
+        # Anonymous requests ('' user) are no one's: they never make every anonymous stable rating "the same users".
         users = ("AND (c.policy_version = ? OR c.user_id IN (SELECT DISTINCT u.user_id FROM completions u "
-                 "WHERE u.policy_version = ? AND u.created_at > ?)) ") if same_users else ""
+                 "WHERE u.policy_version = ? AND u.created_at > ? AND u.user_id <> '')) ") if same_users else ""
         user_args = (a, a, after_created_at) if same_users else ()
-        with self._reading() as cur:  # one snapshot for both counts
+        with self._reading() as cur:
             thumbs = self._execute(cur, "SELECT c.policy_version, f.rating, COUNT(*) FROM completions c "
                                         "JOIN feedback f ON f.completion_id = c.id "
                                         f"WHERE c.policy_version IN (?, ?) AND c.created_at > ? {users}"

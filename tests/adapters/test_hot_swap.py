@@ -108,21 +108,22 @@ def test_canary_on_off_and_promoted_under_load_drops_nothing_and_keeps_outsiders
     users = [f"user-{i}" for i in range(6)]
     inside = {u for u in users if router.in_canary(u)}
     assert 0 < len(inside) < len(users)
-    stop, errors, served = threading.Event(), [], []
+    stop, promoted, errors, served = threading.Event(), threading.Event(), [], []
 
     def client(user: str) -> None:
         while not stop.is_set():
+            after_promotion = promoted.is_set()  # set once the replica serves the promoted version as stable
             try:
                 r = stub.Generate(pb.GenerateRequest(prompt=f"hello {user}", n=2, user_id=user, params=pb.SamplingParams(
                     max_new_tokens=12, temperature=1.0)), timeout=30)
-                served.append((user, r.policy_version, [c.policy_version for c in r.completions]))
+                served.append((user, r.policy_version, [c.policy_version for c in r.completions], after_promotion))
             except grpc.RpcError as e:
                 errors.append(e.code())
 
     def canary_served(version: str) -> None:
         wait_for(lambda: engine.canary_version == version, 20, f"replica canary {version!r}")
         seen = len(served)
-        wait_for(lambda: any(version in got for _, _, got in served[seen:]), 60, f"a reply of canary {version!r}")
+        wait_for(lambda: any(version in got for _, _, got, _ in served[seen:]), 60, f"a reply of canary {version!r}")
 
     threads = [threading.Thread(target=client, args=(u,)) for u in users]
     for t in threads:
@@ -135,21 +136,22 @@ def test_canary_on_off_and_promoted_under_load_drops_nothing_and_keeps_outsiders
     canary_served(second)
     registry.promote()
     wait_serving(stub, second)
-    seen = len(served)
-    wait_for(lambda: len(served) > seen + len(users), 60, "requests after the promotion")
+    wait_for(lambda: engine.canary_version == "", 20, "the promoted canary cleared")
+    promoted.set()
+    wait_for(lambda: sum(after for *_, after in served) > len(users), 60, "requests after the promotion")
     stop.set()
     for t in threads:
         t.join()
     assert not errors
-    for user, version, got in served:
+    for user, version, got, _ in served:
         if user not in inside:
             assert set(got) <= {stable, second} and first not in got, (user, got)  # never a canary's reply
             assert len(set(got)) == 1
         elif len(set(got)) == 2:  # interleaved: one candidate of each side, the response names the canary
             assert version in got and version in (first, second)
-    assert any(len(set(got)) == 2 for _, _, got in served)
-    after = served[seen:]
-    assert all(set(got) == {second} for _, _, got in after[len(users):])  # promoted: everyone, both candidates
+    assert any(len(set(got)) == 2 for _, _, got, _ in served)
+    # Submitted after the promotion: everyone, both candidates, on the promoted version.
+    assert all(set(got) == {second} for _, _, got, after in served if after)
     wait_for(lambda: engine.loaded_versions() == [second], 30, "the old versions unloaded")
 
 

@@ -177,3 +177,25 @@ def test_prune_keeps_the_line_of_candidates_and_a_lost_one_is_discarded_not_a_st
     controller.step()
     assert registry.decision(old)["outcome"] == "discarded" and registry.decision(newer)["outcome"] == "discarded"
     assert registry.canary() == "" and head(registry) == stable
+
+
+def test_with_same_users_the_canary_is_compared_with_its_own_users_stable_ratings(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    clock = Clock()
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        controller = CanaryController(CanaryConfig(canary_same_users=True), CanaryTestConfig(),  # 10 ratings: no verdict
+                                      registry, store, clock)
+        stable = publish(registry)
+        registry.activate(stable)
+        canary = publish(registry, parent=stable)
+        controller.queue(canary)
+        controller.step()
+        rate(store, clock, canary, "generous", 9, 1, "c")
+        rate(store, clock, stable, "harsh", 10, 90, "sh")  # everyone else: they would make the canary look better
+        rate(store, clock, stable, "generous", 4, 1, "sg")  # the canary's user, on the stable side of pairs
+        controller.step()  # 5 stable ratings of its own users, fewer than 10: everyone's count
+        assert registry.decision(canary)["evidence"]["stable_rated"] == 105
+        rate(store, clock, stable, "generous", 5, 0, "sg2")
+        controller.step()
+        evidence = registry.decision(canary)["evidence"]
+        assert (evidence["stable_up"], evidence["stable_rated"]) == (9, 10)

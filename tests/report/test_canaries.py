@@ -7,7 +7,8 @@ from rlhf_online.report import canaries
 
 def test_rows_markdown_and_promoted_but_worse():
     records = [
-        {"version": "v000002", "outcome": "promoted", "stable": "", "live_at": 160.0, "decided_at": 220.0,
+        {"version": "v000002", "outcome": "promoted", "stable": "", "queued_at": 130.0, "live_at": 160.0,
+         "decided_at": 220.0,
          "evidence": {"canary_up": 28, "canary_rated": 30, "stable_up": 20, "stable_rated": 35, "pair_wins": 25,
                       "pairs": 30}, "test": {"delta": 0.3, "delta_se": 0.08, "llr": 4.1}, "reason": "promote: ..."},
         {"version": "v000003", "outcome": "superseded", "reason": "v000004, trained from it, went live instead"},
@@ -20,7 +21,8 @@ def test_rows_markdown_and_promoted_but_worse():
     assert rows[0]["share_percent"] == 50.0 and rows[1]["share_percent"] is None
     assert rows[0]["pairs"] == 30 and rows[2]["canary_rated"] is None
     md = "\n".join(canaries.markdown(rows))
-    assert "| v000002 | base | 50% | 1.0 | 2.0 | 28/30 | 20/35 | 25/30 | +30.0 [8.0] | 4.10 | promoted |" in md
+    assert "| v000002 | base | 50% | 0.5 | 1.0 | 2.0 | 28/30 | 20/35 | 25/30 | +30.0 [8.0] | 4.10 | promoted |" in md
+    assert canaries.promotion_lag_minutes(rows) == [1.5] and "Published to CURRENT: 1.5 minutes" in md
     assert "rolled_back (operator)" in md and "- v000003: v000004, trained from it" in md
     worse = {"version": "v000002", "vs_parent": {"verdict": "worse"}}
     assert canaries.promoted_but_worse(rows, [worse]) == ["v000002"]

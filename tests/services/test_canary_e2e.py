@@ -84,11 +84,13 @@ def served(smollm_dir, tmp_path_factory):
                 for name, reply in (("rude", RUDE), ("kind", KIND))}
     store = open_store(settings.store_url)
     running = start_generation_server(settings, build_engine(settings).start(), store)
+    controller_store = open_store(settings.store_url)
     controller = CanaryController(CanaryConfig(canary_timeout_seconds=600, canary_poll_seconds=0.5),
-                                  CanaryTestConfig(), registry, open_store(settings.store_url)).start()
+                                  CanaryTestConfig(), registry, controller_store).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield pb_grpc.GenerationStub(channel), registry, controller, versions
     controller.stop()
+    controller_store.close()
     channel.close()
     running.shutdown(5)
 

@@ -48,7 +48,7 @@ def test_users_generate_rate_and_prefer_through_the_api(generation, tmp_path):
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert len(rows) == s.requests and {r["policy_version"] for r in rows} == {""}
     assert {r["user"].split("-")[0] for r in rows} == {"polite", "positive"}
-    assert s.by_version[""][1] == s.completions
+    assert s.by_version[""][1] == s.completions  # each candidate counted for its own version: the bare base
     # Every reply served also got the persona's noise-free verdict, counted per version.
     assert s.served_by_version[""][1] == s.completions and 0 <= s.served_by_version[""][0] <= s.completions
     assert sum(r["noise_free_thumbs_up"] for r in rows) == s.served_by_version[""][0]
@@ -109,13 +109,40 @@ def test_bad_pool_settings_name_the_field(bad, field):
 def test_each_candidate_counts_for_the_version_that_wrote_it(generation, tmp_path):
     """Under a canary a request's two candidates come from two versions: each is counted for its own."""
     pool = UserPool(generation[0], ["hi"], UserPoolConfig(users=1), tmp_path / "events.jsonl")
-    pool._count("polite-0", "v2", [("v2", True, True), ("v1", False, False)], preferred=True)
-    pool._count("positive-1", "v1", [("v1", None, True)], preferred=False)
+    pool._count("polite-0", "v2", [("v2", True, True), ("", False, False)], preferred=True)  # stable: the bare base
+    pool._count("positive-1", "", [("", None, True)], preferred=False)
     pool.stop()
     s = pool.stats
     assert (s.requests, s.completions, s.thumbs_up, s.thumbs_down, s.preferences) == (2, 3, 1, 1, 1)
-    assert s.by_version == {"v2": [1, 1], "v1": [0, 1]}  # the unrated reply counts as served, not as rated
-    assert s.served_by_version == {"v2": [1, 1], "v1": [1, 2]}
-    assert s.served_by_version_user == {"v2": {"polite-0": [1, 1]}, "v1": {"polite-0": [0, 1], "positive-1": [1, 1]}}
+    assert s.by_version == {"v2": [1, 1], "": [0, 1]}  # the unrated reply counts as served, not as rated
+    assert s.served_by_version == {"v2": [1, 1], "": [1, 2]}
+    assert s.served_by_version_user == {"v2": {"polite-0": [1, 1]}, "": {"polite-0": [0, 1], "positive-1": [1, 1]}}
     rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert rows[0]["versions"] == ["v2", "v1"] and rows[0]["policy_version"] == "v2"
+    assert rows[0]["versions"] == ["v2", ""] and rows[0]["policy_version"] == "v2"
+
+
+def test_an_interleaved_reply_of_the_bare_base_counts_for_the_base_not_the_canary(tmp_path):
+    """The stable side may be the bare base (""): its candidate is the base's, whatever the response names."""
+    import random
+
+    from rlhf_online.simulate.judges import PERSONAS
+    from rlhf_online.v1 import generation_pb2 as pb
+
+    class Stub:  # the server's answer to a user in the canary share, asking for n=2
+        def Generate(self, request, timeout):
+            return pb.GenerateResponse(policy_version="v000001", completions=[
+                pb.Completion(completion_id="a", text="Thank you, that is lovely!", policy_version="v000001"),
+                pb.Completion(completion_id="b", text="Whatever.", policy_version="")])
+
+        def SubmitFeedback(self, request, timeout):
+            return pb.SubmitFeedbackResponse()
+
+        def SubmitPreference(self, request, timeout):
+            return pb.SubmitPreferenceResponse()
+
+    pool = UserPool("127.0.0.1:9", ["hi"], UserPoolConfig(users=1, pair_fraction=1.0))
+    pool.stub = Stub()
+    pool._one_request("polite-0", PERSONAS["polite"], random.Random(0))
+    pool.stop()
+    assert pool.stats.served_by_version["v000001"][1] == 1 and pool.stats.served_by_version[""][1] == 1
+    assert pool.stats.by_version["v000001"][1] == 1 and pool.stats.by_version[""][1] == 1

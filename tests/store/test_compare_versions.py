@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from support import pg_schema
 
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.store import CompletionRecord, VersionComparison, open_store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to a fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with pg_schema() as url:
-        yield url
 
 
 def served(cid: str, version: str, at: float) -> CompletionRecord:

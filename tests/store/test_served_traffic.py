@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from unittest import mock
-
-import pytest
-from support import pg_schema
 
 from rlhf_online.store import CompletionRecord, Store, open_store
 from rlhf_online.store import sql as sql_module
 from rlhf_online.store.migrations import LATEST, MIGRATIONS
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to a fresh, empty store of each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with pg_schema() as url:
-        yield url
 
 
 def record(cid: str, version: str, created_at: float, **overrides: object) -> CompletionRecord:

@@ -8,24 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import pg_schema
 
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from rlhf_online.store import CompletionRecord, Store, open_store
 from rlhf_online.store.migrations import LATEST, MIGRATIONS, SERIAL_PK, render
 from rlhf_online.store.sqlite import SqliteStore
-
-BACKENDS = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(params=BACKENDS)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to a fresh, empty store of each backend (PostgreSQL: a schema of its own, dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    with pg_schema() as url:
-        yield url
 
 
 @pytest.fixture
