@@ -71,6 +71,15 @@ def test_policies_cli(registry, publish):
     assert "CURRENT = v000001" in cli("rollback").stdout and registry.current() == v1
     bad = cli("activate", "v000042")
     assert bad.returncode == 1 and "not found" in bad.stderr
+    registry.set_canary(v2)
+    registry.record(v2, {"outcome": "live"})
+    out = cli("list").stdout
+    assert f"~ {v2}" in out and "canary=live" in out and "CANARY = v000002" in out
+    assert "CURRENT = v000002 (promoted from CANARY)" in cli("promote").stdout and registry.canary() == ""
+    nothing = cli("promote")
+    assert nothing.returncode == 1 and "no canary to promote" in nothing.stderr
+    registry.set_canary(v1)
+    assert "CANARY = (none) (v000001 rolled back)" in cli("rollback").stdout and registry.current() == v2
 
 
 def test_canary_pointer_promote_and_rollback(registry, publish):
@@ -88,6 +97,13 @@ def test_canary_pointer_promote_and_rollback(registry, publish):
     registry.set_canary(v3)
     assert registry.rollback() == v2 and (registry.current(), registry.canary()) == (v2, "")  # the canary goes first
     assert registry.rollback() == v1 and registry.current() == v1  # then CURRENT, as before canaries
+    # A version promoted from a canary rolls back to the stable one it was promoted over, not to a
+    # newer version older than it that users may have rejected.
+    v4 = publish(0, parent=v1)
+    registry.set_canary(v4)
+    registry.promote()
+    registry.record(v4, {"outcome": "promoted", "stable": v1})
+    assert registry.rollback() == v1 and registry.current() == v1
 
 
 def test_prune_keeps_current_and_canary(registry, publish):

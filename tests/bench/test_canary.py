@@ -59,3 +59,13 @@ def test_impossible_simulations_are_refused(argv, tmp_path):
 
 def test_the_benchmark_is_listed_in_the_cli_and_in_bench_all():
     assert "canary" in cli.BENCHES and "canary" in bench_all.BENCHES
+
+
+def test_same_users_evidence_is_thinner_so_it_needs_more_ratings(tmp_path):
+    """--stable-evidence same-users reads, as --canary-same-users does, only the stable replies of the canary's users."""
+    args = ("--trials", "300", "--effects=0.1")
+    canary.main(parse(*args, "--out", str(tmp_path / "all")))
+    canary.main(parse(*args, "--stable-evidence", "same-users", "--out", str(tmp_path / "same")))
+    every, same = (json.loads((tmp_path / d / "canary.json").read_text()) for d in ("all", "same"))
+    assert every["simulation"]["stable_evidence"] == "all" and same["simulation"]["stable_evidence"] == "same-users"
+    assert same["effects"][0]["canary_ratings_median"] > every["effects"][0]["canary_ratings_median"]
