@@ -38,6 +38,17 @@ def publish(registry: AdapterRegistry, parent: str = "", **metrics_: float) -> s
                             metrics=metrics_)
 
 
+def go_live(registry: AdapterRegistry, controller: CanaryController) -> tuple[str, str]:
+    """A stable version as CURRENT and a candidate trained from it, queued and made the canary: (stable, canary)."""
+    stable = publish(registry)
+    registry.activate(stable)
+    canary = publish(registry, parent=stable)
+    controller.queue(canary)
+    controller.step()
+    assert registry.canary() == canary
+    return stable, canary
+
+
 def rate(store, clock: Clock, version: str, user: str, ups: int, downs: int, tag: str) -> None:
     """`ups` + `downs` rated replies of `version` to `user`, served one second from now."""
     records = [CompletionRecord(completion_id=f"{tag}{i}", prompt="p", messages=(), text="t", policy_version=version,
@@ -75,11 +86,7 @@ def test_a_worse_canary_is_rolled_back_and_candidates_trained_from_it_discarded(
 
 def test_a_canary_not_shown_better_is_rolled_back_but_its_line_goes_on(setup):
     registry, store, clock, controller = setup
-    stable = publish(registry)
-    registry.activate(stable)
-    first = publish(registry, parent=stable)  # one round in: hardly different from the stable version
-    controller.queue(first)
-    controller.step()
+    stable, first = go_live(registry, controller)  # one round in: hardly different from the stable version
     later = publish(registry, parent=first)  # more rounds of training on top of it
     controller.queue(later)
     rate(store, clock, stable, "u", 700, 300, "s")
@@ -92,11 +99,7 @@ def test_a_canary_not_shown_better_is_rolled_back_but_its_line_goes_on(setup):
 
 def test_a_better_canary_is_promoted_and_the_newest_queued_candidate_goes_live_next(setup):
     registry, store, clock, controller = setup
-    stable = publish(registry)
-    registry.activate(stable)
-    good = publish(registry, parent=stable)
-    controller.queue(good)
-    controller.step()
+    stable, good = go_live(registry, controller)
     middle = publish(registry, parent=good)
     newest = publish(registry, parent=middle)
     controller.queue(middle)
@@ -112,11 +115,7 @@ def test_a_better_canary_is_promoted_and_the_newest_queued_candidate_goes_live_n
 
 def test_an_undecided_canary_times_out_into_a_rollback(setup):
     registry, store, clock, controller = setup
-    stable = publish(registry)
-    registry.activate(stable)
-    quiet = publish(registry, parent=stable)
-    controller.queue(quiet)
-    controller.step()
+    stable, quiet = go_live(registry, controller)
     clock.now += 599
     assert controller.step() is None and registry.canary() == quiet
     assert registry.decision(quiet)["test"]["outcome"] == "continue"  # the evidence so far, recorded
@@ -127,11 +126,7 @@ def test_an_undecided_canary_times_out_into_a_rollback(setup):
 
 def test_an_operator_promotion_or_rollback_is_recorded_as_theirs(setup):
     registry, store, clock, controller = setup
-    stable = publish(registry)
-    registry.activate(stable)
-    first = publish(registry, parent=stable)
-    controller.queue(first)
-    controller.step()
+    stable, first = go_live(registry, controller)
     registry.promote()  # `rlhf-online policies promote`
     controller.step()
     assert registry.decision(first)["outcome"] == "promoted" and registry.decision(first)["by"] == "operator"
@@ -185,11 +180,7 @@ def test_with_same_users_the_canary_is_compared_with_its_own_users_stable_rating
     with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
         controller = CanaryController(CanaryConfig(canary_same_users=True), CanaryTestConfig(),  # 10 ratings: no verdict
                                       registry, store, clock)
-        stable = publish(registry)
-        registry.activate(stable)
-        canary = publish(registry, parent=stable)
-        controller.queue(canary)
-        controller.step()
+        stable, canary = go_live(registry, controller)
         rate(store, clock, canary, "generous", 9, 1, "c")
         rate(store, clock, stable, "harsh", 10, 90, "sh")  # everyone else: they would make the canary look better
         rate(store, clock, stable, "generous", 4, 1, "sg")  # the canary's user, on the stable side of pairs
