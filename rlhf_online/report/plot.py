@@ -32,7 +32,13 @@ def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_ve
     for r in rounds:
         if r.outcome == "published":
             b.axvline(r.t / 60, color="tab:green", alpha=0.25, lw=1)
-    b.set(title="Thumbs-up rate over time (green: a version published)", xlabel="minutes", ylim=(0, 1))
+    for start, end in _canary_spans(snapshots):  # a canary serving its share of the users
+        b.axvspan(start / 60, end / 60, color="tab:orange", alpha=0.12, lw=0)
+    for prev, snap in zip(snapshots, snapshots[1:], strict=False):
+        if snap.policy_version != prev.policy_version:  # every user on a new version: promoted or activated
+            b.axvline(snap.t / 60, color="tab:purple", alpha=0.6, lw=1.5)
+    b.set(title="Thumbs-up over time (green: published; orange: a canary live; purple: new stable)",
+          xlabel="minutes", ylim=(0, 1))
     b.legend(loc="lower right")
 
     # (c) reward model accuracy over time
@@ -59,6 +65,21 @@ def plot(path: Path, snapshots: list[Snapshot], rounds: list[RoundRecord], by_ve
     fig.suptitle("rlhf-online demo: simulated users' feedback -> reward model -> PPO -> hot-swapped adapters")
     fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
+
+
+def _canary_spans(snapshots: list[Snapshot]) -> list[tuple[float, float]]:
+    """(start, end) seconds of the stretches where the snapshots saw a canary live."""
+    spans: list[tuple[float, float]] = []
+    start = None
+    for snap in snapshots:
+        if snap.canary_version and start is None:
+            start = snap.t
+        elif not snap.canary_version and start is not None:
+            spans.append((start, snap.t))
+            start = None
+    if start is not None:
+        spans.append((start, snapshots[-1].t))
+    return spans
 
 
 def _per_version(a, by_version: dict[str, list[int]], served: dict[str, list[int]]) -> None:

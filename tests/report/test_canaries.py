@@ -28,3 +28,15 @@ def test_rows_markdown_and_promoted_but_worse():
     assert canaries.promoted_but_worse(rows, [worse]) == ["v000002"]
     assert canaries.promoted_but_worse(rows, [{**worse, "vs_parent": {"verdict": "better"}}]) == []
     assert "No candidate went through a canary" in canaries.markdown([])[2]
+
+
+def test_the_plot_shades_the_stretches_a_canary_was_live():
+    from rlhf_online.report.plot import _canary_spans
+    from rlhf_online.report.timeline import Snapshot
+
+    def snap(t: float, canary: str) -> Snapshot:
+        return Snapshot(t, 0, 0, 0, 0, 0.5, 0.5, "", "", 0.6, 0, 0, 0, 0, canary_version=canary)
+
+    seen = [snap(0, ""), snap(5, "v1"), snap(10, "v1"), snap(15, ""), snap(20, "v2"), snap(25, "v3")]
+    assert _canary_spans(seen) == [(5, 15), (20, 25)]
+    assert _canary_spans([]) == []

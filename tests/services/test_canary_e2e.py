@@ -35,7 +35,8 @@ from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 from services.bootstrap import build_engine
 from services.generation import start_generation_server
 
-pytestmark = pytest.mark.slow
+# Slow, and on a loaded 2-core machine (CI) the fine-tuning and the users' requests take several times longer.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROMPTS = ["How was your weekend?", "Can you review my essay?", "What do you think of my new haircut?",
            "My neighbour keeps parking in my spot.", "Tell me about your favourite book.", "Is this a good plan?"]
@@ -46,12 +47,12 @@ CANARY_PERCENT = 50.0
 MAX_CANARY_LOOKS = 60  # the stated bound for a clearly rude canary: min_canary_ratings 30 plus a poll's worth
 
 
-def fine_tune(model, tokenizer, reply: str, steps: int = 24):
+def fine_tune(model, tokenizer, reply: str, steps: int = 10):
     """A LoRA that answers every prompt with `reply` (supervised: cross-entropy on the reply's tokens only)."""
     torch.manual_seed(0)
     peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, init_lora_weights=True,
                                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=6e-3)
     rows = []
     for p in PROMPTS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
