@@ -80,7 +80,7 @@ class VersionedRegistry:
 
     def describe(self) -> list[dict]:
         """Manifests of all versions (unverified: for listing), oldest first."""
-        return [json.loads((self.root / v / "manifest.json").read_text()) for v in self.versions()]
+        return [self.info(v) for v in self.versions()]
 
     def publish(self, write: Callable[[Path], None], **fields: Any) -> str:
         """Write a new version with `write(dir)` and `fields` in its manifest; return its name.
@@ -94,12 +94,26 @@ class VersionedRegistry:
                         manifest={"version": version, **fields, "created_at": time.time()})
         return version
 
+    def read_pointer(self, name: str) -> str:
+        """The version a pointer file (CURRENT, CANARY) names, or "" when it is absent or empty."""
+        try:
+            return (self.root / name).read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+    def write_pointer(self, name: str, version: str) -> None:
+        """Point `name` at `version` ("" = none): verify the version's files, then replace the file in one step."""
+        if version:
+            try:
+                self.manifest(version)
+            except ValueError as e:
+                raise InvalidArgument("version", f"{version} is corrupt: {e}") from None
+        write_atomically(self.root / name, lambda tmp: tmp.write_text(version + "\n"))
+
     def current(self) -> str:
         """The version CURRENT names, or "" when none was activated."""
-        try:
-            return (self.root / POINTER).read_text().strip()
-        except FileNotFoundError:
-            pass
+        if (self.root / POINTER).exists():
+            return self.read_pointer(POINTER)
         try:
             return json.loads((self.root / LEGACY_POINTER).read_text())["version"]
         except FileNotFoundError:
@@ -107,12 +121,7 @@ class VersionedRegistry:
 
     def activate(self, version: str) -> None:
         """Make `version` ("" = none) the served one: verify it, then replace CURRENT."""
-        if version:
-            try:
-                self.manifest(version)
-            except ValueError as e:
-                raise InvalidArgument("version", f"{version} is corrupt: {e}") from None
-        write_atomically(self.root / POINTER, lambda tmp: tmp.write_text(version + "\n"))
+        self.write_pointer(POINTER, version)
         # CURRENT wins from now on; the old pointer would only mislead a reader of the directory.
         (self.root / LEGACY_POINTER).unlink(missing_ok=True)
 

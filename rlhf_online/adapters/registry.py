@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_online.artifacts import write_atomically, write_json_atomically
+from rlhf_online.artifacts import write_json_atomically
 from rlhf_online.errors import InvalidArgument, NotFound
 from rlhf_online.registry import ADAPTER_PREFIX, VersionedRegistry, is_version
 
@@ -42,10 +42,7 @@ class AdapterRegistry(VersionedRegistry):
 
     def canary(self) -> str:
         """The version CANARY names, or "" when there is no canary."""
-        try:
-            return (self.root / CANARY).read_text().strip()
-        except FileNotFoundError:
-            return ""
+        return self.read_pointer(CANARY)
 
     def in_use(self) -> set[str]:
         """Never pruned: CURRENT, CANARY, queued candidates and the versions between them and CURRENT."""
@@ -58,14 +55,9 @@ class AdapterRegistry(VersionedRegistry):
 
     def set_canary(self, version: str) -> None:
         """Make `version` the canary ("" = none): verified first, and never the version CURRENT names."""
-        if version:
-            if version == self.current():
-                raise InvalidArgument("version", f"{version} is already CURRENT; a canary must be another version")
-            try:
-                self.manifest(version)
-            except ValueError as e:
-                raise InvalidArgument("version", f"{version} is corrupt: {e}") from None
-        write_atomically(self.root / CANARY, lambda tmp: tmp.write_text(version + "\n"))
+        if version and version == self.current():
+            raise InvalidArgument("version", f"{version} is already CURRENT; a canary must be another version")
+        self.write_pointer(CANARY, version)
 
     def promote(self) -> str:
         """CURRENT := CANARY, then no canary; returns the promoted version (InvalidArgument without a canary).
