@@ -199,27 +199,11 @@ class Engine:
 
     def set_current(self, version: str) -> None:
         """New requests go to `version` (loaded already, or "" for the bare base)."""
-        with self._lock:
-            if version and version not in self._adapters:
-                raise InvalidArgument("version", f"{version} is not loaded")
-            if self._current and self._current not in (version, self._canary):
-                self._retired.add(self._current)
-            self._retired.discard(version)  # a rollback may bring a retired version back
-            self._current = version
-            metrics.POLICY_VERSION.labels("stable").set(metrics.version_number(version))
-            self._lock.notify_all()
+        self._assign("stable", version)
 
     def set_canary(self, version: str) -> None:
         """Let callers pin requests to `version` (loaded already) besides the current one; "" = no canary."""
-        with self._lock:
-            if version and version not in self._adapters:
-                raise InvalidArgument("version", f"{version} is not loaded")
-            if self._canary and self._canary not in (version, self._current):
-                self._retired.add(self._canary)  # rolled back: unloaded once its requests finish
-            self._retired.discard(version)
-            self._canary = version
-            metrics.POLICY_VERSION.labels("canary").set(metrics.version_number(version))
-            self._lock.notify_all()
+        self._assign("canary", version)
 
     def loaded_versions(self) -> list[str]:
         """Adapter versions resident now."""
@@ -227,6 +211,22 @@ class Engine:
             return sorted(self._adapters)
 
     # ---------------------------------------------------------------- helpers
+
+    def _assign(self, role: str, version: str) -> None:
+        """Make `version` the stable or the canary version; the one it replaces is retired unless the other role has it."""
+        with self._lock:
+            if version and version not in self._adapters:
+                raise InvalidArgument("version", f"{version} is not loaded")
+            old, other = (self._current, self._canary) if role == "stable" else (self._canary, self._current)
+            if old and old not in (version, other):
+                self._retired.add(old)  # replaced or rolled back: unloaded once its requests finish
+            self._retired.discard(version)  # a rollback may bring a retired version back
+            if role == "stable":
+                self._current = version
+            else:
+                self._canary = version
+            metrics.POLICY_VERSION.labels(role).set(metrics.version_number(version))
+            self._lock.notify_all()
 
     def _encode(self, messages: list[dict], field: str) -> list[int]:
         """Tokenize through the chat template and enforce the prompt-length limit."""
