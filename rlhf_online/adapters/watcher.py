@@ -51,14 +51,16 @@ class AdapterWatcher:
 
     def _follow(self, role: str, wanted: str, serving: str, switch) -> bool:
         """Load `wanted` if needed and switch the role to it; False when nothing changed or it was refused."""
-        if wanted == serving or wanted in self.refused:
-            if role == "canary" and wanted in self.refused and serving:
-                self.engine.set_canary("")  # CANARY names a refused version: serve no canary, not the old one
+        if wanted == serving:
+            return False
+        if role == "canary" and serving:
+            # The old canary stops taking requests before its successor loads (or is refused): a new or
+            # refused CANARY never leaves the version before it serving.
+            self.engine.set_canary("")
+        if wanted in self.refused:
             return False
         t0 = time.perf_counter()
         try:
-            if role == "canary" and serving:
-                self.engine.set_canary("")  # the old canary stops taking requests while the new one loads
             self._load(wanted)
             try:
                 switch(wanted)
