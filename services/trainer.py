@@ -117,7 +117,6 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         """
         if self.trainer.canary is not None:
             self.trainer.canary.activate(request.version)  # under the controller's lock: no step promotes over it
-            self.trainer.canary.step()
         else:
             self.registry.activate(request.version)
         if not request.version:

@@ -134,6 +134,6 @@ class AdapterRegistry(VersionedRegistry):
                 return None  # a pruned parent ends the chain
         return chain[::-1]
 
-    def with_outcome(self, outcome: str) -> list[str]:
-        """Versions whose record has this outcome, oldest first."""
-        return [r["version"] for r in self.decisions() if r.get("outcome") == outcome]
+    def with_outcome(self, outcome: str, records: list[dict] | None = None) -> list[str]:
+        """Versions whose record has this outcome, oldest first (among `records`, read once by the caller, if given)."""
+        return [r["version"] for r in (self.decisions() if records is None else records) if r.get("outcome") == outcome]

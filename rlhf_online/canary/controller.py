@@ -41,6 +41,7 @@ from rlhf_online.adapters.registry import (
     SUPERSEDED,
     AdapterRegistry,
 )
+from rlhf_online.artifacts import json_safe
 from rlhf_online.canary.config import CanaryConfig
 from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, decide
 from rlhf_online.errors import InvalidArgument, NotFound
@@ -72,31 +73,34 @@ class CanaryController:
         self.registry.record(version, {"outcome": QUEUED, "queued_at": self.clock()})
         log.info("candidate queued for canary", extra={"version": version})
 
-    def activate(self, version: str) -> None:
-        """An operator's ActivatePolicy: CURRENT := version, under the lock so no step promotes over it."""
+    def activate(self, version: str) -> dict | None:
+        """An operator's ActivatePolicy: CURRENT := version, then a step, under the lock so no step promotes over it."""
         with self._lock:
             self.registry.activate(version)
-            self._reconcile()
+            return self._step()
 
     def step(self) -> dict | None:
         """One look: reconcile, start a canary, or test the live one; returns a decision record when one was made."""
         with self._lock:
-            self._reconcile()
-            canary = self.registry.canary()
-            if not canary:
-                self._start_next()
-                if not self.registry.canary():
-                    for kind in EVIDENCE_KINDS:  # nothing live: the dashboard shows no stale evidence
-                        metrics.CANARY_EVIDENCE.labels(kind).set(0)
-                return None
-            record = self.registry.decision(canary) or {}
-            if record.get("outcome") != LIVE:  # CANARY set by hand, or a crash before its record was written
-                record = self.registry.record(canary, {"outcome": LIVE, "live_at": self.clock(),
-                                                       "stable": self.registry.current()})
-            decided = self._test(canary, record)
-            if decided is not None:
-                self._start_next()
-            return decided
+            return self._step()
+
+    def _step(self) -> dict | None:
+        self._reconcile()
+        canary = self.registry.canary()
+        if not canary:
+            self._start_next()
+            if not self.registry.canary():
+                for kind in EVIDENCE_KINDS:  # nothing live: the dashboard shows no stale evidence
+                    metrics.CANARY_EVIDENCE.labels(kind).set(0)
+            return None
+        record = self.registry.decision(canary) or {}
+        if record.get("outcome") != LIVE:  # CANARY set by hand, or a crash before its record was written
+            record = self.registry.record(canary, {"outcome": LIVE, "live_at": self.clock(),
+                                                   "stable": self.registry.current()})
+        decided = self._test(canary, record)
+        if decided is not None:
+            self._start_next()
+        return decided
 
     # ------------------------------------------------------------ the steps
 
@@ -113,14 +117,15 @@ class CanaryController:
             self._close(canary, ROLLED_BACK, f"CURRENT changed by an operator (to {current or '(base)'}) while it "
                                              "was live", {"by": "operator", "rejects_line": False}, label="overridden")
             canary = ""
-        for version in self.registry.with_outcome(LIVE):
+        records = self.registry.decisions()  # one read of the records for both checks below
+        for version in self.registry.with_outcome(LIVE, records):
             if version == canary:
                 continue
             outcome = PROMOTED if version == current else ROLLED_BACK
             # An operator's rollback rejects the candidates trained on top of it too.
             self._close(version, outcome, "by an operator: CANARY or CURRENT changed outside the controller",
                         {"by": "operator", "rejects_line": outcome == ROLLED_BACK}, label="overridden")
-        for version in self.registry.with_outcome(QUEUED):
+        for version in self.registry.with_outcome(QUEUED, records):
             if version == current:  # activated by hand before its turn
                 self._close(version, PROMOTED, "by an operator: activated before its turn as the canary",
                             {"by": "operator"}, label="overridden")
@@ -134,10 +139,11 @@ class CanaryController:
         updates. A candidate that cannot become the canary (its files fail verification) is discarded.
         """
         current = self.registry.current()
-        rejected = {r["version"] for r in self.registry.decisions() if r.get("outcome") in (DISCARDED, PROMOTED)
+        records = self.registry.decisions()
+        rejected = {r["version"] for r in records if r.get("outcome") in (DISCARDED, PROMOTED)
                     or (r.get("outcome") == ROLLED_BACK and r.get("rejects_line", True))}
         chosen = ""
-        for version in reversed(self.registry.with_outcome(QUEUED)):
+        for version in reversed(self.registry.with_outcome(QUEUED, records)):
             chain = self.registry.lineage(version, current)
             if chain is None or rejected & set(chain):
                 self._discard(version, f"not trained from CURRENT {current or '(base)'} through versions users "
@@ -178,7 +184,7 @@ class CanaryController:
         for kind, value in zip(EVIDENCE_KINDS, (seen.a_rated, seen.b_rated, seen.pairs, decision.delta, decision.llr),
                                strict=True):
             metrics.CANARY_EVIDENCE.labels(kind).set(value)
-        numbers = _json_safe({"evidence": vars(evidence), "test": decision.as_dict()})
+        numbers = json_safe({"evidence": vars(evidence), "test": decision.as_dict()})
         age = self.clock() - record["live_at"]
         # A rollback drops the candidates trained on top of the canary only when the users found it
         # worse beyond noise; one merely not shown better (the reward-hacking signature included: a
@@ -203,8 +209,7 @@ class CanaryController:
 
     def _close(self, version: str, outcome: str, reason: str, numbers: dict, *, label: str) -> dict:
         """Write the decision into the version's record, count it and log it."""
-        rec = self.registry.record(version, _json_safe({**numbers, "outcome": outcome, "reason": reason,
-                                                        "decided_at": self.clock()}))
+        rec = self.registry.record(version, {**numbers, "outcome": outcome, "reason": reason, "decided_at": self.clock()})
         metrics.CANARY_DECISIONS.labels(label).inc()
         log.info("canary decided", extra={"version": version, "outcome": outcome, "reason": reason})
         return rec
@@ -244,12 +249,3 @@ class CanaryController:
     def stop(self) -> None:
         """Stop polling."""
         self._stop.set()
-
-
-def _json_safe(value: object) -> object:
-    """JSON has no nan or infinity: unknown numbers are recorded as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value

@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_online.artifacts import json_safe
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.ppo.config import _refuse, knob
 
@@ -159,7 +160,7 @@ class Decision:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields (nan and inf as None), for recording the decision with its evidence."""
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        return json_safe(asdict(self))
 
 
 # The statistic is written on numpy arrays so that `bench canary` runs thousands of simulated
