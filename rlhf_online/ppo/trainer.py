@@ -76,7 +76,7 @@ def paired_se(candidate: list[float], current: list[float]) -> float:
     if len(diffs) < 2:  # one pair says nothing about the spread
         return math.nan
     mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:

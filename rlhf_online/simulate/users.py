@@ -228,6 +228,7 @@ class UserPool:
                     "preference": preferred, "noise_free_thumbs_up": sum(n for _, _, n in candidates)}) + "\n")
                 self._events.flush()
 
+
 def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: float,
             events_path: Path | None = None, report_every: float = 10.0) -> PoolStats:
     """Run a pool for `seconds`, logging progress; returns its totals."""

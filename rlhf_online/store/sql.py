@@ -242,10 +242,10 @@ class SqlStore(Store):
                                  (a, b, after_created_at, a, b, after_created_at)).fetchall()
         count = {(v, rating): int(n) for v, rating, n in thumbs}
         won = {v: int(n) for v, n in wins}
-        return VersionComparison(
-            a_up=count.get((a, "thumbs_up"), 0), a_rated=count.get((a, "thumbs_up"), 0) + count.get((a, "thumbs_down"), 0),
-            b_up=count.get((b, "thumbs_up"), 0), b_rated=count.get((b, "thumbs_up"), 0) + count.get((b, "thumbs_down"), 0),
-            a_wins=won.get(a, 0), pairs=won.get(a, 0) + won.get(b, 0))
+        (a_up, a_down), (b_up, b_down) = ((count.get((v, "thumbs_up"), 0), count.get((v, "thumbs_down"), 0))
+                                          for v in (a, b))
+        return VersionComparison(a_up=a_up, a_rated=a_up + a_down, b_up=b_up, b_rated=b_up + b_down,
+                                 a_wins=won.get(a, 0), pairs=won.get(a, 0) + won.get(b, 0))
 
     def count_feedback(self) -> int:
         """Number of feedback rows."""
