@@ -3,7 +3,7 @@
 Validate and submit a request, hand its text to the caller as it is generated, log every candidate
 with the policy version that produced it before the caller sees the end (so feedback sent right
 after a reply or a stream always finds its completion), cancel it when the caller goes away, take
-feedback. The API layers only translate their wire format to and from these calls.
+feedback, preferences and rankings. The API layers only translate their wire format to and from these calls.
 """
 
 from __future__ import annotations
@@ -302,6 +302,19 @@ class Frontend:
         new = self.store.add_preference(chosen_completion_id, rejected_completion_id, user_id)
         if new:
             metrics.PREFERENCES.inc()
+        return new
+
+    def ranking(self, completion_ids: list[str], user_id: str = "") -> bool:
+        """Record a user's ranking of completions of one prompt, best first; False on a repeat."""
+        max_n = self.engine.config.limits.max_n
+        if not 2 <= len(completion_ids) <= max_n:
+            raise InvalidArgument("completion_ids", f"rank 2..{max_n} completions (max_n), got {len(completion_ids)}")
+        for i, cid in enumerate(completion_ids):
+            check_id(f"completion_ids[{i}]", cid)
+        check_length("user_id", user_id, MAX_ID_CHARS)
+        new = self.store.add_ranking(completion_ids, user_id)
+        if new:
+            metrics.RANKINGS.labels(str(len(completion_ids))).inc()
         return new
 
 

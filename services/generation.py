@@ -24,10 +24,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 RATING = {pb.RATING_THUMBS_UP: "thumbs_up", pb.RATING_THUMBS_DOWN: "thumbs_down"}
 NO_DEADLINE_S = 365 * 24 * 3600.0
+SAMPLED_TEMPERATURE = 1.0  # the temperature of an n > 1 request that left it unset
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    """Generate and GenerateStream through the engine; feedback and preferences into the store."""
+    """Generate and GenerateStream through the engine; feedback, preferences and rankings into the store."""
 
     def __init__(self, frontend: Frontend, settings: GenerationSettings) -> None:
         self.frontend, self.settings = frontend, settings
@@ -67,6 +68,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         new = self.frontend.preference(request.chosen_completion_id, request.rejected_completion_id, request.user_id)
         return pb.SubmitPreferenceResponse(duplicate=not new)
 
+    def SubmitRanking(self, request: pb.SubmitRankingRequest, context: grpc.ServicerContext) -> pb.SubmitRankingResponse:
+        """Record a user's ranking of completions of one prompt, best first."""
+        new = self.frontend.ranking(list(request.completion_ids), request.user_id)
+        return pb.SubmitRankingResponse(duplicate=not new)
+
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
         """The versions new requests are served from: the stable one, and the canary with its share of users."""
         canary = self.frontend.canary_version
@@ -80,18 +86,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         no_deadline = remaining is None or remaining > NO_DEADLINE_S
         job = self.frontend.submit(
             prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
-            params=self._params(request.params), n=request.n or 1, user_id=request.user_id,
+            params=self._params(request.params, request.n or 1), n=request.n or 1, user_id=request.user_id,
             metadata=dict(request.metadata),
             deadline=None if no_deadline else time.monotonic() + remaining)
         # Fires when the RPC ends for any reason; a client that went away frees its batch slots.
         context.add_callback(job.cancel)
         return job
 
-    def _params(self, p: pb.SamplingParams) -> SamplingParams:
-        """Proto params with server defaults for unset (zero) fields."""
+    def _params(self, p: pb.SamplingParams, n: int) -> SamplingParams:
+        """Proto params with server defaults for unset (zero) fields.
+
+        Temperature 0 is greedy, except with n > 1: there it samples at 1.0 (vLLM's and OpenAI's
+        default), since n greedy candidates would all be the same text and a preference or ranking
+        between them would say nothing. proto3 cannot tell an unset temperature from 0.
+        """
         return SamplingParams(
             max_new_tokens=p.max_new_tokens or self.settings.default_max_new_tokens,
-            temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+            temperature=p.temperature or (SAMPLED_TEMPERATURE if n > 1 else 0.0), top_p=p.top_p or 1.0, top_k=p.top_k,
             seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop))
 
 

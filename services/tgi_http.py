@@ -1,7 +1,7 @@
 """The TGI-compatible HTTP API (what `text_generation.Client` speaks), served by aiohttp beside gRPC.
 
 Routes: POST / and /generate, POST /generate_stream (server-sent events), GET /info, GET /health,
-POST /feedback and /preference. Each completion is logged like a gRPC one and its id returned in
+POST /feedback, /preference and /ranking. Each completion is logged like a gRPC one and its id returned in
 the `X-Completion-Id` header. Inputs that already carry the model's chat markup go to the model as
 they are; plain text is sent as one user turn of the chat template, as on the gRPC API.
 """
@@ -186,6 +186,15 @@ class HttpApi:
                                       _str(body, "rejected_completion_id"), _str(body, "user_id"))
         return web.json_response({"duplicate": not new})
 
+    async def ranking(self, request: web.Request) -> web.Response:
+        """POST /ranking {completion_ids: [best, ..., worst], user_id}."""
+        body = await _json(request)
+        ids = body.get("completion_ids")
+        if not (isinstance(ids, list) and all(isinstance(c, str) for c in ids)):
+            raise errors.InvalidArgument("completion_ids", "must be a list of completion id strings, best first")
+        new = await asyncio.to_thread(self.frontend.ranking, ids, _str(body, "user_id"))
+        return web.json_response({"duplicate": not new})
+
     async def info(self, request: web.Request) -> web.Response:
         """GET /info: the model and the server's limits, in TGI's field names."""
         info = self.frontend.info()
@@ -273,7 +282,7 @@ def build_app(api: HttpApi) -> web.Application:
     app.add_routes([web.post("/", api.root), web.post("/generate", api.generate),
                     web.post("/generate_stream", api.generate_stream), web.get("/info", api.info),
                     web.get("/health", api.health), web.post("/feedback", api.feedback),
-                    web.post("/preference", api.preference)])
+                    web.post("/preference", api.preference), web.post("/ranking", api.ranking)])
     return app
 
 

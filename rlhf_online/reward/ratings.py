@@ -1,12 +1,14 @@
 """How users' own ratings of a completion and the learned model's score of it combine into one reward.
 
-A completion users rated (a thumbs up or down, or either side of a preference) is rewarded by what
-they said; the learned model only fills in where nobody said anything. The rule is a shrinkage
-estimate: each rating or preference side is one observation worth +rating_reward (thumbs up, or
-the chosen side) or -rating_reward (thumbs down, or the rejected side), and the model's score
+A completion users rated (a thumbs up or down, either side of a preference, or a place in a
+ranking) is rewarded by what they said; the learned model only fills in where nobody said anything.
+The rule is a shrinkage estimate: each rating or preference side is one observation worth
++rating_reward (thumbs up, or the chosen side) or -rating_reward (thumbs down, or the rejected
+side); each ranking is one observation of each of its k completions, worth rating_reward times
+(k - 1 - 2 * place) / (k - 1) (the best +1, the worst -1, the middle 0); and the model's score
 counts as `prior_weight` observations of its own:
 
-    reward = (prior_weight * model_score + rating_reward * (ups + chosen - downs - rejected))
+    reward = (prior_weight * model_score + rating_reward * (ups + chosen - downs - rejected + ranked_net))
              / (prior_weight + ratings)
 
 With no ratings that is the model's score; one thumbs up with the defaults (2.0, 0.25) gives
@@ -47,8 +49,7 @@ class RatingRule:
         """The reward of a completion the model scored `model_score` and users rated as `evidence`."""
         if evidence.count == 0:
             return model_score
-        net = evidence.thumbs_up + evidence.preferred - evidence.thumbs_down - evidence.dispreferred
-        return (self.prior_weight * model_score + self.rating_reward * net) / (self.prior_weight + evidence.count)
+        return (self.prior_weight * model_score + self.rating_reward * evidence.net) / (self.prior_weight + evidence.count)
 
     def needs_model_score(self, evidence: RatingEvidence | None) -> bool:
         """Whether `combine` reads the model's score for a completion with this evidence."""

@@ -1,4 +1,4 @@
-"""Completions, feedback and preferences behind one interface; the backend is chosen by URL."""
+"""Completions, feedback, preferences and rankings behind one interface; the backend is chosen by URL."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from rlhf_online.store.base import (
     CompletionRecord,
     FeedbackRecord,
     PreferenceRecord,
+    RankingRecord,
     RatingEvidence,
     Store,
     VersionComparison,
 )
 
-__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RatingEvidence", "Store", "VersionComparison",
+__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RankingRecord", "RatingEvidence", "Store", "VersionComparison",
            "open_store"]
 
 SQLITE_PREFIX = "sqlite:///"

@@ -24,6 +24,18 @@ def check_preference_pair(chosen_completion_id: str, rejected_completion_id: str
         raise InvalidArgument("rejected_completion_id", "must differ from chosen_completion_id")
 
 
+def check_ranking(completion_ids: Sequence[str]) -> tuple[str, ...]:
+    """The ids of a ranking, best first: at least two, each once (a strict order: ties cannot be sent)."""
+    ids = tuple(completion_ids)
+    if len(ids) < 2:
+        raise InvalidArgument("completion_ids", f"a ranking needs at least 2 completions, got {len(ids)}")
+    repeated = sorted({c for c in ids if ids.count(c) > 1})
+    if repeated:
+        raise InvalidArgument("completion_ids", f"each completion may appear once (a strict order, best first); "
+                                                f"repeated: {', '.join(repeated)}")
+    return ids
+
+
 @dataclass(frozen=True)
 class CompletionRecord:
     """One logged completion and how it was produced."""
@@ -68,18 +80,37 @@ class PreferenceRecord:
 
 
 @dataclass(frozen=True)
+class RankingRecord:
+    """A user ranked k completions of one prompt, best first."""
+
+    seq: int
+    completion_ids: tuple[str, ...]  # best first
+    user_id: str
+    created_at: float
+
+
+@dataclass(frozen=True)
 class RatingEvidence:
-    """What users said about one completion: thumbs, and how often it won or lost a preference."""
+    """What users said about one completion: thumbs, preferences won or lost, and its places in rankings."""
 
     thumbs_up: int = 0
     thumbs_down: int = 0
     preferred: int = 0  # times it was the chosen side of a preference
     dispreferred: int = 0  # times it was the rejected side
+    ranked: int = 0  # rankings it was in
+    # Its places in them, each (k - 1 - 2 * place) / (k - 1) for place 0 (best) .. k - 1 of k: +1 ranked
+    # first, -1 last, 0 in the middle; one ranking is one verdict on each of its completions.
+    ranked_net: float = 0.0
 
     @property
     def count(self) -> int:
-        """Every rating and preference side, up or down."""
-        return self.thumbs_up + self.thumbs_down + self.preferred + self.dispreferred
+        """Every rating, preference side and ranking, up or down."""
+        return self.thumbs_up + self.thumbs_down + self.preferred + self.dispreferred + self.ranked
+
+    @property
+    def net(self) -> float:
+        """Verdicts for minus verdicts against: ups, wins and ranking places, each in [-1, 1]."""
+        return self.thumbs_up + self.preferred - self.thumbs_down - self.dispreferred + self.ranked_net
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,11 @@ class Store(ABC):
         """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
 
     @abstractmethod
+    def add_ranking(self, completion_ids: Sequence[str], user_id: str) -> bool:
+        """Record a ranking (best first) of completions of one prompt; False if this user already ranked
+        these completions, in any order (the first is kept)."""
+
+    @abstractmethod
     def list_completions(self, after_created_at: float = 0.0, limit: int | None = None) -> list[CompletionRecord]:
         """Completions created after a time, oldest first."""
 
@@ -141,6 +177,10 @@ class Store(ABC):
     @abstractmethod
     def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
         """Preferences with seq > after_seq, in seq order."""
+
+    @abstractmethod
+    def list_rankings(self, after_seq: int = 0, limit: int | None = None) -> list[RankingRecord]:
+        """Rankings with seq > after_seq, in seq order."""
 
     @abstractmethod
     def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
@@ -159,6 +199,10 @@ class Store(ABC):
     @abstractmethod
     def count_preferences(self) -> int:
         """Number of preference rows."""
+
+    @abstractmethod
+    def count_rankings(self) -> int:
+        """Number of rankings."""
 
     @abstractmethod
     def count_completions(self) -> int:

@@ -77,6 +77,29 @@ MIGRATIONS: list[Migration] = [
         "ALTER TABLE completions ADD COLUMN token_ids TEXT NOT NULL DEFAULT '[]'",
         "CREATE INDEX completions_policy_version ON completions (policy_version, created_at)",
     ]),
+    # A ranking of k completions of one prompt, best first. `ranking_key` is the sha256 of the sorted
+    # ids: a user's ranking of the same candidates is recorded once, in whatever order it came again
+    # (a fixed-width key also keeps the UNIQUE index small however long the ids are). The members
+    # table serves "which rankings is this completion in" (rating evidence) without parsing JSON.
+    Migration(3, "rankings", [
+        """CREATE TABLE rankings (
+            seq {serial_pk},
+            ranking_key TEXT NOT NULL,
+            completion_ids TEXT NOT NULL,
+            size INTEGER NOT NULL CHECK (size >= 2),
+            user_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            UNIQUE (ranking_key, user_id)
+        )""",
+        "CREATE INDEX rankings_created_at ON rankings (created_at)",
+        """CREATE TABLE ranking_members (
+            ranking_seq BIGINT NOT NULL REFERENCES rankings (seq),
+            place INTEGER NOT NULL CHECK (place >= 0),
+            completion_id TEXT NOT NULL REFERENCES completions (id),
+            PRIMARY KEY (ranking_seq, place)
+        )""",
+        "CREATE INDEX ranking_members_completion_id ON ranking_members (completion_id)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1].version

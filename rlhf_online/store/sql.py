@@ -9,6 +9,8 @@ implements (`_transaction`, `_reading`, `_migration_transaction`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
@@ -21,10 +23,12 @@ from rlhf_online.store.base import (
     CompletionRecord,
     FeedbackRecord,
     PreferenceRecord,
+    RankingRecord,
     RatingEvidence,
     Store,
     VersionComparison,
     check_preference_pair,
+    check_ranking,
     check_rating,
 )
 from rlhf_online.store.migrations import BOOKKEEPING, LATEST, MIGRATIONS, render
@@ -149,6 +153,34 @@ class SqlStore(Store):
                                  "VALUES (?, ?, ?, ?) ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
                                  (chosen_completion_id, rejected_completion_id, user_id, time.time())).rowcount == 1
 
+    def add_ranking(self, completion_ids: Sequence[str], user_id: str) -> bool:
+        """Record a ranking (best first) of completions of one prompt; False if this user already ranked
+        these completions, in any order (the first is kept).
+
+        NotFound names the first id not in the store; InvalidArgument when they answer different prompts.
+        """
+        ids = check_ranking(completion_ids)
+        key = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+        with self._transaction() as cur:
+            rows = self._execute(cur, f"SELECT id, prompt, messages FROM completions "
+                                      f"WHERE id IN ({', '.join(['?'] * len(ids))})", ids).fetchall()
+            prompts = {cid: (prompt, messages) for cid, prompt, messages in rows}
+            missing = [c for c in ids if c not in prompts]
+            if missing:
+                raise NotFound("completion", missing[0])
+            if len(set(prompts.values())) > 1:
+                raise InvalidArgument("completion_ids", "a ranking compares replies to one prompt; these "
+                                                        "completions answer different prompts")
+            row = self._execute(cur, "INSERT INTO rankings (ranking_key, completion_ids, size, user_id, created_at) "
+                                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (ranking_key, user_id) DO NOTHING "
+                                     "RETURNING seq", (key, json.dumps(ids), len(ids), user_id, time.time())).fetchone()
+            if row is None:
+                return False
+            for place, cid in enumerate(ids):
+                self._execute(cur, "INSERT INTO ranking_members (ranking_seq, place, completion_id) VALUES (?, ?, ?)",
+                              (row[0], place, cid))
+            return True
+
     def _require_completion(self, cur: Any, completion_id: str) -> None:
         """NotFound unless the completion exists (rows are never deleted, so the check cannot go stale)."""
         if self._execute(cur, "SELECT 1 FROM completions WHERE id = ?", (completion_id,)).fetchone() is None:
@@ -213,6 +245,13 @@ class SqlStore(Store):
                               "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [PreferenceRecord(*row) for row in self._read(query, args)]
 
+    def list_rankings(self, after_seq: int = 0, limit: int | None = None) -> list[RankingRecord]:
+        """Rankings with seq > after_seq, in seq order."""
+        query, args = limited("SELECT seq, completion_ids, user_id, created_at FROM rankings "
+                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
+        return [RankingRecord(seq, tuple(json.loads(ids)), user, created_at)
+                for seq, ids, user, created_at in self._read(query, args)]
+
     def compare_versions(self, a: str, b: str, after_created_at: float = 0.0,
                          same_users: bool = False) -> VersionComparison:
         """Thumbs on each version's completions created after a time, and preferences between the two.
@@ -255,6 +294,10 @@ class SqlStore(Store):
         """Number of preference rows."""
         return self._count("preferences")
 
+    def count_rankings(self) -> int:
+        """Number of rankings."""
+        return self._count("rankings")
+
     def count_completions(self) -> int:
         """Number of completions."""
         return self._count("completions")
@@ -266,16 +309,17 @@ class SqlStore(Store):
     def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
         """The users' ratings of these completions, in the order first given; ids nobody rated are left out."""
         wanted = list(dict.fromkeys(completion_ids))
-        counts: dict[str, dict[str, int]] = {}
+        counts: dict[str, dict[str, float]] = {}
         for k in range(0, len(wanted), IDS_PER_QUERY):
             chunk = wanted[k:k + IDS_PER_QUERY]
-            with self._reading() as cur:  # the three counts of a chunk from one cursor
+            with self._reading() as cur:  # the counts of a chunk from one cursor
                 for kind, cid, n in self._evidence_rows(cur, chunk):
-                    counts.setdefault(cid, {})[kind] = int(n)
+                    fields = counts.setdefault(cid, {})
+                    fields[kind] = fields.get(kind, 0) + n
         return {cid: RatingEvidence(**counts[cid]) for cid in wanted if cid in counts}
 
-    def _evidence_rows(self, cur: Any, chunk: list[str]) -> Iterable[tuple[str, str, int]]:
-        """(RatingEvidence field, completion id, count) for every rating and preference side of these ids."""
+    def _evidence_rows(self, cur: Any, chunk: list[str]) -> Iterable[tuple[str, str, float]]:
+        """(RatingEvidence field, completion id, amount) for every rating, preference side and ranking place."""
         marks = ", ".join(["?"] * len(chunk))
         # rating is CHECKed to be thumbs_up | thumbs_down: the same names as RatingEvidence's fields.
         yield from self._execute(cur, f"SELECT rating, completion_id, COUNT(*) FROM feedback "
@@ -284,6 +328,12 @@ class SqlStore(Store):
             rows = self._execute(cur, f"SELECT {column}, COUNT(*) FROM preferences "
                                       f"WHERE {column} IN ({marks}) GROUP BY {column}", chunk).fetchall()
             yield from ((kind, cid, n) for cid, n in rows)
+        places = self._execute(cur, f"SELECT m.completion_id, m.place, r.size FROM ranking_members m "
+                                    f"JOIN rankings r ON r.seq = m.ranking_seq WHERE m.completion_id IN ({marks})",
+                               chunk).fetchall()
+        for cid, place, size in places:
+            yield "ranked", cid, 1
+            yield "ranked_net", cid, (size - 1 - 2 * place) / (size - 1)
 
 
 def _version(cur: Any) -> int:

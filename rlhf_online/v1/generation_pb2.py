@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frlhf_online/v1/generation.proto\x12\x0erlhf_online.v1\"\x85\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8e\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.rlhf_online.v1.ChatMessage\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.rlhf_online.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12?\n\x08metadata\x18\x06 \x03(\x0b\x32-.rlhf_online.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.rlhf_online.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"r\n\x10GenerateResponse\x12/\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1a.rlhf_online.v1.Completion\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\xab\x01\n\x16GenerateStreamResponse\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.rlhf_online.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"x\n\x15SubmitFeedbackRequest\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12&\n\x06rating\x18\x02 \x01(\x0e\x32\x16.rlhf_online.v1.Rating\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"+\n\x16SubmitFeedbackResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"h\n\x17SubmitPreferenceRequest\x12\x1c\n\x14\x63hosen_completion_id\x18\x01 \x01(\t\x12\x1e\n\x16rejected_completion_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"-\n\x18SubmitPreferenceResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\x12\n\x10GetPolicyRequest\"\xc3\x01\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.rlhf_online.v1.Policy.MetricsEntry\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*N\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x14\n\x10RATING_THUMBS_UP\x10\x01\x12\x16\n\x12RATING_THUMBS_DOWN\x10\x02\x32\xc7\x03\n\nGeneration\x12M\n\x08Generate\x12\x1f.rlhf_online.v1.GenerateRequest\x1a .rlhf_online.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.rlhf_online.v1.GenerateRequest\x1a&.rlhf_online.v1.GenerateStreamResponse0\x01\x12_\n\x0eSubmitFeedback\x12%.rlhf_online.v1.SubmitFeedbackRequest\x1a&.rlhf_online.v1.SubmitFeedbackResponse\x12\x65\n\x10SubmitPreference\x12\'.rlhf_online.v1.SubmitPreferenceRequest\x1a(.rlhf_online.v1.SubmitPreferenceResponse\x12\x45\n\tGetPolicy\x12 .rlhf_online.v1.GetPolicyRequest\x1a\x16.rlhf_online.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frlhf_online/v1/generation.proto\x12\x0erlhf_online.v1\"\x85\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8e\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.rlhf_online.v1.ChatMessage\x12.\n\x06params\x18\x03 \x01(\x0b\x32\x1e.rlhf_online.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\r\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12?\n\x08metadata\x18\x06 \x03(\x0b\x32-.rlhf_online.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.rlhf_online.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"r\n\x10GenerateResponse\x12/\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x1a.rlhf_online.v1.Completion\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\xab\x01\n\x16GenerateStreamResponse\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.rlhf_online.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"x\n\x15SubmitFeedbackRequest\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12&\n\x06rating\x18\x02 \x01(\x0e\x32\x16.rlhf_online.v1.Rating\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"+\n\x16SubmitFeedbackResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"h\n\x17SubmitPreferenceRequest\x12\x1c\n\x14\x63hosen_completion_id\x18\x01 \x01(\t\x12\x1e\n\x16rejected_completion_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"-\n\x18SubmitPreferenceResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"?\n\x14SubmitRankingRequest\x12\x16\n\x0e\x63ompletion_ids\x18\x01 \x03(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"*\n\x15SubmitRankingResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\x12\n\x10GetPolicyRequest\"\xc3\x01\n\x06Policy\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x34\n\x07metrics\x18\x03 \x03(\x0b\x32#.rlhf_online.v1.Policy.MetricsEntry\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*N\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x14\n\x10RATING_THUMBS_UP\x10\x01\x12\x16\n\x12RATING_THUMBS_DOWN\x10\x02\x32\xa5\x04\n\nGeneration\x12M\n\x08Generate\x12\x1f.rlhf_online.v1.GenerateRequest\x1a .rlhf_online.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.rlhf_online.v1.GenerateRequest\x1a&.rlhf_online.v1.GenerateStreamResponse0\x01\x12_\n\x0eSubmitFeedback\x12%.rlhf_online.v1.SubmitFeedbackRequest\x1a&.rlhf_online.v1.SubmitFeedbackResponse\x12\x65\n\x10SubmitPreference\x12\'.rlhf_online.v1.SubmitPreferenceRequest\x1a(.rlhf_online.v1.SubmitPreferenceResponse\x12\\\n\rSubmitRanking\x12$.rlhf_online.v1.SubmitRankingRequest\x1a%.rlhf_online.v1.SubmitRankingResponse\x12\x45\n\tGetPolicy\x12 .rlhf_online.v1.GetPolicyRequest\x1a\x16.rlhf_online.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_POLICY_METRICSENTRY']._loaded_options = None
   _globals['_POLICY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1490
-  _globals['_FINISHREASON']._serialized_end=1608
-  _globals['_RATING']._serialized_start=1610
-  _globals['_RATING']._serialized_end=1688
+  _globals['_FINISHREASON']._serialized_start=1599
+  _globals['_FINISHREASON']._serialized_end=1717
+  _globals['_RATING']._serialized_start=1719
+  _globals['_RATING']._serialized_end=1797
   _globals['_SAMPLINGPARAMS']._serialized_start=52
   _globals['_SAMPLINGPARAMS']._serialized_end=185
   _globals['_CHATMESSAGE']._serialized_start=187
@@ -61,12 +61,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITPREFERENCEREQUEST']._serialized_end=1223
   _globals['_SUBMITPREFERENCERESPONSE']._serialized_start=1225
   _globals['_SUBMITPREFERENCERESPONSE']._serialized_end=1270
-  _globals['_GETPOLICYREQUEST']._serialized_start=1272
-  _globals['_GETPOLICYREQUEST']._serialized_end=1290
-  _globals['_POLICY']._serialized_start=1293
-  _globals['_POLICY']._serialized_end=1488
-  _globals['_POLICY_METRICSENTRY']._serialized_start=1442
-  _globals['_POLICY_METRICSENTRY']._serialized_end=1488
-  _globals['_GENERATION']._serialized_start=1691
-  _globals['_GENERATION']._serialized_end=2146
+  _globals['_SUBMITRANKINGREQUEST']._serialized_start=1272
+  _globals['_SUBMITRANKINGREQUEST']._serialized_end=1335
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_start=1337
+  _globals['_SUBMITRANKINGRESPONSE']._serialized_end=1379
+  _globals['_GETPOLICYREQUEST']._serialized_start=1381
+  _globals['_GETPOLICYREQUEST']._serialized_end=1399
+  _globals['_POLICY']._serialized_start=1402
+  _globals['_POLICY']._serialized_end=1597
+  _globals['_POLICY_METRICSENTRY']._serialized_start=1551
+  _globals['_POLICY_METRICSENTRY']._serialized_end=1597
+  _globals['_GENERATION']._serialized_start=1800
+  _globals['_GENERATION']._serialized_end=2349
 # @@protoc_insertion_point(module_scope)

@@ -146,6 +146,20 @@ class SubmitPreferenceResponse(_message.Message):
     duplicate: bool
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
+class SubmitRankingRequest(_message.Message):
+    __slots__ = ("completion_ids", "user_id")
+    COMPLETION_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    completion_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_id: str
+    def __init__(self, completion_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class SubmitRankingResponse(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+
 class GetPolicyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

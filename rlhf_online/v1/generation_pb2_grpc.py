@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceRequest.SerializeToString,
                 response_deserializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceResponse.FromString,
                 _registered_method=True)
+        self.SubmitRanking = channel.unary_unary(
+                '/rlhf_online.v1.Generation/SubmitRanking',
+                request_serializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingRequest.SerializeToString,
+                response_deserializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingResponse.FromString,
+                _registered_method=True)
         self.GetPolicy = channel.unary_unary(
                 '/rlhf_online.v1.Generation/GetPolicy',
                 request_serializer=rlhf__online_dot_v1_dot_generation__pb2.GetPolicyRequest.SerializeToString,
@@ -92,6 +97,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitRanking(self, request, context):
+        """A ranking of 2..max_n completions of one prompt, best first; idempotent on (the set of ids, user_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPolicy(self, request, context):
         """The policy versions this replica serves now: the stable one and, while there is one, the canary.
         """
@@ -121,6 +133,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.SubmitPreference,
                     request_deserializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceRequest.FromString,
                     response_serializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceResponse.SerializeToString,
+            ),
+            'SubmitRanking': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRanking,
+                    request_deserializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingRequest.FromString,
+                    response_serializer=rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingResponse.SerializeToString,
             ),
             'GetPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicy,
@@ -236,6 +253,33 @@ class Generation:
             '/rlhf_online.v1.Generation/SubmitPreference',
             rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceRequest.SerializeToString,
             rlhf__online_dot_v1_dot_generation__pb2.SubmitPreferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRanking(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_online.v1.Generation/SubmitRanking',
+            rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingRequest.SerializeToString,
+            rlhf__online_dot_v1_dot_generation__pb2.SubmitRankingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,8 @@ def test_contract_names():
     from rlhf_online.v1 import generation_pb2, reward_pb2, trainer_pb2
 
     services = {
-        generation_pb2: ("Generation", {"Generate", "GenerateStream", "SubmitFeedback", "SubmitPreference", "GetPolicy"}),
+        generation_pb2: ("Generation", {"Generate", "GenerateStream", "SubmitFeedback", "SubmitPreference", "SubmitRanking",
+                                     "GetPolicy"}),
         reward_pb2: ("Reward", {"Score", "Train", "GetRewardModel"}),
         trainer_pb2: ("Trainer", {"GetStatus", "RunRound", "ListPolicies", "ActivatePolicy"}),
     }
