@@ -151,7 +151,7 @@ class RewardSettings(HeldoutSettings):
     head_hidden: int = setting(0, "hidden width of the learned reward's head (0 = linear, the measured best)")
     reward_dir: Path | None = setting(None, "where trained reward models are kept (default: <data-dir>/reward_models)")
     pin_version: str = setting("", "serve this reward model version (r000003) instead of the newest promoted one")
-    retrain_min_feedback: int = setting(32, "new feedback (ratings + preferences) that triggers a background retrain")
+    retrain_min_feedback: int = setting(32, "new feedback (ratings, preferences, rankings) that triggers a background retrain")
     retrain_growth: float = setting(0.25, "also wait until the feedback grew by this share since the last "
                                           "training (each retrain costs in proportion to all feedback; 0 = off)")
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")

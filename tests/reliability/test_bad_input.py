@@ -24,6 +24,7 @@ def gen(tiny, tmp_path_factory, kit):
     g = kit.start_generation(tiny, tmp_path_factory.mktemp("gen"))
     r = g.stub.Generate(pb.GenerateRequest(prompt="Say hi.", n=2, params=P), timeout=30)
     g.ids = [c.completion_id for c in r.completions]  # real completions for the feedback cases
+    g.other = g.stub.Generate(pb.GenerateRequest(prompt="Say bye.", params=P), timeout=30).completions[0].completion_id
     yield g
     g.running.shutdown(1)
 
@@ -232,6 +233,33 @@ def test_submit_preference(gen, kit, name, make, want, field):
     assert gen.stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).base_model == "tiny"
 
 
+RANKING_CASES = [  # ids: the two candidates of one request, then a reply to another prompt
+    ("one id", lambda ids: pb.SubmitRankingRequest(completion_ids=ids[:1]), INVALID, "completion_ids"),
+    ("no ids", lambda ids: pb.SubmitRankingRequest(user_id="u"), INVALID, "completion_ids"),
+    ("more than max_n", lambda ids: pb.SubmitRankingRequest(completion_ids=[f"cmpl-{k}" for k in range(9)]),
+     INVALID, "completion_ids"),
+    ("an id twice (a tie)", lambda ids: pb.SubmitRankingRequest(completion_ids=[ids[0], ids[1], ids[0]]), INVALID,
+     "completion_ids"),
+    ("an empty id", lambda ids: pb.SubmitRankingRequest(completion_ids=[ids[0], ""]), INVALID, "completion_ids[1]"),
+    ("a huge id", lambda ids: pb.SubmitRankingRequest(completion_ids=[ids[0], "x" * 1000]), INVALID,
+     "completion_ids[1]"),
+    ("an unknown id", lambda ids: pb.SubmitRankingRequest(completion_ids=[ids[0], "cmpl-missing", ids[1]]),
+     NOT_FOUND, "cmpl-missing"),
+    ("replies to different prompts", lambda ids: pb.SubmitRankingRequest(completion_ids=[ids[0], ids[2]]), INVALID,
+     "completion_ids"),
+    ("huge user_id", lambda ids: pb.SubmitRankingRequest(completion_ids=ids[:2], user_id="u" * 1000), INVALID,
+     "user_id"),
+]
+
+
+@pytest.mark.parametrize("name,make,want,field", RANKING_CASES, ids=[c[0] for c in RANKING_CASES])
+def test_submit_ranking(gen, kit, name, make, want, field):
+    before = gen.store.count_rankings()
+    _check(lambda: gen.stub.SubmitRanking(make([*gen.ids, gen.other]), timeout=10), want, field, kit)
+    assert gen.store.count_rankings() == before  # nothing half-recorded
+    assert gen.stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).base_model == "tiny"
+
+
 def test_duplicates_are_ok_and_counted_once(gen, kit):
     a, b = gen.ids
     fb = pb.SubmitFeedbackRequest(completion_id=a, rating=pb.RATING_THUMBS_UP, user_id="dup")
@@ -249,6 +277,14 @@ def test_duplicates_are_ok_and_counted_once(gen, kit):
     pref = pb.SubmitPreferenceRequest(chosen_completion_id=a, rejected_completion_id=b, user_id="dup")
     assert gen.stub.SubmitPreference(pref, timeout=10).duplicate is False
     assert gen.stub.SubmitPreference(pref, timeout=10).duplicate is True
+    rankings = kit.sample("rlhf_rankings_total", size="2")
+    ranking = pb.SubmitRankingRequest(completion_ids=[a, b], user_id="dup")
+    assert gen.stub.SubmitRanking(ranking, timeout=10).duplicate is False
+    assert gen.stub.SubmitRanking(ranking, timeout=10).duplicate is True
+    assert gen.stub.SubmitRanking(pb.SubmitRankingRequest(completion_ids=[b, a], user_id="dup"),
+                                  timeout=10).duplicate is True  # the same candidates in another order
+    assert kit.sample("rlhf_rankings_total", size="2") == rankings + 1
+    assert [r.completion_ids for r in gen.store.list_rankings() if r.user_id == "dup"] == [(a, b)]
 
 
 # ------------------------------------------------------------------------------------------------ Reward

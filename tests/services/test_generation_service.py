@@ -82,6 +82,26 @@ def test_chat_messages_and_n_candidates(served):
                                  timeout=5).duplicate is False
 
 
+def test_n_candidates_with_temperature_unset_are_sampled_and_ranked(served):
+    _, stub, store, _ = served()
+    r = stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", n=4, params=pb.SamplingParams(max_new_tokens=8)),
+                      timeout=30)
+    texts = [c.text for c in r.completions]
+    assert len(set(texts)) == 4, texts  # sampled at 1.0: four greedy candidates would be one text four times
+    ids = [c.completion_id for c in r.completions]
+    assert {store.get_completion(i).params["temperature"] for i in ids} == {1.0}
+    one = stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", params=pb.SamplingParams(max_new_tokens=8)),
+                        timeout=30).completions[0]
+    assert store.get_completion(one.completion_id).params["temperature"] == 0.0  # n = 1 stays greedy
+    best_first = [ids[2], ids[0], ids[3], ids[1], one.completion_id]  # a reply of another request, same prompt
+    assert stub.SubmitRanking(pb.SubmitRankingRequest(completion_ids=best_first, user_id="u1"),
+                              timeout=5).duplicate is False
+    assert stub.SubmitRanking(pb.SubmitRankingRequest(completion_ids=best_first, user_id="u1"),
+                              timeout=5).duplicate is True
+    [ranking] = store.list_rankings()
+    assert ranking.completion_ids == tuple(best_first) and ranking.user_id == "u1"
+
+
 def test_stream_yields_deltas_and_logs_before_the_last_message(served):
     _, stub, store, _ = served()
     chunks = list(stub.GenerateStream(pb.GenerateRequest(prompt="Count to five.", params=PARAMS), timeout=30))

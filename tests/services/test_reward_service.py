@@ -119,11 +119,13 @@ def test_retraining_waits_for_the_count_and_for_growth(reward):
 
 
 def test_pinned_version_stays_served(reward, tmp_path):
-    stub, runtime, running = reward()
+    # No background retrains (their first check comes 30 s after start): only the explicit Train calls
+    # make versions, however slow a loaded machine trains.
+    stub, runtime, running = reward(retrain_interval_seconds=3600)
     fill_store(runtime.store)
     stub.Train(pb.TrainRewardRequest(), timeout=120)
     running.shutdown(1)
-    stub, runtime, _ = reward(pin_version="r000001")
+    stub, runtime, _ = reward(pin_version="r000001", retrain_interval_seconds=3600)
     assert stub.Train(pb.TrainRewardRequest(), timeout=120).model.version == "r000002"
     assert stub.GetRewardModel(pb.GetRewardModelRequest(), timeout=10).version == "r000001"
 
@@ -187,6 +189,10 @@ def test_users_ratings_are_the_reward_of_a_rated_completion(reward):
     client = reward_client(f"127.0.0.1:{running.port}", 30)
     assert client([prompt], [rude]) == pytest.approx([plain], rel=1e-6)
     assert client([prompt] * 2, [rude] * 2, [unrated, ""]) == pytest.approx([now_liked, plain], rel=1e-6)
+    # A ranking is one verdict on each of its completions: ranked last of three is one vote against.
+    runtime.store.add_ranking([liked, disputed, unrated], "u3")
+    [ranked_last] = stub.Score(pb.ScoreRequest(items=[items[2]]), timeout=30).scores
+    assert ranked_last == pytest.approx((0.5 * plain + 1.5 - 1.5) / 2.5, rel=1e-6)
 
 
 def test_ratings_alone_need_no_model_score(reward, monkeypatch):

@@ -149,6 +149,19 @@ def test_feedback_over_http_by_header_id(http):
     pref = {"chosen_completion_id": cid, "rejected_completion_id": h2["X-Completion-Id"], "user_id": "u1"}
     assert post(f"{url}/preference", pref)[2] == {"duplicate": False}
     assert post(f"{url}/preference", {**pref, "rejected_completion_id": cid})[0] == 422
+    _, h3, _ = post(f"{url}/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 5, "do_sample": True}})
+    ranking = {"completion_ids": [h3["X-Completion-Id"], cid], "user_id": "u1"}  # two replies to "Hello"
+    assert post(f"{url}/ranking", ranking)[:3:2] == (200, {"duplicate": False})
+    assert post(f"{url}/ranking", ranking)[2] == {"duplicate": True}
+    assert store.list_rankings()[0].completion_ids == (h3["X-Completion-Id"], cid)
+    for bad, status, field in [({"completion_ids": "x"}, 422, "completion_ids"),
+                               ({"completion_ids": [cid]}, 422, "completion_ids"),
+                               ({"completion_ids": [cid, cid]}, 422, "completion_ids"),
+                               ({"completion_ids": [cid, h2["X-Completion-Id"]]}, 422, "completion_ids"),
+                               ({"completion_ids": [cid, "nope"]}, 404, "nope")]:
+        got, _, body = post(f"{url}/ranking", bad)
+        assert got == status and field in body["error"], (bad, body)
+    assert store.count_rankings() == 1
 
 
 def test_info_health_and_drain(http):
