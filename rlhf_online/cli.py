@@ -1,4 +1,4 @@
-"""The library's commands of `rlhf-online`: model, bench, policies, demo, simulate.
+"""The library's commands of `rlhf-online`: model, bench, policies, keys, demo, simulate.
 
 The program itself (its parser, `main` and the `serve` command) is services/cli.py: starting a
 service is the services layer's job, and the library never imports it. Each `add_*` function
@@ -132,6 +132,52 @@ def add_policies(sub: LazySubcommands) -> None:
     policies.set_defaults(fn=_policies)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    """Create, list or revoke API keys in the store the services use."""
+    import time
+
+    from rlhf_online.auth.keys import create_key
+    from rlhf_online.config import CommonSettings
+    from rlhf_online.store import open_store
+
+    # The services' own rule for the store: --store-url, else sqlite under --data-dir.
+    settings = CommonSettings(data_dir=Path(args.data_dir), store_url=args.store_url or "")
+    with open_store(settings.store_url) as store:
+        if args.keys_command == "create":
+            record, key = create_key(store, args.tenant, args.role)
+            print(f"created API key {record.key_id} for tenant {record.tenant!r}, role {record.role}; "
+                  "send it as x-api-key (gRPC metadata or HTTP header). It is shown only now:")
+            print(key)
+        elif args.keys_command == "list":
+            for k in store.list_api_keys():
+                state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(k.revoked_at))}" \
+                    if k.revoked_at is not None else "active"
+                print(f"{k.key_id}  tenant={k.tenant}  role={k.role}  "
+                      f"created={time.strftime('%Y-%m-%d %H:%M', time.gmtime(k.created_at))}  {state}")
+        else:
+            changed = store.revoke_api_key(args.key_id)
+            print(f"revoked {args.key_id}" if changed else f"{args.key_id} was already revoked")
+    return 0
+
+
+def add_keys(sub: LazySubcommands) -> None:
+    """`keys create|list|revoke` on the store's API keys."""
+    keys = sub.add_parser("keys", help="API keys for --require-api-key: create, list, revoke")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
+    where.add_argument("--store-url", default=os.environ.get("RLHF_STORE_URL", ""),
+                       help="the services' store (default: sqlite under --data-dir)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", parents=[where], help="a new key; printed once, as the last line")
+    create.add_argument("--tenant", required=True, help="whose key: its users' completions and ratings")
+    create.add_argument("--role", default="user", choices=("user", "annotator"),
+                        help="user: rate what was served to the same tenant and user_id; annotator: rate anything")
+    ksub.add_parser("list", parents=[where], help="every key: id, tenant, role, created, revoked")
+    ksub.add_parser("revoke", parents=[where], help="stop a key working (within the replicas' key cache time)") \
+        .add_argument("key_id")
+    keys.set_defaults(fn=_keys)
+
+
 def _demo_flags(p: argparse.ArgumentParser) -> None:
     from rlhf_online import demo
 
@@ -187,7 +233,7 @@ def add_simulate(sub: LazySubcommands) -> None:
 
 
 # After `serve` (services/cli.py), in this order in `rlhf-online --help`.
-COMMANDS = (add_model, add_bench, add_policies, add_demo, add_simulate)
+COMMANDS = (add_model, add_bench, add_policies, add_keys, add_demo, add_simulate)
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -103,6 +103,15 @@ class GenerationSettings(CommonSettings):
     adapter_poll_seconds: float = setting(2.0, "how often the replica checks the registry's CURRENT and CANARY")
     canary_percent: float = setting(20.0, "share of users (sticky per user_id) a canary version serves; their n >= 2 "
                                           "requests mix canary and stable candidates")
+    require_api_key: bool = setting(False, "refuse Generation calls without a valid x-api-key (keys: rlhf-online keys "
+                                           "create); off, anyone may generate and rate, as on the loopback demo")
+    api_key_cache_seconds: float = setting(5.0, "how long a replica trusts a key it looked up (a revoked key stops "
+                                                "working within this time)")
+    feedback_rate_per_user: float = setting(10.0, "ratings, preferences and rankings per second one user may send "
+                                                  "to one replica (0 = no limit)")
+    feedback_burst_per_user: float = setting(100.0, "how many a user may send at once before the rate applies")
+    feedback_rate_per_key: float = setting(0.0, "per second for all users of one API key together (0 = no limit)")
+    feedback_burst_per_key: float = setting(1000.0, "how many one API key may send at once before its rate applies")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -115,6 +124,11 @@ class GenerationSettings(CommonSettings):
         _check("workers", self.workers, self.workers >= 0, ">= 0")
         _check("adapter_poll_seconds", self.adapter_poll_seconds, self.adapter_poll_seconds > 0, "> 0")
         _check("canary_percent", self.canary_percent, 0 <= self.canary_percent <= 100, "in 0..100")
+        _check("api_key_cache_seconds", self.api_key_cache_seconds, self.api_key_cache_seconds >= 0, ">= 0")
+        for name in ("feedback_rate_per_user", "feedback_rate_per_key"):
+            _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0 (0 = no limit)")
+        for name in ("feedback_burst_per_user", "feedback_burst_per_key"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
 
     @property
     def worker_threads(self) -> int:
@@ -157,6 +171,8 @@ class RewardSettings(HeldoutSettings):
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
     min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
     train_epochs: int = setting(1000, "full-batch epochs of the reward head")
+    max_user_share: float = setting(0.1, "most of the training data's weight one user's ratings may carry; a user "
+                                         "over it is scaled down (1 = no cap)")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
     rating_reward: float = setting(2.0, "Score of an item whose completion_id users rated: each thumbs up or "
@@ -180,6 +196,7 @@ class RewardSettings(HeldoutSettings):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("retrain_interval_seconds", self.retrain_interval_seconds, self.retrain_interval_seconds > 0, "> 0")
         _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")
+        _check("max_user_share", self.max_user_share, 0 < self.max_user_share <= 1, "in (0, 1]")
         _check("encoder_layer", self.encoder_layer, self.encoder_layer >= -1, ">= -1 (-1 = the last layer)")
         _check("head_hidden", self.head_hidden, self.head_hidden >= 0, ">= 0 (0 = a linear head)")
         _check("rating_reward", self.rating_reward, self.rating_reward > 0, "> 0")

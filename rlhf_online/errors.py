@@ -24,6 +24,14 @@ class NotFound(RlhfError):
         self.ident = ident
 
 
+class Unauthenticated(RlhfError):
+    """The call carries no valid credential (API key) where one is required."""
+
+
+class PermissionDenied(RlhfError):
+    """The caller is known but may not do this (rate a reply served to someone else)."""
+
+
 class ResourceExhausted(RlhfError):
     """The server is at capacity (queue full); the client should back off and retry."""
 

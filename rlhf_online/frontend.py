@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_online import metrics
+from rlhf_online.auth.guard import FeedbackGuard
+from rlhf_online.auth.keys import Identity, KeyAuthenticator
 from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.engine.engine import Engine
 from rlhf_online.engine.request import (
@@ -80,6 +82,7 @@ class Job:
     user_id: str
     metadata: dict[str, str]
     prompt_ids: tuple[int, ...] = ()  # what the model was given, logged so a trainer can re-read it exactly
+    tenant: str = ""  # the caller's API key's tenant ("" with authentication off)
     inbox: asyncio.Queue | None = None  # engine events handed onto an event loop (see Frontend.submit)
     _collector: ResultCollector = field(init=False, repr=False)
     _last: dict[int, Update] = field(init=False, repr=False, default_factory=dict)
@@ -150,9 +153,12 @@ class Job:
 class Frontend:
     """The engine plus the completion log: the generation lifecycle and the checks both APIs share."""
 
-    def __init__(self, engine: Engine, store: Store, router: CanaryRouter | None = None) -> None:
+    def __init__(self, engine: Engine, store: Store, router: CanaryRouter | None = None,
+                 guard: FeedbackGuard | None = None, authenticator: KeyAuthenticator | None = None) -> None:
         self.engine, self.store = engine, store
         self.router = router or CanaryRouter()  # which candidates a canary serves, while there is one
+        self.guard = guard or FeedbackGuard(store)  # rate limits and who may rate what
+        self.authenticator = authenticator  # None: API keys are not required (and not read)
         self.eos_ids = frozenset(engine.eos_ids)  # token ids that end a candidate (TGI marks them special)
 
     # ------------------------------------------------------------ what the APIs tell clients
@@ -175,6 +181,10 @@ class Frontend:
                            max_queue=engine.config.max_queue, limits=engine.config.limits,
                            policy_version=engine.policy_version)
 
+    def identify(self, presented: str) -> Identity | None:
+        """The caller of a presented API key when keys are required (Unauthenticated if it is not valid)."""
+        return self.authenticator.identify(presented) if self.authenticator else None
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (special tokens spelled out)."""
         return self.engine.tokenizer.decode([token_id])
@@ -188,7 +198,7 @@ class Frontend:
     def submit(self, *, prompt: str = "", messages: tuple[tuple[str, str], ...] = (), raw: bool = False,
                params: SamplingParams, n: int = 1, user_id: str = "", metadata: dict[str, str] | None = None,
                deadline: float | None = None, loop: asyncio.AbstractEventLoop | None = None,
-               prompt_field: str = "prompt") -> Job:
+               prompt_field: str = "prompt", identity: Identity | None = None) -> Job:
         """Validate and queue a request; `raw` sends the prompt without the chat template.
 
         With `loop`, the engine thread hands events onto that event loop (for `stream_async`), else
@@ -227,7 +237,7 @@ class Frontend:
         submitted.append(handle)
         ids = [f"cmpl-{uuid.uuid4().hex}" for _ in range(n)]
         return Job(prompt, tuple(messages), params, len(prompt_ids), ids, handle, user_id, metadata, tuple(prompt_ids),
-                   inbox)
+                   identity.tenant if identity else "", inbox)
 
     def stream(self, job: Job) -> Iterator[Update]:
         """Updates as tokens arrive; every candidate's last one only after all of them are logged."""
@@ -275,11 +285,12 @@ class Frontend:
                              policy_version=version, user_id=job.user_id, params=params,
                              prompt_tokens=job.prompt_tokens, completion_tokens=r.completion_tokens,
                              finish_reason=r.finish_reason, metadata=job.metadata, created_at=now,
-                             prompt_token_ids=job.prompt_ids, token_ids=r.token_ids)
+                             prompt_token_ids=job.prompt_ids, token_ids=r.token_ids, tenant=job.tenant)
             for cid, r, version in zip(job.completion_ids, results, job.versions, strict=True)])
         metrics.COMPLETIONS_LOGGED.inc(len(results))
 
-    def feedback(self, completion_id: str, rating: str, user_id: str = "", comment: str = "") -> bool:
+    def feedback(self, completion_id: str, rating: str, user_id: str = "", comment: str = "",
+                 identity: Identity | None = None) -> bool:
         """Record a rating; False (and counted once) when this user already rated this completion.
 
         The store checks the rating before anything is written.
@@ -287,24 +298,28 @@ class Frontend:
         check_id("completion_id", completion_id)
         check_length("user_id", user_id, MAX_ID_CHARS)
         check_length("comment", comment, MAX_COMMENT_CHARS)
-        new = self.store.add_feedback(completion_id, user_id, rating, comment)
+        rater = self.guard.check(identity, user_id, {"completion_id": completion_id})
+        new = self.store.add_feedback(completion_id, user_id, rating, comment, rater)
         if new:
             metrics.FEEDBACK.labels(rating).inc()
         else:
             metrics.FEEDBACK_DUPLICATES.inc()
         return new
 
-    def preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str = "") -> bool:
+    def preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str = "",
+                   identity: Identity | None = None) -> bool:
         """Record that a user preferred one completion over another; False on a repeat."""
         check_id("chosen_completion_id", chosen_completion_id)
         check_id("rejected_completion_id", rejected_completion_id)
         check_length("user_id", user_id, MAX_ID_CHARS)
-        new = self.store.add_preference(chosen_completion_id, rejected_completion_id, user_id)
+        rater = self.guard.check(identity, user_id, {"chosen_completion_id": chosen_completion_id,
+                                                     "rejected_completion_id": rejected_completion_id})
+        new = self.store.add_preference(chosen_completion_id, rejected_completion_id, user_id, rater)
         if new:
             metrics.PREFERENCES.inc()
         return new
 
-    def ranking(self, completion_ids: list[str], user_id: str = "") -> bool:
+    def ranking(self, completion_ids: list[str], user_id: str = "", identity: Identity | None = None) -> bool:
         """Record a user's ranking of completions of one prompt, best first; False on a repeat."""
         max_n = self.engine.config.limits.max_n
         if not 2 <= len(completion_ids) <= max_n:
@@ -312,7 +327,8 @@ class Frontend:
         for i, cid in enumerate(completion_ids):
             check_id(f"completion_ids[{i}]", cid)
         check_length("user_id", user_id, MAX_ID_CHARS)
-        new = self.store.add_ranking(completion_ids, user_id)
+        rater = self.guard.check(identity, user_id, {f"completion_ids[{i}]": c for i, c in enumerate(completion_ids)})
+        new = self.store.add_ranking(completion_ids, user_id, rater)
         if new:
             metrics.RANKINGS.labels(str(len(completion_ids))).inc()
         return new

@@ -33,6 +33,8 @@ REQUESTS_FINISHED = Counter("rlhf_generation_requests_total", "Generation reques
 FEEDBACK = Counter("rlhf_feedback_total", "Feedback newly recorded, by rating.", ["rating"])
 FEEDBACK_DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Feedback repeats that were counted once.")
 PREFERENCES = Counter("rlhf_preferences_total", "Pairwise preferences newly recorded.")
+FEEDBACK_REFUSED = Counter("rlhf_feedback_refused_total", "Ratings, preferences and rankings refused before "
+                           "the store: user_rate_limit, key_rate_limit, not_served_to_caller.", ["reason"])
 RANKINGS = Counter("rlhf_rankings_total", "Rankings newly recorded, by how many completions they rank.", ["size"])
 COMPLETIONS_LOGGED = Counter("rlhf_completions_logged_total", "Completions written to the store.")
 POLICY_VERSION = Gauge("rlhf_policy_version", "Policy version served for new requests by role: stable (CURRENT) or "

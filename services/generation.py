@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -9,6 +10,9 @@ import grpc
 
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.adapters.watcher import AdapterWatcher
+from rlhf_online.auth.guard import FeedbackGuard
+from rlhf_online.auth.keys import KeyAuthenticator
+from rlhf_online.auth.limits import RateLimiter
 from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.config import GenerationSettings
 from rlhf_online.engine.engine import Engine
@@ -18,12 +22,18 @@ from rlhf_online.frontend import Frontend, Job
 from rlhf_online.store import Store
 from rlhf_online.v1 import generation_pb2 as pb
 from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
+from services.interceptors import ApiKeyInterceptor, caller
 from services.server import RunningServer, start_server
+
+log = logging.getLogger("rlhf_online.generation")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP}
 RATING = {pb.RATING_THUMBS_UP: "thumbs_up", pb.RATING_THUMBS_DOWN: "thumbs_down"}
 NO_DEADLINE_S = 365 * 24 * 3600.0
+# Every call that generates or rates needs a key when keys are required; GetPolicy tells only versions.
+KEYED_METHODS = {f"/{SERVICE_NAME}/{m}" for m in ("Generate", "GenerateStream", "SubmitFeedback", "SubmitPreference",
+                                                  "SubmitRanking")}
 SAMPLED_TEMPERATURE = 1.0  # the temperature of an n > 1 request that left it unset
 
 
@@ -60,17 +70,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """Record a thumbs-up/down; a repeat of (completion_id, user_id) is OK and counted once."""
         if request.rating not in RATING:
             raise InvalidArgument("rating", "must be RATING_THUMBS_UP or RATING_THUMBS_DOWN")
-        new = self.frontend.feedback(request.completion_id, RATING[request.rating], request.user_id, request.comment)
+        new = self.frontend.feedback(request.completion_id, RATING[request.rating], request.user_id, request.comment,
+                                     identity=caller())
         return pb.SubmitFeedbackResponse(duplicate=not new)
 
     def SubmitPreference(self, request: pb.SubmitPreferenceRequest, context: grpc.ServicerContext) -> pb.SubmitPreferenceResponse:
         """Record that one completion was preferred over another by a user."""
-        new = self.frontend.preference(request.chosen_completion_id, request.rejected_completion_id, request.user_id)
+        new = self.frontend.preference(request.chosen_completion_id, request.rejected_completion_id, request.user_id,
+                                       identity=caller())
         return pb.SubmitPreferenceResponse(duplicate=not new)
 
     def SubmitRanking(self, request: pb.SubmitRankingRequest, context: grpc.ServicerContext) -> pb.SubmitRankingResponse:
         """Record a user's ranking of completions of one prompt, best first."""
-        new = self.frontend.ranking(list(request.completion_ids), request.user_id)
+        new = self.frontend.ranking(list(request.completion_ids), request.user_id, identity=caller())
         return pb.SubmitRankingResponse(duplicate=not new)
 
     def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.Policy:
@@ -87,7 +99,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         job = self.frontend.submit(
             prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
             params=self._params(request.params, request.n or 1), n=request.n or 1, user_id=request.user_id,
-            metadata=dict(request.metadata),
+            metadata=dict(request.metadata), identity=caller(),
             deadline=None if no_deadline else time.monotonic() + remaining)
         # Fires when the RPC ends for any reason; a client that went away frees its batch slots.
         context.add_callback(job.cancel)
@@ -108,11 +120,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 def start_generation_server(settings: GenerationSettings, engine: Engine, store: Store) -> RunningServer:
     """Start the service around an engine; draining stops the engine taking new requests."""
-    frontend = Frontend(engine, store, CanaryRouter(settings.canary_percent))
+    guard = FeedbackGuard(store, RateLimiter(settings.feedback_rate_per_user, settings.feedback_burst_per_user),
+                          RateLimiter(settings.feedback_rate_per_key, settings.feedback_burst_per_key))
+    authenticator = KeyAuthenticator(store, settings.api_key_cache_seconds) if settings.require_api_key else None
+    frontend = Frontend(engine, store, CanaryRouter(settings.canary_percent), guard, authenticator)
     servicer = GenerationServicer(frontend, settings)
+    auth = ApiKeyInterceptor(authenticator, KEYED_METHODS) if authenticator else None
     running = start_server(settings, [SERVICE_NAME],
                            lambda s: pb_grpc.add_GenerationServicer_to_server(servicer, s),
-                           workers=settings.worker_threads)
+                           workers=settings.worker_threads, auth=auth)
+    if authenticator is None:
+        log.warning("API keys not required: any caller may generate and rate any completion under any user_id "
+                    "(fine on loopback; set --require-api-key where others can reach this port)")
+    else:
+        log.info("API keys required", extra={"methods": sorted(m.rsplit("/", 1)[-1] for m in KEYED_METHODS)})
     running.on_drain.append(engine.drain)
     running.busy.append(lambda: engine.busy > 0)
     if settings.http_port >= 0:

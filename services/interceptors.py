@@ -1,7 +1,8 @@
-"""Cross-cutting RPC work: status-code mapping of domain errors, metrics, admin auth."""
+"""Cross-cutting RPC work: status-code mapping of domain errors, metrics, admin auth, API keys."""
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import time
@@ -12,6 +13,7 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from rlhf_online import errors, metrics
+from rlhf_online.auth.keys import METADATA_KEY, Identity, KeyAuthenticator
 
 log = logging.getLogger("rlhf_online.rpc")
 
@@ -22,6 +24,8 @@ MAX_DETAILS_CHARS = 512
 STATUS_OF: dict[type[errors.RlhfError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -246,3 +250,76 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin RPC: missing or wrong bearer token")
 
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+# The verified caller of the RPC running on this thread (None: authentication is off for it).
+_CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("rlhf_caller", default=None)
+
+
+def caller() -> Identity | None:
+    """The identity ApiKeyInterceptor verified for the current RPC, or None."""
+    return _CALLER.get()
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """The methods named need a valid `x-api-key`; the handler finds the caller's identity in `caller()`.
+
+    Refused calls end UNAUTHENTICATED before the handler runs, and are counted like any other RPC.
+    """
+
+    def __init__(self, authenticator: KeyAuthenticator, methods: set[str]) -> None:
+        self.authenticator = authenticator
+        self.methods = methods  # full names: /rlhf_online.v1.Generation/Generate
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        """Wrap the handler so that it runs with the verified identity, or refuse the call."""
+        handler = continuation(details)
+        if handler is None or details.method not in self.methods:
+            return handler
+        service, method = _split(details.method)
+        presented = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
+        presented = presented.decode(errors="replace") if isinstance(presented, bytes) else presented
+        try:
+            identity = self.authenticator.identify(presented)
+        except errors.Unauthenticated as e:
+            refusal = str(e)
+
+            def deny(request: Any, context: grpc.ServicerContext) -> Any:
+                _Outcome(service, method).done(grpc.StatusCode.UNAUTHENTICATED)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+
+            if handler.unary_stream:
+                return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer,
+                                                            handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_as_caller(handler.unary_unary, identity))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_as_caller_stream(handler.unary_stream, identity))
+        return handler
+
+
+def _as_caller(fn: Callable, identity: Identity) -> Callable:
+    """A unary behaviour that runs with `identity` as the caller."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        token = _CALLER.set(identity)
+        try:
+            return fn(request, context)
+        finally:
+            _CALLER.reset(token)
+
+    return wrapped
+
+
+def _as_caller_stream(fn: Callable, identity: Identity) -> Callable:
+    """A streaming behaviour that runs with `identity` as the caller (grpc drives it from one thread)."""
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        token = _CALLER.set(identity)
+        try:
+            yield from fn(request, context)
+        finally:
+            _CALLER.reset(token)
+
+    return wrapped

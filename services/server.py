@@ -71,9 +71,14 @@ class RunningServer:
 
 def start_server(settings: CommonSettings, service_names: Iterable[str], add: Callable[[grpc.Server], None],
                  *, workers: int = 16, admin_methods: set[str] | None = None,
-                 metrics: bool = True) -> RunningServer:
-    """Create, bind and start a server; `add` registers the servicers. Port 0 binds a free port."""
+                 metrics: bool = True, auth: grpc.ServerInterceptor | None = None) -> RunningServer:
+    """Create, bind and start a server; `add` registers the servicers. Port 0 binds a free port.
+
+    `auth` (an ApiKeyInterceptor) runs outside the error mapping: it refuses before the handler runs.
+    """
     interceptors: list[grpc.ServerInterceptor] = [ServiceInterceptor()]
+    if auth is not None:
+        interceptors.insert(0, auth)
     if settings.admin_token and admin_methods:
         interceptors.insert(0, AdminAuthInterceptor(settings.admin_token, admin_methods))
     server = grpc.server(

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from rlhf_online import __version__, errors, metrics
+from rlhf_online.auth.keys import METADATA_KEY, Identity
 from rlhf_online.config import GenerationSettings
 from rlhf_online.engine.request import CandidateResult, SamplingParams
 from rlhf_online.frontend import Frontend, Job, Update
@@ -30,6 +31,8 @@ FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 HTTP_ERROR: dict[type[errors.RlhfError], tuple[int, str]] = {
     errors.InvalidArgument: (422, "validation"),
     errors.NotFound: (404, "not_found"),
+    errors.Unauthenticated: (401, "unauthenticated"),
+    errors.PermissionDenied: (403, "forbidden"),
     errors.ResourceExhausted: (429, "overloaded"),
     errors.Unavailable: (503, "unavailable"),
     errors.DeadlineExceeded: (408, "generation"),
@@ -59,21 +62,27 @@ class HttpApi:
 
     async def root(self, request: web.Request) -> web.StreamResponse:
         """POST /: TGI answers a list, or a stream when the body says `stream: true`."""
-        body = await _json(request)
+        body, caller = await _json(request), await self._caller(request)
         if body.get("stream"):
-            return await self._stream(request, body)
-        return await self._generate(body, as_list=True)
+            return await self._stream(request, body, caller)
+        return await self._generate(body, caller, as_list=True)
 
     async def generate(self, request: web.Request) -> web.Response:
         """POST /generate: one generated text with details."""
-        return await self._generate(await _json(request), as_list=False)
+        return await self._generate(await _json(request), await self._caller(request), as_list=False)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
         """POST /generate_stream: server-sent events, one per token; the last carries the whole text."""
-        return await self._stream(request, await _json(request))
+        return await self._stream(request, await _json(request), await self._caller(request))
 
-    async def _generate(self, body: dict, as_list: bool) -> web.Response:
-        job, options = self._submit(body)
+    async def _caller(self, request: web.Request) -> Identity | None:
+        """The identity of the request's `x-api-key` header when keys are required (looked up off the loop)."""
+        if self.frontend.authenticator is None:
+            return None
+        return await asyncio.to_thread(self.frontend.identify, request.headers.get(METADATA_KEY, ""))
+
+    async def _generate(self, body: dict, caller: Identity | None, as_list: bool) -> web.Response:
+        job, options = self._submit(body, caller)
         [result] = await self.frontend.generate_async(job)
         out = {"generated_text": self._text(body, result.text, options)}
         if options["details"]:
@@ -81,8 +90,8 @@ class HttpApi:
                               "top_tokens": None, "best_of_sequences": None}
         return web.json_response([out] if as_list else out, headers=_headers(job, result))
 
-    async def _stream(self, request: web.Request, body: dict) -> web.StreamResponse:
-        job, options = self._submit(body)
+    async def _stream(self, request: web.Request, body: dict, caller: Identity | None) -> web.StreamResponse:
+        job, options = self._submit(body, caller)
         with job:  # a client that went away (a failed write) cancels its generation
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **_headers(job)})
@@ -114,7 +123,7 @@ class HttpApi:
             out[-1]["details"] = self._details(update.result, job)
         return out
 
-    def _submit(self, body: dict) -> tuple[Job, dict]:
+    def _submit(self, body: dict, caller: Identity | None) -> tuple[Job, dict]:
         """Validate a TGI request and queue it; its events are handed onto this event loop."""
         if self.draining:
             raise errors.Unavailable("server is shutting down")
@@ -127,7 +136,7 @@ class HttpApi:
         params, options = self._params(parameters)
         job = self.frontend.submit(prompt=inputs, raw=self.frontend.has_special_tokens(inputs), params=params, n=1,
                                    prompt_field="inputs", user_id=str(parameters.get("user_id") or ""),
-                                   loop=asyncio.get_running_loop())
+                                   loop=asyncio.get_running_loop(), identity=caller)
         return job, options
 
     def _params(self, p: dict) -> tuple[SamplingParams, dict]:
@@ -174,25 +183,25 @@ class HttpApi:
 
     async def feedback(self, request: web.Request) -> web.Response:
         """POST /feedback {completion_id, rating: thumbs_up|thumbs_down, user_id, comment}."""
-        body = await _json(request)
+        body, caller = await _json(request), await self._caller(request)
         new = await asyncio.to_thread(self.frontend.feedback, _str(body, "completion_id"), _str(body, "rating"),
-                                      _str(body, "user_id"), _str(body, "comment"))
+                                      _str(body, "user_id"), _str(body, "comment"), caller)
         return web.json_response({"duplicate": not new})
 
     async def preference(self, request: web.Request) -> web.Response:
         """POST /preference {chosen_completion_id, rejected_completion_id, user_id}."""
-        body = await _json(request)
+        body, caller = await _json(request), await self._caller(request)
         new = await asyncio.to_thread(self.frontend.preference, _str(body, "chosen_completion_id"),
-                                      _str(body, "rejected_completion_id"), _str(body, "user_id"))
+                                      _str(body, "rejected_completion_id"), _str(body, "user_id"), caller)
         return web.json_response({"duplicate": not new})
 
     async def ranking(self, request: web.Request) -> web.Response:
         """POST /ranking {completion_ids: [best, ..., worst], user_id}."""
-        body = await _json(request)
+        body, caller = await _json(request), await self._caller(request)
         ids = body.get("completion_ids")
         if not (isinstance(ids, list) and all(isinstance(c, str) for c in ids)):
             raise errors.InvalidArgument("completion_ids", "must be a list of completion id strings, best first")
-        new = await asyncio.to_thread(self.frontend.ranking, ids, _str(body, "user_id"))
+        new = await asyncio.to_thread(self.frontend.ranking, ids, _str(body, "user_id"), caller)
         return web.json_response({"duplicate": not new})
 
     async def info(self, request: web.Request) -> web.Response:

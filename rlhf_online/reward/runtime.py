@@ -53,6 +53,7 @@ class RewardConfig:
     max_text_chars: int
     rating_reward: float  # with rating_prior_weight: the RatingRule that scores rated completions
     rating_prior_weight: float
+    max_user_share: float  # the per-user cap of reward training (TrainConfig.max_user_share)
 
 
 class RewardRuntime:
@@ -71,7 +72,8 @@ class RewardRuntime:
                            if "classifier" in names else None)
         self.train_config = TrainConfig(heldout_percent=config.heldout_percent, epochs=config.train_epochs,
                                         head_hidden=config.head_hidden,
-                                        min_train_examples=config.min_train_examples)
+                                        min_train_examples=config.min_train_examples,
+                                        max_user_share=config.max_user_share)
         self.rule = RatingRule(rating_reward=config.rating_reward, prior_weight=config.rating_prior_weight)
         self._train_lock = threading.Lock()
         self._learned: RewardModel = UntrainedReward()

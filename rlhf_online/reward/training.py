@@ -4,7 +4,9 @@ Data: single thumbs (pointwise, logistic), explicit preferences, rankings, and t
 thumbs-down completions of the same prompt (pairwise, Bradley-Terry). A ranking of k completions
 gives all its C(k, 2) ordered pairs, each weighted 1 / C(k, 2), so that one ranking weighs as much
 as one preference (InstructGPT's scheme: a ranking is one judgement, not C(k, 2) independent ones);
-every other pair weighs 1. The held-out slice is chosen by a hash
+every other pair weighs 1. Then no user may weigh more than `max_user_share` of a split: each user's
+examples are scaled down to that cap (reward/user_cap.py), so one user sending ten times everyone's
+feedback counts as one heavy user, not as the majority. The held-out slice is chosen by a hash
 of the prompt (rlhf_online.data.split, the same rule as the PPO gate's), so a prompt is always on
 the same side as data grows and held-out pairs test generalisation to prompts the model never
 trained on; a ranking's completions answer one prompt, so all its pairs fall on one side. A trained
@@ -27,6 +29,7 @@ from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout, prompt_key
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import HeadConfig, LearnedReward, RewardHead, features
 from rlhf_online.reward.registry import RewardRegistry
+from rlhf_online.reward.user_cap import UserShares, user_factors
 from rlhf_online.store import CompletionRecord, Store
 
 log = logging.getLogger("rlhf_online.reward")
@@ -47,7 +50,11 @@ class TrainConfig:
     head_hidden: int = 0  # width of the head's hidden layer; 0 = a linear head (measured best, see learned.py)
     ensemble: int = 5  # heads, each fit to a bootstrap resample of the examples
     pessimism: float = 1.0  # served score = mean - pessimism * std over the heads (0 = plain mean)
+    max_user_share: float = 0.1  # most of a split's example weight one user's examples may carry (1 = no cap)
     seed: int = 0
+
+
+User = tuple[str, str]  # (tenant, user_id): whose feedback an example is
 
 
 @dataclass
@@ -57,12 +64,38 @@ class Split:
     completions: dict[str, CompletionRecord] = field(default_factory=dict)
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (chosen id, rejected id)
     pair_weights: list[float] = field(default_factory=list)  # one per pair: 1, or 1 / C(k, 2) from a ranking of k
+    pair_users: list[tuple[User, ...]] = field(default_factory=list)  # who said so: one user, or two for an implied pair
     singles: list[tuple[str, int]] = field(default_factory=list)  # (completion id, 1 = thumbs up)
+    single_weights: list[float] = field(default_factory=list)
+    single_users: list[User] = field(default_factory=list)
+    shares: UserShares = field(default_factory=lambda: UserShares(0, float("nan"), float("nan")))
 
-    def add_pair(self, chosen: str, rejected: str, weight: float = 1.0) -> None:
-        """One pairwise example and its weight."""
+    def add_pair(self, chosen: str, rejected: str, users: tuple[User, ...], weight: float = 1.0) -> None:
+        """One pairwise example, the user(s) it came from, and its weight."""
         self.pairs.append((chosen, rejected))
+        self.pair_users.append(users)
         self.pair_weights.append(weight)
+
+    def add_single(self, completion_id: str, label: int, user: User) -> None:
+        """One thumbs rating (1 = up) by a user."""
+        self.singles.append((completion_id, label))
+        self.single_users.append(user)
+        self.single_weights.append(1.0)
+
+    def cap_users(self, max_share: float) -> None:
+        """Scale each user's examples so that none carries more than `max_share` of the split's weight."""
+        weight: dict[User, float] = defaultdict(float)
+        for users, w in zip(self.pair_users, self.pair_weights, strict=True):
+            for u in users:  # an implied pair belongs half to each of its two raters
+                weight[u] += w / len(users)
+        for u, w in zip(self.single_users, self.single_weights, strict=True):
+            weight[u] += w
+        if not weight:
+            return
+        factor, self.shares = user_factors(weight, max_share)
+        self.pair_weights = [w * sum(factor[u] for u in users) / len(users)
+                             for users, w in zip(self.pair_users, self.pair_weights, strict=True)]
+        self.single_weights = [w * factor[u] for u, w in zip(self.single_users, self.single_weights, strict=True)]
 
     @property
     def examples(self) -> int:
@@ -99,26 +132,30 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
         s.completions[cid] = comps[cid]
         return s
 
-    ups: dict[str, set[str]] = defaultdict(set)
-    downs: dict[str, set[str]] = defaultdict(set)
+    # prompt -> completion id -> the first user who rated it up (down): an implied pair is theirs
+    ups: dict[str, dict[str, User]] = defaultdict(dict)
+    downs: dict[str, dict[str, User]] = defaultdict(dict)
     for f in feedback:
-        label = 1 if f.rating == "thumbs_up" else 0
-        split_of(f.completion_id).singles.append((f.completion_id, label))
-        (ups if label else downs)[prompt_key(comps[f.completion_id])].add(f.completion_id)
+        label, user = (1 if f.rating == "thumbs_up" else 0), (f.tenant, f.user_id)
+        split_of(f.completion_id).add_single(f.completion_id, label, user)
+        (ups if label else downs)[prompt_key(comps[f.completion_id])].setdefault(f.completion_id, user)
     for p in preferences:
         if prompt_key(comps[p.chosen_completion_id]) != prompt_key(comps[p.rejected_completion_id]):
             continue  # a preference across prompts says little about either reply
         split_of(p.rejected_completion_id)
-        split_of(p.chosen_completion_id).add_pair(p.chosen_completion_id, p.rejected_completion_id)
+        split_of(p.chosen_completion_id).add_pair(p.chosen_completion_id, p.rejected_completion_id,
+                                                  ((p.tenant, p.user_id),))
     for r in rankings:  # the store only accepts rankings of one prompt: one side of the split holds them all
         weight = 1.0 / math.comb(len(r.completion_ids), 2)
         for better, worse in itertools.combinations(r.completion_ids, 2):  # best first: every earlier one won
             split_of(worse)
-            split_of(better).add_pair(better, worse, weight)
+            split_of(better).add_pair(better, worse, ((r.tenant, r.user_id),), weight)
     for key in sorted(ups.keys() & downs.keys()):  # sorted: the same examples in the same order every run
         implied = [(u, d) for u in sorted(ups[key]) for d in sorted(downs[key]) if u != d]
         for u, d in implied[: cfg.max_pairs_per_prompt]:
-            splits[is_heldout(key, cfg.heldout_percent)].add_pair(u, d)
+            splits[is_heldout(key, cfg.heldout_percent)].add_pair(u, d, (ups[key][u], downs[key][d]))
+    for split in splits.values():
+        split.cap_users(cfg.max_user_share)
     return Dataset(train=splits[False], heldout=splits[True],
                    feedback_seen=len(feedback) + len(preferences) + len(rankings))
 
@@ -155,7 +192,8 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
 
     # A ranking's pairs carry 1 / C(k, 2) each on top of the resample: a ranking weighs as one preference.
     pair_weight = torch.tensor(data.train.pair_weights, dtype=torch.float)  # [pairs]
-    w_pair, w_single = resample(len(chosen)) * pair_weight, resample(len(single))  # [K, pairs], [K, singles]
+    single_weight = torch.tensor(data.train.single_weights, dtype=torch.float)  # [singles]: the per-user cap
+    w_pair, w_single = resample(len(chosen)) * pair_weight, resample(len(single)) * single_weight  # [K, n]
     t0 = time.time()
     loss = torch.zeros(())
     head.train()
@@ -236,6 +274,7 @@ def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder,
     metrics = evaluate(model, encoder, data.heldout)
     metrics["train_examples"] = float(data.train.examples)
     metrics["train_seconds"] = round(time.time() - t0, 3)
+    metrics.update(data.train.shares.as_metrics())  # how many users the data came from, the largest one's share
     current = registry.current()
     promoted, reason = True, "first reward model" if not current else ""
     if current:
@@ -255,5 +294,9 @@ def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder,
     version = registry.publish(model.save, **fields)
     if promoted:
         registry.activate(version)
-    log.info("reward model candidate", extra={"version": version, "promoted": promoted, "reason": reason})
+    log.info("reward model candidate", extra={"version": version, "promoted": promoted, "reason": reason,
+                                              "users": data.train.shares.users,
+                                              "largest_user_share": round(data.train.shares.largest_share, 3),
+                                              "largest_user_share_capped":
+                                                  round(data.train.shares.largest_share_capped, 3)})
     return {"version": version, **fields}, promoted, reason

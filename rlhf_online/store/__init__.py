@@ -6,17 +6,21 @@ import re
 
 from rlhf_online.errors import ConfigError
 from rlhf_online.store.base import (
+    NO_RATER,
     RATINGS,
+    ROLES,
+    ApiKeyRecord,
     CompletionRecord,
     FeedbackRecord,
     PreferenceRecord,
     RankingRecord,
+    Rater,
     RatingEvidence,
     Store,
     VersionComparison,
 )
 
-__all__ = ["RATINGS", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RankingRecord", "RatingEvidence", "Store", "VersionComparison",
+__all__ = ["NO_RATER", "RATINGS", "ROLES", "ApiKeyRecord", "CompletionRecord", "FeedbackRecord", "PreferenceRecord", "RankingRecord", "RatingEvidence", "Rater", "Store", "VersionComparison",
            "open_store"]
 
 SQLITE_PREFIX = "sqlite:///"

@@ -10,6 +10,7 @@ from typing import Any
 from rlhf_online.errors import InvalidArgument
 
 RATINGS = ("thumbs_up", "thumbs_down")
+ROLES = ("user", "annotator")  # what an API key may do: rate what was served to its users, or rate anything
 
 
 def check_rating(rating: str) -> None:
@@ -54,6 +55,30 @@ class CompletionRecord:
     created_at: float = 0.0  # unix seconds; 0 = now
     prompt_token_ids: tuple[int, ...] = ()  # the tokens the model was given (chat template applied); () if unknown
     token_ids: tuple[int, ...] = ()  # the tokens it sampled, EOS included when it ended there; () if unknown
+    tenant: str = ""  # the API key's tenant it was served to ("" with authentication off)
+
+
+@dataclass(frozen=True)
+class Rater:
+    """Who sent a rating, preference or ranking: the caller's tenant and key role ("" with authentication off)."""
+
+    tenant: str = ""
+    role: str = ""  # "" | "user" | "annotator"
+
+
+NO_RATER = Rater()
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """A stored API key: the public id, the sha256 of its secret, whose it is and what it may do."""
+
+    key_id: str
+    secret_sha256: str
+    tenant: str
+    role: str  # one of ROLES
+    created_at: float
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,8 @@ class FeedbackRecord:
     rating: str
     comment: str
     created_at: float
+    tenant: str = ""
+    rater_role: str = ""  # "" (authentication off) | "user" | "annotator"
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,8 @@ class PreferenceRecord:
     rejected_completion_id: str
     user_id: str
     created_at: float
+    tenant: str = ""
+    rater_role: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,8 @@ class RankingRecord:
     completion_ids: tuple[str, ...]  # best first
     user_id: str
     created_at: float
+    tenant: str = ""
+    rater_role: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,15 +185,17 @@ class Store(ABC):
         """How many completions one policy version served after a time."""
 
     @abstractmethod
-    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:
+    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "",
+                     rater: Rater = NO_RATER) -> bool:
         """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
 
     @abstractmethod
-    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str) -> bool:
+    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str,
+                       rater: Rater = NO_RATER) -> bool:
         """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
 
     @abstractmethod
-    def add_ranking(self, completion_ids: Sequence[str], user_id: str) -> bool:
+    def add_ranking(self, completion_ids: Sequence[str], user_id: str, rater: Rater = NO_RATER) -> bool:
         """Record a ranking (best first) of completions of one prompt; False if this user already ranked
         these completions, in any order (the first is kept)."""
 
@@ -191,6 +224,22 @@ class Store(ABC):
                          same_users: bool = False) -> VersionComparison:
         """Thumbs on each version's completions created after a time (b's only from a's users with
         `same_users`), and preferences between the two."""
+
+    @abstractmethod
+    def add_api_key(self, key: ApiKeyRecord) -> None:
+        """Store a new key (InvalidArgument if its id exists)."""
+
+    @abstractmethod
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id, revoked or not; None if there is none."""
+
+    @abstractmethod
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key, oldest first."""
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark a key revoked from now on; False if it was already (NotFound if there is no such key)."""
 
     @abstractmethod
     def count_feedback(self) -> int:

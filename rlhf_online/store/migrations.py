@@ -100,6 +100,22 @@ MIGRATIONS: list[Migration] = [
         )""",
         "CREATE INDEX ranking_members_completion_id ON ranking_members (completion_id)",
     ]),
+    # API keys (only the sha256 of each secret is kept: the keys are 256-bit random, so a fast hash is
+    # as safe as a slow one) and who spoke: the tenant a completion was served to, and the tenant and
+    # role of whoever rated ('' on rows written with authentication off, and before it existed).
+    Migration(4, "api keys; tenants and rater roles", [
+        """CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            secret_sha256 TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'annotator')),
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "ALTER TABLE completions ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        *(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+          for table in ("feedback", "preferences", "rankings") for column in ("tenant", "rater_role")),
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1].version

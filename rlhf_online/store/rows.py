@@ -9,7 +9,7 @@ from rlhf_online.errors import InvalidArgument
 from rlhf_online.store.base import CompletionRecord
 
 COMPLETION_COLUMNS = ("id, created_at, prompt, messages, text, policy_version, user_id, params, "
-                      "prompt_tokens, completion_tokens, finish_reason, metadata, prompt_token_ids, token_ids")
+                      "prompt_tokens, completion_tokens, finish_reason, metadata, prompt_token_ids, token_ids, tenant")
 COMPLETION_PLACEHOLDERS = ", ".join("?" * len(COMPLETION_COLUMNS.split(",")))
 
 
@@ -38,16 +38,16 @@ def completion_row(r: CompletionRecord, now: float) -> tuple:
             r.text, r.policy_version, r.user_id, to_json("params", r.params), int(r.prompt_tokens),
             int(r.completion_tokens), r.finish_reason, to_json("metadata", r.metadata),
             to_json("prompt_token_ids", [int(t) for t in r.prompt_token_ids]),
-            to_json("token_ids", [int(t) for t in r.token_ids]))
+            to_json("token_ids", [int(t) for t in r.token_ids]), r.tenant)
 
 
 def completion_record(row: tuple) -> CompletionRecord:
     """A completions row back as a record, JSON columns decoded."""
     (cid, created_at, prompt, messages, text, policy_version, user_id, params,
-     prompt_tokens, completion_tokens, finish_reason, metadata, prompt_token_ids, token_ids) = row
+     prompt_tokens, completion_tokens, finish_reason, metadata, prompt_token_ids, token_ids, tenant) = row
     return CompletionRecord(
         completion_id=cid, prompt=prompt, messages=tuple((role, content) for role, content in json.loads(messages)),
         text=text, policy_version=policy_version, user_id=user_id, params=json.loads(params),
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finish_reason=finish_reason,
         metadata=json.loads(metadata), created_at=created_at,
-        prompt_token_ids=tuple(json.loads(prompt_token_ids)), token_ids=tuple(json.loads(token_ids)))
+        prompt_token_ids=tuple(json.loads(prompt_token_ids)), token_ids=tuple(json.loads(token_ids)), tenant=tenant)

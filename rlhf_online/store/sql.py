@@ -20,10 +20,14 @@ from typing import Any
 
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
 from rlhf_online.store.base import (
+    NO_RATER,
+    ROLES,
+    ApiKeyRecord,
     CompletionRecord,
     FeedbackRecord,
     PreferenceRecord,
     RankingRecord,
+    Rater,
     RatingEvidence,
     Store,
     VersionComparison,
@@ -40,6 +44,7 @@ from rlhf_online.store.rows import (
     limited,
 )
 
+API_KEY_COLUMNS = "key_id, secret_sha256, tenant, role, created_at, revoked_at"
 # Ids per `IN (...)` query of get_completions: under SQLite's oldest bound-parameter limit (999).
 IDS_PER_QUERY = 500
 
@@ -134,26 +139,32 @@ class SqlStore(Store):
                 if self._execute(cur, insert, row).rowcount != 1:
                     raise InvalidArgument("completion_id", f"{row[0]!r} already exists")
 
-    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "") -> bool:
+    def add_feedback(self, completion_id: str, user_id: str, rating: str, comment: str = "",
+                     rater: Rater = NO_RATER) -> bool:
         """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
         check_rating(rating)
         with self._transaction() as cur:
             self._require_completion(cur, completion_id)
-            return self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at) "
-                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (completion_id, user_id) DO NOTHING",
-                                 (completion_id, user_id, rating, comment, time.time())).rowcount == 1
+            return self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at, "
+                                 "tenant, rater_role) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                                 "ON CONFLICT (completion_id, user_id) DO NOTHING",
+                                 (completion_id, user_id, rating, comment, time.time(), rater.tenant,
+                                  rater.role)).rowcount == 1
 
-    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str) -> bool:
+    def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str,
+                       rater: Rater = NO_RATER) -> bool:
         """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
         check_preference_pair(chosen_completion_id, rejected_completion_id)
         with self._transaction() as cur:
             self._require_completion(cur, chosen_completion_id)
             self._require_completion(cur, rejected_completion_id)
-            return self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at) "
-                                 "VALUES (?, ?, ?, ?) ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
-                                 (chosen_completion_id, rejected_completion_id, user_id, time.time())).rowcount == 1
+            return self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at, tenant, "
+                                 "rater_role) VALUES (?, ?, ?, ?, ?, ?) "
+                                 "ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
+                                 (chosen_completion_id, rejected_completion_id, user_id, time.time(), rater.tenant,
+                                  rater.role)).rowcount == 1
 
-    def add_ranking(self, completion_ids: Sequence[str], user_id: str) -> bool:
+    def add_ranking(self, completion_ids: Sequence[str], user_id: str, rater: Rater = NO_RATER) -> bool:
         """Record a ranking (best first) of completions of one prompt; False if this user already ranked
         these completions, in any order (the first is kept).
 
@@ -171,9 +182,11 @@ class SqlStore(Store):
             if len(set(prompts.values())) > 1:
                 raise InvalidArgument("completion_ids", "a ranking compares replies to one prompt; these "
                                                         "completions answer different prompts")
-            row = self._execute(cur, "INSERT INTO rankings (ranking_key, completion_ids, size, user_id, created_at) "
-                                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (ranking_key, user_id) DO NOTHING "
-                                     "RETURNING seq", (key, json.dumps(ids), len(ids), user_id, time.time())).fetchone()
+            row = self._execute(cur, "INSERT INTO rankings (ranking_key, completion_ids, size, user_id, created_at, "
+                                     "tenant, rater_role) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                                     "ON CONFLICT (ranking_key, user_id) DO NOTHING RETURNING seq",
+                                (key, json.dumps(ids), len(ids), user_id, time.time(), rater.tenant,
+                                 rater.role)).fetchone()
             if row is None:
                 return False
             for place, cid in enumerate(ids):
@@ -235,22 +248,23 @@ class SqlStore(Store):
 
     def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Feedback with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, completion_id, user_id, rating, comment, created_at FROM feedback "
+        query, args = limited("SELECT seq, completion_id, user_id, rating, comment, created_at, tenant, rater_role "
+                              "FROM feedback "
                               "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [FeedbackRecord(*row) for row in self._read(query, args)]
 
     def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
         """Preferences with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at FROM preferences "
+        query, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at, tenant, rater_role "
+                              "FROM preferences "
                               "WHERE seq > ? ORDER BY seq", [after_seq], limit)
         return [PreferenceRecord(*row) for row in self._read(query, args)]
 
     def list_rankings(self, after_seq: int = 0, limit: int | None = None) -> list[RankingRecord]:
         """Rankings with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, completion_ids, user_id, created_at FROM rankings "
+        query, args = limited("SELECT seq, completion_ids, user_id, created_at, tenant, rater_role FROM rankings "
                               "WHERE seq > ? ORDER BY seq", [after_seq], limit)
-        return [RankingRecord(seq, tuple(json.loads(ids)), user, created_at)
-                for seq, ids, user, created_at in self._read(query, args)]
+        return [RankingRecord(seq, tuple(json.loads(ids)), *rest) for seq, ids, *rest in self._read(query, args)]
 
     def compare_versions(self, a: str, b: str, after_created_at: float = 0.0,
                          same_users: bool = False) -> VersionComparison:
@@ -285,6 +299,38 @@ class SqlStore(Store):
                                           for v in (a, b))
         return VersionComparison(a_up=a_up, a_rated=a_up + a_down, b_up=b_up, b_rated=b_up + b_down,
                                  a_wins=won.get(a, 0), pairs=won.get(a, 0) + won.get(b, 0))
+
+    # ------------------------------------------------------------------ api keys
+
+    def add_api_key(self, key: ApiKeyRecord) -> None:
+        """Store a new key (InvalidArgument if its id exists)."""
+        if key.role not in ROLES:
+            raise InvalidArgument("role", f"must be one of {', '.join(ROLES)}, got {key.role!r}")
+        with self._transaction() as cur:
+            inserted = self._execute(cur, "INSERT INTO api_keys (key_id, secret_sha256, tenant, role, created_at, "
+                                          "revoked_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO NOTHING",
+                                     (key.key_id, key.secret_sha256, key.tenant, key.role, key.created_at,
+                                      key.revoked_at)).rowcount
+            if inserted != 1:
+                raise InvalidArgument("key_id", f"{key.key_id!r} already exists")
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id, revoked or not; None if there is none."""
+        rows = self._read(f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
+        return ApiKeyRecord(*rows[0]) if rows else None
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key, oldest first."""
+        return [ApiKeyRecord(*row) for row in self._read(f"SELECT {API_KEY_COLUMNS} FROM api_keys "
+                                                          "ORDER BY created_at, key_id")]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark a key revoked from now on; False if it was already (NotFound if there is no such key)."""
+        with self._transaction() as cur:
+            if self._execute(cur, "SELECT 1 FROM api_keys WHERE key_id = ?", (key_id,)).fetchone() is None:
+                raise NotFound("api key", key_id)
+            return self._execute(cur, "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                                 (time.time(), key_id)).rowcount == 1
 
     def count_feedback(self) -> int:
         """Number of feedback rows."""

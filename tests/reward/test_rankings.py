@@ -32,7 +32,7 @@ def test_a_ranking_of_four_is_one_row_and_six_pairs_weighing_one_preference(stor
     assert store.add_ranking(ranked, "u1")
     assert not store.add_ranking(list(reversed(ranked)), "u1")  # the same user's same candidates: a duplicate
     assert store.count_rankings() == 1
-    data = build_dataset(store, TrainConfig(heldout_percent=0))
+    data = build_dataset(store, TrainConfig(heldout_percent=0, max_user_share=1.0))
     assert data.feedback_seen == 1
     assert data.train.pairs == list(combinations(ranked, 2))  # each earlier one over each later one
     assert data.train.pair_weights == [pytest.approx(1 / 6)] * 6 and data.train.pair_weight == pytest.approx(1.0)
@@ -45,7 +45,7 @@ def test_preferences_and_implied_thumbs_pairs_keep_weight_one(store: Store) -> N
     store.add_feedback(b, "u2", "thumbs_up")
     store.add_feedback(c, "u2", "thumbs_down")
     store.add_ranking([b, a, c], "u3")
-    data = build_dataset(store, TrainConfig(heldout_percent=0))
+    data = build_dataset(store, TrainConfig(heldout_percent=0, max_user_share=1.0))
     weighted = list(zip(data.train.pairs, data.train.pair_weights, strict=True))
     third = pytest.approx(1 / 3)
     # The preference, the ranking's three pairs, then the pair implied by b's thumbs up and c's down.
@@ -59,7 +59,7 @@ def test_the_heldout_split_never_separates_a_rankings_pairs(store: Store) -> Non
         ids = log_replies(store, f"prompt number {p}", [f"reply {k} to {p}" for k in range(4)], f"p{p}")
         store.add_ranking(ids[::-1] if p % 2 else ids, f"user-{p}")
         rankings.append(ids)
-    data = build_dataset(store, TrainConfig(heldout_percent=50))
+    data = build_dataset(store, TrainConfig(heldout_percent=50, max_user_share=1.0))
     assert data.train.pairs and data.heldout.pairs  # both sides got rankings
     for ids in rankings:
         sides = {side for side, split in (("train", data.train), ("heldout", data.heldout))
@@ -83,8 +83,8 @@ def test_heldout_accuracy_weighs_a_ranking_as_one_judgement() -> None:
     split = Split(completions={c: CompletionRecord(completion_id=c, prompt="p", messages=(), text=c, policy_version="")
                                for c in "abcdef"})
     for better, worse in combinations("abcd", 2):  # ranked a > b > c > d, scored the other way round
-        split.add_pair(better, worse, 1 / math.comb(4, 2))
-    split.add_pair("e", "f")
+        split.add_pair(better, worse, (("", "u1"),), 1 / math.comb(4, 2))
+    split.add_pair("e", "f", (("", "u2"),))
 
     class NoEncoder:
         dim, layer = 4, 0
@@ -109,7 +109,7 @@ def test_training_weighs_a_ranking_as_one_preference(store: Store, encoder) -> N
                                                               "Grey drizzle all day.", "Cold, wet and miserable."], "w")
     store.add_ranking([a, b, c, d], "ranker")
     store.add_preference(d, a, "other")
-    cfg = TrainConfig(heldout_percent=0, ensemble=1, pessimism=0.0, weight_decay=0.0, epochs=1500, lr=1e-2)
+    cfg = TrainConfig(heldout_percent=0, max_user_share=1.0, ensemble=1, pessimism=0.0, weight_decay=0.0, epochs=1500, lr=1e-2)
     model = train(encoder, build_dataset(store, cfg), cfg, "v1")
     texts = {cid: store.get_completion(cid).text for cid in (a, b, c, d)}
     s = dict(zip(texts, model.score(["Describe the weather."] * 4, list(texts.values())), strict=True))

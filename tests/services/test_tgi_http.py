@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from support import admitted, wait_for
+from support import admitted, post, wait_for
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
@@ -38,16 +38,6 @@ def http(make_engine, tmp_path):
     yield start
     for s in servers:
         s.shutdown(2)
-
-
-def post(url: str, body: dict) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
-                                 method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
 
 
 def health_status(url: str) -> int:
