@@ -24,6 +24,7 @@ BENCHES = {
     "ppo-round": "one RunRound through the three services, timed",
     "reward-accuracy": "learned reward vs simulated users' hidden preference",
     "canary": "error rates and speed of the canary test on simulated users (no model)",
+    "poisoning": "one user flooding opposite feedback: reward accuracy with the per-user cap vs without",
     "soak": "steady generation + feedback load with a swap every minute",
     "all": "every benchmark above, collected into all.json / all.md",
 }
