@@ -32,3 +32,25 @@ def test_simulate_takes_a_rated_fraction_and_rejects_one_out_of_range():
     # Rejected by the users' config before any user connects (nothing listens at that address).
     with pytest.raises(ConfigError, match="rated_fraction"):
         args.fn(args)
+
+
+def test_keys_create_list_and_revoke_in_the_services_store(tmp_path, capsys, monkeypatch):
+    from rlhf_online.auth.keys import KeyAuthenticator
+    from rlhf_online.errors import Unauthenticated
+    from rlhf_online.store import open_store
+
+    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path))  # the services' default store: <data dir>/rlhf.db
+    assert cli.main(["keys", "create", "--tenant", "acme", "--role", "annotator"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]  # the key is the last line
+    with open_store(f"sqlite:///{tmp_path / 'rlhf.db'}") as store:
+        who = KeyAuthenticator(store, cache_seconds=0).identify(key)
+        assert (who.tenant, who.role) == ("acme", "annotator")
+        assert cli.main(["keys", "list"]) == 0
+        listed = capsys.readouterr().out
+        assert who.key_id in listed and "tenant=acme" in listed and "active" in listed and key not in listed
+        assert cli.main(["keys", "revoke", who.key_id]) == 0
+        with pytest.raises(Unauthenticated, match="revoked"):
+            KeyAuthenticator(store, cache_seconds=0).identify(key)
+    assert cli.main(["keys", "revoke", "nope"]) == 1
+    assert cli.main(["keys", "create", "--tenant", ""]) == 1
+    assert "tenant" in capsys.readouterr().err
