@@ -69,7 +69,7 @@ REWARD_TRAINING_SECONDS = Histogram("rlhf_reward_training_seconds", "Duration of
 REWARD_TRAININGS = Counter("rlhf_reward_trainings_total", "Reward-model trainings by outcome.", ["outcome"])
 REWARD_SCORED_ITEMS = Counter("rlhf_reward_scored_items_total", "Items scored, by source: users' ratings of the "
                               "completion (with the model's score as a prior) or the model alone.", ["source"])
-REWARD_FEEDBACK_SEEN = Gauge("rlhf_reward_feedback_seen", "Feedback (ratings + preferences) the served model was trained on.")
+REWARD_FEEDBACK_SEEN = Gauge("rlhf_reward_feedback_seen", "Feedback (ratings, preferences and rankings) the served model was trained on.")
 
 
 def version_number(version: str) -> int:

@@ -185,7 +185,8 @@ class RewardRuntime:
             return manifest, promoted, reason
 
     def _feedback_count(self) -> int:
-        return self.store.count_feedback() + self.store.count_preferences()
+        """Thumbs, preferences and rankings in the store: what a retrain is due on."""
+        return self.store.count_feedback() + self.store.count_preferences() + self.store.count_rankings()
 
     def retrain_due(self, feedback: int) -> bool:
         """Enough new feedback for a background retrain: the configured count, and the configured growth."""

@@ -1,14 +1,19 @@
 """Train and evaluate the learned reward model on the store's feedback.
 
-Data: single thumbs (pointwise, logistic), explicit preferences, and thumbs-up vs thumbs-down
-completions of the same prompt (pairwise, Bradley-Terry). The held-out slice is chosen by a hash
+Data: single thumbs (pointwise, logistic), explicit preferences, rankings, and thumbs-up vs
+thumbs-down completions of the same prompt (pairwise, Bradley-Terry). A ranking of k completions
+gives all its C(k, 2) ordered pairs, each weighted 1 / C(k, 2), so that one ranking weighs as much
+as one preference (InstructGPT's scheme: a ranking is one judgement, not C(k, 2) independent ones);
+every other pair weighs 1. The held-out slice is chosen by a hash
 of the prompt (rlhf_online.data.split, the same rule as the PPO gate's), so a prompt is always on
 the same side as data grows and held-out pairs test generalisation to prompts the model never
-trained on. A trained candidate is promoted unless it is worse than the current model beyond noise.
+trained on; a ranking's completions answer one prompt, so all its pairs fall on one side. A trained
+candidate is promoted unless it is worse than the current model beyond noise.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -51,12 +56,23 @@ class Split:
 
     completions: dict[str, CompletionRecord] = field(default_factory=dict)
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (chosen id, rejected id)
+    pair_weights: list[float] = field(default_factory=list)  # one per pair: 1, or 1 / C(k, 2) from a ranking of k
     singles: list[tuple[str, int]] = field(default_factory=list)  # (completion id, 1 = thumbs up)
+
+    def add_pair(self, chosen: str, rejected: str, weight: float = 1.0) -> None:
+        """One pairwise example and its weight."""
+        self.pairs.append((chosen, rejected))
+        self.pair_weights.append(weight)
 
     @property
     def examples(self) -> int:
         """Pairs plus singles."""
         return len(self.pairs) + len(self.singles)
+
+    @property
+    def pair_weight(self) -> float:
+        """The pairs' total weight: how many independent judgements they amount to."""
+        return sum(self.pair_weights)
 
 
 @dataclass
@@ -72,8 +88,9 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
     """Everything the store has, split by prompt."""
     feedback = store.list_feedback()
     preferences = store.list_preferences()
+    rankings = store.list_rankings()
     ids = {f.completion_id for f in feedback} | {p.chosen_completion_id for p in preferences} | \
-        {p.rejected_completion_id for p in preferences}
+        {p.rejected_completion_id for p in preferences} | {c for r in rankings for c in r.completion_ids}
     comps = store.get_completions(ids)  # feedback references existing completions (a foreign key)
     splits = {True: Split(), False: Split()}
 
@@ -92,11 +109,18 @@ def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
         if prompt_key(comps[p.chosen_completion_id]) != prompt_key(comps[p.rejected_completion_id]):
             continue  # a preference across prompts says little about either reply
         split_of(p.rejected_completion_id)
-        split_of(p.chosen_completion_id).pairs.append((p.chosen_completion_id, p.rejected_completion_id))
+        split_of(p.chosen_completion_id).add_pair(p.chosen_completion_id, p.rejected_completion_id)
+    for r in rankings:  # the store only accepts rankings of one prompt: one side of the split holds them all
+        weight = 1.0 / math.comb(len(r.completion_ids), 2)
+        for better, worse in itertools.combinations(r.completion_ids, 2):  # best first: every earlier one won
+            split_of(worse)
+            split_of(better).add_pair(better, worse, weight)
     for key in sorted(ups.keys() & downs.keys()):  # sorted: the same examples in the same order every run
         implied = [(u, d) for u in sorted(ups[key]) for d in sorted(downs[key]) if u != d]
-        splits[is_heldout(key, cfg.heldout_percent)].pairs.extend(implied[: cfg.max_pairs_per_prompt])
-    return Dataset(train=splits[False], heldout=splits[True], feedback_seen=len(feedback) + len(preferences))
+        for u, d in implied[: cfg.max_pairs_per_prompt]:
+            splits[is_heldout(key, cfg.heldout_percent)].add_pair(u, d)
+    return Dataset(train=splits[False], heldout=splits[True],
+                   feedback_seen=len(feedback) + len(preferences) + len(rankings))
 
 
 def _features(encoder: TextEncoder, split: Split) -> tuple[torch.Tensor, dict[str, int]]:
@@ -129,7 +153,9 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
         return torch.stack([torch.bincount(torch.randint(n, (n,), generator=gen), minlength=n).float()
                             for _ in range(cfg.ensemble)])
 
-    w_pair, w_single = resample(len(chosen)), resample(len(single))  # [K, pairs], [K, singles]
+    # A ranking's pairs carry 1 / C(k, 2) each on top of the resample: a ranking weighs as one preference.
+    pair_weight = torch.tensor(data.train.pair_weights, dtype=torch.float)  # [pairs]
+    w_pair, w_single = resample(len(chosen)) * pair_weight, resample(len(single))  # [K, pairs], [K, singles]
     t0 = time.time()
     loss = torch.zeros(())
     head.train()
@@ -157,15 +183,15 @@ def train(encoder: TextEncoder, data: Dataset, cfg: TrainConfig, version: str) -
 
 
 def evaluate(model: LearnedReward, encoder: TextEncoder, split: Split) -> dict[str, float]:
-    """Held-out pairwise and pointwise accuracy, calibration (Brier score, ECE) and counts."""
+    """Held-out pairwise (weighted like training) and pointwise accuracy, calibration (Brier score, ECE), counts."""
     out = {"heldout_pairs": float(len(split.pairs)), "heldout_singles": float(len(split.singles))}
     if not split.completions:
         return out
     feats, row = _features(encoder, split)
     r = model.raw_scores(feats)
     if split.pairs:
-        right = [float(r[row[a]] > r[row[b]]) for a, b in split.pairs]
-        out["pairwise_accuracy"] = sum(right) / len(right)
+        right = [w * float(r[row[a]] > r[row[b]]) for (a, b), w in zip(split.pairs, split.pair_weights, strict=True)]
+        out["pairwise_accuracy"] = sum(right) / split.pair_weight
     if split.singles:
         p = torch.sigmoid(torch.stack([r[row[c]] for c, _ in split.singles]) + model.cfg.bias)
         y = torch.tensor([float(lbl) for _, lbl in split.singles])
@@ -219,7 +245,8 @@ def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder,
         if new_acc is None or old_acc is None:
             reason = "no held-out pairs to compare on; promoted on training loss"
         else:
-            margin = accuracy_margin(old_acc, len(data.heldout.pairs))
+            # A ranking's pairs are one judgement: the noise is that of their total weight, not their count.
+            margin = accuracy_margin(old_acc, round(data.heldout.pair_weight))
             promoted = new_acc >= old_acc - margin
             reason = (f"held-out pairwise accuracy {new_acc:.3f} vs {current} {old_acc:.3f} "
                       f"(allowed drop {margin:.3f} on {len(data.heldout.pairs)} pairs)")
