@@ -199,7 +199,7 @@ def main_rank(args: argparse.Namespace, persona: Persona) -> int:
         store = compared_store(tmp / f"store_{a}.db", train, train_replies, orders)
         r = measure(VARIANTS[0], tmp / f"reward_models_{a}", store, heldout, heldout_replies, hidden, args.seed,
                     label=arm.name)
-        results.append(arm_result(arm, r, store, len(train)))
+        results.append(arm_result(arm, r, store))
         print(rank_row(results[-1]), flush=True)
     result = {"benchmark": "reward-accuracy-rank", "persona": persona.name, "noise": persona.noise, "rank_n": k,
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -232,12 +232,16 @@ def check_enough_pairs(arms: list[Arm], prompts: int) -> None:
     from rlhf_online.reward.training import TrainConfig
 
     least = TrainConfig().min_train_examples
-    for arm in arms:
-        pairs = prompts * arm.events * math.comb(arm.size, 2)
-        if pairs < least:
-            raise SystemExit(f"--train-prompts: the arm {arm.name!r} would train on {pairs} pairs from {prompts} "
-                             f"prompts, fewer than the reward training's minimum of {least} examples; rate at "
-                             f"least {math.ceil(least / (arm.events * math.comb(arm.size, 2)))} train prompts")
+    arm = min(arms, key=pairs_per_prompt)
+    if prompts * pairs_per_prompt(arm) < least:
+        raise SystemExit(f"--train-prompts: the arm {arm.name!r} would train on {prompts * pairs_per_prompt(arm)} "
+                         f"pairs from {prompts} prompts, fewer than the reward training's minimum of {least} "
+                         f"examples; rate at least {math.ceil(least / pairs_per_prompt(arm))} train prompts")
+
+
+def pairs_per_prompt(arm: Arm) -> int:
+    """The training pairs an arm gives per prompt: each comparison of k replies trains as its C(k, 2) pairs."""
+    return arm.events * math.comb(arm.size, 2)
 
 
 def compare_groups(persona: Persona, scores: list[float], size: int, events: int,
@@ -263,10 +267,9 @@ def compared_store(path: Path, prompts: list[str], replies: list[list[str]], ord
     return store
 
 
-def arm_result(arm: Arm, measured: dict[str, Any], store: Store, prompts: int) -> dict[str, Any]:
+def arm_result(arm: Arm, measured: dict[str, Any], store: Store) -> dict[str, Any]:
     """One arm's figures: its rating events and training pairs beside the accuracy `measure` found."""
     events = store.count_preferences() + store.count_rankings()
-    assert events == prompts * arm.events, (arm, events)  # every comparison reached the store
     acc = measured["pairwise_accuracy"]
     gain = [100 * (x - 0.5) / events for x in (acc, *measured["ci95"])]
     return {"arm": arm.name, "comparison_size": arm.size, "rating_events": events,
@@ -386,8 +389,9 @@ def rank_table(result: dict[str, Any]) -> list[str]:
             f"only in preferences vs rankings — of the same {result['train_replies']} replies to each of "
             f"{result['train_prompts']} train prompts, by the same persona (rating noise {result['noise']}) and seed. "
             f"A ranking is a noisy insertion sort (each comparison flipped with the rating noise) and trains as "
-            f"its {math.comb(k, 2)} pairs, each weighted 1/{math.comb(k, 2)}; the last arm keeps the first "
-            f"{result['train_replies'] // k} of the first arm's preferences per prompt. Scored on every pair of "
+            f"its {math.comb(k, 2)} pairs, each weighted 1/{math.comb(k, 2)}; the last arm keeps, of each prompt, "
+            f"only the first {result['train_replies'] // k} of the first arm's {result['train_replies'] // 2} "
+            "preferences. Scored on every pair of "
             f"{result['heldout_replies']} replies to each of {result['heldout_prompts']} held-out prompts "
             f"({arms[0]['heldout_pairs']} pairs), never seen in training (CI: bootstrap over prompts)."]
 
