@@ -205,12 +205,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from rlhf_online.simulate.users import UserPoolConfig, run_for
 
     cfg = UserPoolConfig(users=args.users, personas=tuple(args.personas.split(",")), pair_fraction=args.pair_fraction,
-                         rated_fraction=args.rated_fraction, noise=args.noise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         seed=args.seed)
+                         rank_n=args.rank_n, rated_fraction=args.rated_fraction, noise=args.noise,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     prompts = [p.prompt for p in load_prompts(args.split)]
     stats = run_for(args.addr, prompts, cfg, args.seconds, Path(args.events) if args.events else None)
     print(f"{stats.requests} requests, {stats.completions} completions, {stats.ratings} rated, thumbs-up rate "
-          f"{stats.thumbs_up_rate:.2f}, {stats.preferences} preferences, errors {dict(stats.errors) or 'none'}")
+          f"{stats.thumbs_up_rate:.2f}, {stats.preferences} preferences, {stats.rankings} rankings, errors {dict(stats.errors) or 'none'}")
     return 1 if stats.errors else 0
 
 
@@ -222,6 +222,8 @@ def add_simulate(sub: LazySubcommands) -> None:
     simulate.add_argument("--users", type=int, default=4, help="concurrent users")
     simulate.add_argument("--personas", default="polite,positive", help="comma-separated personas, round-robin")
     simulate.add_argument("--pair-fraction", type=float, default=0.5, help="share of requests with n=2 + a preference")
+    simulate.add_argument("--rank-n", type=int, default=0,
+                          help="K in 2..8: those requests ask n=K and send a ranking of all K, not a preference")
     simulate.add_argument("--rated-fraction", type=float, default=1.0,
                           help="probability of rating each reply and of sending a pair's preference (0 < F <= 1)")
     simulate.add_argument("--noise", type=float, default=None, help="rating flip probability (default: the persona's)")

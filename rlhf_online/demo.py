@@ -36,6 +36,8 @@ class DemoConfig:
     users: int = 6  # concurrent simulated users
     personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
+    # K in 2..8: those requests ask for K candidates and send one ranking of all K instead (0: n=2 and a preference).
+    rank_n: int = 0
     # Users rate each reply with this probability and send a pair's preference with it too (1.0: everything rated).
     rated_fraction: float = 1.0
     max_new_tokens: int = 32  # reply length for users, PPO rollouts and the held-out evaluation alike
@@ -89,6 +91,11 @@ class DemoConfig:
         if not 0 < self.rated_fraction <= 1:
             raise ConfigError(f"rated_fraction: invalid value {self.rated_fraction!r} (want 0 < F <= 1); "
                               f"set --{_flag('rated_fraction')}")
+        from rlhf_online.simulate.users import MAX_RANK_N
+
+        if self.rank_n != 0 and not 2 <= self.rank_n <= MAX_RANK_N:
+            raise ConfigError(f"rank_n: invalid value {self.rank_n!r} (want 0 or 2..{MAX_RANK_N}); "
+                              f"set --{_flag('rank_n')}")
 
 
 def _flag(name: str) -> str:
@@ -119,20 +126,28 @@ def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) ->
     }
 
 
+def user_pool_config(cfg: DemoConfig):
+    """The simulated users' settings of the demo."""
+    from rlhf_online.simulate.users import UserPoolConfig
+
+    return UserPoolConfig(users=cfg.users, personas=tuple(cfg.personas.split(",")), pair_fraction=cfg.pair_fraction,
+                          rank_n=cfg.rank_n, rated_fraction=cfg.rated_fraction, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, seed=cfg.seed)
+
+
 def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     """Start the services and the users, show progress for cfg.minutes, stop; returns (monitor, pool stats)."""
     from rlhf_online import launch
     from rlhf_online.data.prompts import load_prompts
     from rlhf_online.report.timeline import Monitor
-    from rlhf_online.simulate.users import UserPool, UserPoolConfig
+    from rlhf_online.simulate.users import UserPool
 
     state, logs = run_dir / "state", run_dir / "logs"
     state.mkdir(parents=True)
     logs.mkdir()
     reward_port = launch.free_port()
     envs = service_envs(cfg, model, state, reward_port)
-    users = UserPoolConfig(users=cfg.users, personas=tuple(cfg.personas.split(",")), pair_fraction=cfg.pair_fraction,
-                           rated_fraction=cfg.rated_fraction, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    users = user_pool_config(cfg)
     prompts = [p.prompt for p in load_prompts("train")]
     with contextlib.ExitStack() as stack:
         print(f"Starting the reward, generation and trainer services (logs in {logs}) ...", flush=True)
@@ -238,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
              "minutes": cfg.minutes, "users": cfg.users, "personas": personas, "loop_seconds": round(loop_seconds, 1),
              "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": config.flatten(cfg),
              "requests": stats.requests, "completions": stats.completions, "ratings": stats.ratings,
-             "preferences": stats.preferences, "failed_requests": sum(stats.errors.values()),
+             "preferences": stats.preferences, "rankings": stats.rankings, "failed_requests": sum(stats.errors.values()),
              "reward_model": monitor.snapshots[-1].reward_version if monitor.snapshots else "",
              "reward_accuracy": monitor.snapshots[-1].reward_accuracy if monitor.snapshots else float("nan")}
     from rlhf_online.report import canaries

@@ -54,3 +54,12 @@ def test_keys_create_list_and_revoke_in_the_services_store(tmp_path, capsys, mon
     assert cli.main(["keys", "revoke", "nope"]) == 1
     assert cli.main(["keys", "create", "--tenant", ""]) == 1
     assert "tenant" in capsys.readouterr().err
+
+
+def test_simulate_takes_a_rank_n_and_rejects_one_out_of_range():
+    assert cli.parser().parse_args(["simulate"]).rank_n == 0
+    assert cli.parser().parse_args(["simulate", "--rank-n", "4"]).rank_n == 4
+    args = cli.parser().parse_args(["simulate", "--addr", "127.0.0.1:1", "--rank-n", "1"])
+    # Rejected by the users' config before any user connects (nothing listens at that address).
+    with pytest.raises(ConfigError, match="rank_n"):
+        args.fn(args)

@@ -102,3 +102,20 @@ def test_the_rated_fraction_flag_defaults_to_rating_everything():
     demo.add_arguments(parser)
     assert config.assemble(demo.DemoConfig, vars(parser.parse_args([]))).rated_fraction == 1.0
     assert config.assemble(demo.DemoConfig, vars(parser.parse_args(["--rated-fraction", "0.3"]))).rated_fraction == 0.3
+
+
+@pytest.mark.parametrize("value", ["1", "9", "-4"])
+def test_a_rank_n_other_than_0_or_2_to_8_names_the_flag(value):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    with pytest.raises(ConfigError, match="rank_n.*--rank-n"):
+        config.assemble(demo.DemoConfig, vars(parser.parse_args(["--rank-n", value])))
+
+
+def test_the_rank_n_flag_reaches_the_simulated_users():
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.user_pool_config(config.assemble(demo.DemoConfig, vars(parser.parse_args([])))).rank_n == 0
+    users = demo.user_pool_config(config.assemble(demo.DemoConfig, vars(parser.parse_args(
+        ["--rank-n", "4", "--rated-fraction", "0.5", "--users", "3"]))))
+    assert (users.rank_n, users.rated_fraction, users.users, users.pair_fraction) == (4, 0.5, 3, 1.0)

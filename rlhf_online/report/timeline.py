@@ -32,6 +32,7 @@ class Snapshot:
     rounds_rejected: int
     errors: int
     canary_version: str = ""  # served to a share of the users while its ratings are judged ("" = none)
+    rankings: int = 0  # rankings sent so far (users with rank_n)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Monitor:
             reward_feedback_seen=info.feedback_seen,
             rounds_published=sum(r.outcome == "published" for r in self.rounds),
             rounds_rejected=sum(r.outcome == "rejected" for r in self.rounds), errors=sum(s.errors.values()),
-            canary_version=policy.canary_version)
+            canary_version=policy.canary_version, rankings=s.rankings)
         self.snapshots.append(snap)
         _append(self._snap_file, asdict(snap))
         return snap

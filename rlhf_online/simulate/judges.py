@@ -72,6 +72,22 @@ class Persona:
         choice = 0 if sa > sb else 1 if sb > sa else rng.randrange(2)
         return 1 - choice if rng.random() < self.noise else choice
 
+    def rank_scores(self, scores: Sequence[float], rng: random.Random) -> list[int]:
+        """Indices of replies with these preference scores, best first, by a noisy insertion sort.
+
+        The noise model: the user inserts each reply, in the order given, into the ranking of those
+        before it, moving it up past the reply just above while `prefer_scores` (ties at random, each
+        comparison flipped with probability `noise`, independently) prefers it. Two replies are one
+        `prefer_scores` call on the same dice: [better, worse] exactly as a preference would pick.
+        """
+        order: list[int] = []
+        for i in range(len(scores)):
+            place = len(order)
+            while place > 0 and self.prefer_scores(scores[order[place - 1]], scores[i], rng) == 1:
+                place -= 1
+            order.insert(place, i)
+        return order
+
 
 PERSONAS = {
     "polite": Persona("polite", w_sentiment=0.5, w_toxicity=2.0, noise=0.1, threshold=-0.2),

@@ -2,9 +2,11 @@
 
 Each user belongs to a persona (simulate.judges.PERSONAS). It calls Generate with a train prompt,
 sometimes with n=2, then sends a thumbs rating for each candidate (SubmitFeedback) and, for a
-pair, which one it prefers (SubmitPreference). As real users do, it may rate only a share of what
-it gets (`rated_fraction`): each candidate is rated with that probability, and a pair's preference
-is sent with that probability too, decided once per request, independently of the ratings. The
+pair, which one it prefers (SubmitPreference). With `rank_n` K those requests ask for K candidates
+instead and send one ranking of all K (SubmitRanking, by Persona.rank_scores) in place of the
+preference. As real users do, it may rate only a share of what it gets (`rated_fraction`): each
+candidate is rated with that probability, and a pair's preference (or the ranking) is sent with
+that probability too, decided once per request, independently of the ratings. The
 ratings come from the judges plus noise; the system under test only ever sees the ratings. The
 pool also keeps what the system never sees: the persona's noise-free verdict on every reply it
 served, rated or not, per policy version (how the demo measures each version's learning).
@@ -28,6 +30,8 @@ from rlhf_online.simulate.judges import PERSONAS, Persona
 
 log = logging.getLogger("rlhf_online.simulate")
 
+MAX_RANK_N = 8  # the Generation service's default max_n: no more candidates per request, nor per ranking
+
 
 @dataclass(frozen=True)
 class UserPoolConfig:
@@ -36,7 +40,8 @@ class UserPoolConfig:
     users: int = 4  # concurrent clients
     personas: tuple[str, ...] = ("polite", "positive")  # assigned round-robin to users
     pair_fraction: float = 0.5  # share of requests that ask for n=2 (and may send a preference)
-    rated_fraction: float = 1.0  # probability of rating each reply, and of sending a pair's preference
+    rank_n: int = 0  # 0: those requests ask n=2 and prefer; K in 2..8: they ask n=K and send a ranking of all K
+    rated_fraction: float = 1.0  # probability of rating each reply, and of sending a pair's preference (ranking)
     noise: float | None = None  # rating flip probability; None keeps each persona's own
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -60,6 +65,8 @@ class UserPoolConfig:
             raise ConfigError(f"rated_fraction: invalid value {self.rated_fraction} (want 0 < F <= 1)")
         if self.noise is not None and not 0 <= self.noise <= 0.5:
             raise ConfigError(f"noise: invalid value {self.noise} (want 0..0.5)")
+        if self.rank_n != 0 and not 2 <= self.rank_n <= MAX_RANK_N:
+            raise ConfigError(f"rank_n: invalid value {self.rank_n} (want 0 or 2..{MAX_RANK_N})")
 
 
 @dataclass
@@ -71,6 +78,7 @@ class PoolStats:
     thumbs_up: int = 0  # ratings sent
     thumbs_down: int = 0
     preferences: int = 0  # preferences sent
+    rankings: int = 0  # rankings sent
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # Ratings sent per policy version: [thumbs up, ratings]; a version only appears once a reply of it was rated.
     by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [up, rated]
@@ -161,14 +169,14 @@ class UserPool:
         from rlhf_online.v1 import generation_pb2 as pb
 
         cfg = self.config
-        n = 2 if rng.random() < cfg.pair_fraction else 1
+        n = (cfg.rank_n or 2) if rng.random() < cfg.pair_fraction else 1
         prompt = rng.choice(self.prompts)
         params = pb.SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                    seed=rng.getrandbits(48))
         r = self.stub.Generate(pb.GenerateRequest(prompt=prompt, params=params, n=n, user_id=user_id),
                                timeout=cfg.timeout_seconds)
         texts = [c.text for c in r.completions]
-        # Scored once: the noisy ratings, the preference and the noise-free verdicts all come from these.
+        # Scored once: the noisy ratings, the preference or ranking and the noise-free verdicts all come from these.
         scores = persona.preference(texts)
         rated = [i for i in range(len(texts)) if self._rates(rng)]
         ratings = persona.rate_scores([scores[i] for i in rated], rng)
@@ -176,28 +184,39 @@ class UserPool:
             self.stub.SubmitFeedback(pb.SubmitFeedbackRequest(
                 completion_id=r.completions[i].completion_id, user_id=user_id,
                 rating=pb.RATING_THUMBS_UP if rating == "thumbs_up" else pb.RATING_THUMBS_DOWN), timeout=30)
-        prefers = n == 2 and self._rates(rng)
-        if prefers:
-            better = persona.prefer_scores(scores[0], scores[1], rng)
-            chosen, rejected = r.completions[better], r.completions[1 - better]
-            self.stub.SubmitPreference(pb.SubmitPreferenceRequest(
-                chosen_completion_id=chosen.completion_id, rejected_completion_id=rejected.completion_id,
-                user_id=user_id), timeout=30)
+        compares = n > 1 and self._rates(rng)
+        if compares:
+            self._compare(user_id, persona, [c.completion_id for c in r.completions], scores, rng)
         verdicts: list[bool | None] = [None] * len(texts)  # each candidate's rating: up, down, or not rated
         for i, rating in zip(rated, ratings, strict=True):
             verdicts[i] = rating == "thumbs_up"
         # Per candidate: under a canary, a request's candidates may come from two versions.
         self._count(user_id, r.policy_version, [(c.policy_version, verdicts[i],
                                                   persona.thumbs_up(scores[i]))
-                                                 for i, c in enumerate(r.completions)], prefers)
+                                                 for i, c in enumerate(r.completions)],
+                    preferred=compares and not cfg.rank_n, ranked=compares and bool(cfg.rank_n))
+
+    def _compare(self, user_id: str, persona: Persona, ids: list[str], scores: list[float],
+                 rng: random.Random) -> None:
+        """Send the persona's ranking of the candidates (with rank_n), else its preference between the two."""
+        from rlhf_online.v1 import generation_pb2 as pb
+
+        if self.config.rank_n:
+            order = persona.rank_scores(scores, rng)
+            self.stub.SubmitRanking(pb.SubmitRankingRequest(completion_ids=[ids[i] for i in order], user_id=user_id),
+                                    timeout=30)
+            return
+        better = persona.prefer_scores(scores[0], scores[1], rng)
+        self.stub.SubmitPreference(pb.SubmitPreferenceRequest(
+            chosen_completion_id=ids[better], rejected_completion_id=ids[1 - better], user_id=user_id), timeout=30)
 
     def _rates(self, rng: random.Random) -> bool:
-        """Whether the user rates this reply (or sends this preference): with probability rated_fraction."""
+        """Whether the user rates this reply (or sends this preference or ranking): with probability rated_fraction."""
         # No draw at 1.0, so a pool that rates everything rolls the same dice as before the knob existed.
         return self.config.rated_fraction >= 1 or rng.random() < self.config.rated_fraction
 
     def _count(self, user_id: str, version: str, candidates: list[tuple[str, bool | None, bool]],
-               preferred: bool) -> None:
+               preferred: bool, ranked: bool = False) -> None:
         """Add one answered request to the totals and the events file.
 
         `version` is the response's; `candidates` is, per reply, (the version that wrote it, its rating:
@@ -212,6 +231,7 @@ class UserPool:
             s.thumbs_up += ups
             s.thumbs_down += rated - ups
             s.preferences += preferred
+            s.rankings += ranked
             for v, rating, noise_free_up in candidates:
                 if rating is not None:
                     s.by_version[v][0] += rating
@@ -225,7 +245,8 @@ class UserPool:
                 self._events.write(json.dumps({
                     "t": time.time(), "user": user_id, "policy_version": version, "completions": len(candidates),
                     "versions": [v for v, _, _ in candidates], "ratings": rated, "thumbs_up": ups,
-                    "preference": preferred, "noise_free_thumbs_up": sum(n for _, _, n in candidates)}) + "\n")
+                    "preference": preferred, "ranking": ranked,
+                    "noise_free_thumbs_up": sum(n for _, _, n in candidates)}) + "\n")
                 self._events.flush()
 
 
@@ -241,7 +262,8 @@ def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: 
             log.info("simulated users", extra={"seconds": round(time.monotonic() - t0), "requests": s.requests,
                                                "completions": s.completions, "ratings": s.ratings,
                                                "thumbs_up_rate": round(s.thumbs_up_rate, 3),
-                                               "preferences": s.preferences, "errors": dict(s.errors)})
+                                               "preferences": s.preferences, "rankings": s.rankings,
+                                               "errors": dict(s.errors)})
     finally:
         pool.stop()
     return pool.stats

@@ -85,6 +85,29 @@ def test_users_rate_only_a_share_of_replies_and_score_each_reply_once(generation
     assert calls == [2] * s.requests
 
 
+def test_users_with_rank_n_rank_all_candidates_of_a_request_instead_of_preferring(generation, tmp_path):
+    addr, store = generation
+    events = tmp_path / "events.jsonl"
+    cfg = UserPoolConfig(users=2, pair_fraction=0.5, rank_n=4, max_new_tokens=6, seed=2)
+    pool = UserPool(addr, ["Reply to my rude neighbour.", "Review the cafe."], cfg, events).start()
+    wait_for(lambda: pool.stats.requests >= 12 and pool.stats.rankings >= 3, 120, "12 requests, 3 of them ranked")
+    pool.stop()
+    s = pool.stats
+    assert not s.errors and s.preferences == store.count_preferences() == 0
+    assert store.count_rankings() == s.rankings and store.count_feedback() == s.completions  # thumbs as before
+    # A request's candidates share its user and its sampling seed: each ranking orders exactly those of one n=4 request.
+    requests: dict[tuple[str, int], set[str]] = {}
+    for c in store.list_completions():
+        requests.setdefault((c.user_id, c.params["seed"]), set()).add(c.completion_id)
+    assert sorted(map(len, requests.values())) == sorted([1] * (s.requests - s.rankings) + [4] * s.rankings)
+    rankings = store.list_rankings()
+    assert all(len(r.completion_ids) == 4 and set(r.completion_ids) in requests.values() for r in rankings)
+    assert len({frozenset(r.completion_ids) for r in rankings}) == s.rankings  # one ranking per request
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sum(r["ranking"] for r in rows) == s.rankings and not any(r["preference"] for r in rows)
+    assert all(r["completions"] == (4 if r["ranking"] else 1) for r in rows)
+
+
 def test_a_failing_server_counts_errors_instead_of_crashing_the_users():
     cfg = UserPoolConfig(users=1, timeout_seconds=0.5)
     pool = UserPool("127.0.0.1:1", ["hello"], cfg).start()
@@ -100,7 +123,9 @@ def test_a_failing_server_counts_errors_instead_of_crashing_the_users():
                                         ({"pair_fraction": 1.5}, "pair_fraction"), ({"noise": 0.9}, "noise"),
                                         ({"rated_fraction": 0.0}, "rated_fraction"),
                                         ({"rated_fraction": 1.01}, "rated_fraction"),
-                                        ({"rated_fraction": -0.5}, "rated_fraction")])
+                                        ({"rated_fraction": -0.5}, "rated_fraction"),
+                                        ({"rank_n": 1}, "rank_n"), ({"rank_n": 9}, "rank_n"),
+                                        ({"rank_n": -2}, "rank_n")])
 def test_bad_pool_settings_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):
         UserPoolConfig(**bad)
