@@ -17,12 +17,18 @@ The served replica may run the model in bf16 while the trainer runs it in fp32: 
 log-probs are recomputed here by the trainer's copy, so the ratio starts at exactly 1 and the
 samples are off by the rounding between the two dtypes only.
 
+No user fills more than `logged_max_user_share` of a batch: one user (with API keys, a tenant's
+end user; anonymous requests of one tenant count as one user) sending most of the traffic, and
+rating it, would otherwise be most of what a round learns from. Without keys there is no identity
+to cap by, and anonymous completions are not capped.
+
 Held-out membership follows the prompt (data.split, the same rule as the reward model's), so the
 gate can judge a candidate on held-out traffic the round never trained on.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -68,17 +74,29 @@ def to_sample(c: CompletionRecord) -> Sample:
                   ended=c.finish_reason == "eos", text=c.text, completion_id=c.completion_id)
 
 
+def user_of(c: CompletionRecord) -> tuple[str, str]:
+    """Whose completion this is, for the per-user cap: (tenant, user_id); an unkeyed anonymous one is its own."""
+    return (c.tenant, c.user_id) if c.tenant or c.user_id else ("", c.completion_id)
+
+
 def read(store: Store, version: str, ppo: PPOConfig, cfg: TrainerConfig, heldout_percent: int) -> LoggedBatch:
     """The newest on-policy completions `version` served: up to logged_batch_size to train on, and held-out ones."""
     batch = LoggedBatch([], [], Counter())
-    for c in store.served_completions(version, limit=2 * cfg.logged_batch_size):
+    per_user = max(1, math.ceil(cfg.logged_max_user_share * cfg.logged_batch_size))
+    taken: Counter = Counter()
+    # Read past the batch size: completions left out (off-policy, or over a user's share) make room for others.
+    for c in store.served_completions(version, limit=4 * cfg.logged_batch_size):
         if why := why_not_on_policy(c, ppo, cfg):
             batch.left_out[why] += 1
+        elif taken[user_of(c)] >= per_user:
+            batch.left_out["user share"] += 1
         elif is_heldout(prompt_key(c), heldout_percent):
             if len(batch.heldout) < cfg.logged_batch_size // 2:
                 batch.heldout.append(to_sample(c))
+                taken[user_of(c)] += 1
         elif len(batch.train) < cfg.logged_batch_size:
             batch.train.append(to_sample(c))
+            taken[user_of(c)] += 1
     return batch
 
 

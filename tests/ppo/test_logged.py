@@ -44,6 +44,28 @@ def test_only_exact_samples_of_the_served_policy_are_on_policy(overrides, why):
     assert logged.why_not_on_policy(served("c", **overrides), PPO, TrainerConfig()) == why
 
 
+def test_no_user_fills_more_than_its_share_of_a_batch(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        train_prompts = [p for p in PROMPTS if not is_heldout(p, 20)]
+        flood = [served(f"flood-{k}", prompt=train_prompts[k % len(train_prompts)], user_id="mallory", tenant="t",
+                        created_at=2000.0 + k) for k in range(40)]  # the newest: read first
+        honest = [served(f"h-{u}-{k}", prompt=train_prompts[k], user_id=f"user{u}", tenant="t",
+                         created_at=1000.0 + 10 * u + k) for u in range(4) for k in range(5)]
+        anonymous = [served(f"anon-{k}", prompt=train_prompts[k], created_at=500.0 + k) for k in range(6)]
+        store.add_completions(flood + honest + anonymous)
+        cfg = TrainerConfig(logged_batch_size=16, logged_max_user_share=0.25)
+        batch = logged.read(store, "", PPO, cfg, heldout_percent=20)
+    ids = [s.completion_id for s in batch.train]
+    assert sum(i.startswith("flood-") for i in ids) == 4  # ceil(0.25 * 16): the rest of the flood is left out
+    assert sum(i.startswith("h-") for i in ids) == 12  # four honest users of the same tenant fill the batch
+    assert batch.left_out["user share"] >= 36
+    # Without keys there is no identity to cap by: anonymous unkeyed completions each count as their own.
+    with open_store(f"sqlite:///{tmp_path / 'anon.db'}") as store:
+        store.add_completions(anonymous)
+        batch = logged.read(store, "", PPO, TrainerConfig(logged_batch_size=4, logged_max_user_share=0.25), 20)
+    assert len(batch.train) == 4
+
+
 def test_the_traffic_gate_is_exact_for_an_unchanged_policy_and_follows_the_weights():
     lp = torch.log(torch.full((4, 3), 0.5))
     ref = lp - 0.1
