@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from support import pg_schema, sample, wait_for
+from support import make_pki, pg_schema, sample, wait_for
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -93,8 +93,12 @@ def watcher_of(running: Any) -> Any:
     return watcher
 
 
-def secure_or_plain_channel(port: int, settings: Any) -> grpc.Channel:
-    """A channel to a local server: TLS trusting its own certificate when it serves TLS."""
+def secure_or_plain_channel(port: int, settings: Any, client: Any = None) -> grpc.Channel:
+    """A channel to a local server: TLS as `client` (a ClientTLS) says, else trusting its own certificate if it serves TLS."""
+    if client is not None:
+        from rlhf_online.tls import channel
+
+        return channel(f"localhost:{port}", client)
     if settings.tls_cert:
         creds = grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_cert).read_bytes())
         return grpc.secure_channel(f"localhost:{port}", creds)
@@ -116,8 +120,8 @@ def generation(tiny, tmp_path) -> Iterator[Callable[..., Generation]]:
         g.running.shutdown(1)
 
 
-def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
-    """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running)."""
+def start_reward(root: Path, client: Any = None, **overrides: Any) -> tuple[Any, Any, Any]:
+    """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running); `client`: the stub's ClientTLS."""
     from rlhf_online.config import RewardSettings, project
     from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from rlhf_online.store import open_store
@@ -130,7 +134,7 @@ def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     settings = RewardSettings(**values)
     runtime = RewardRuntime(project(RewardConfig, settings), open_store(settings.store_url))
     running = start_reward_server(settings, runtime)
-    return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings)), runtime, running
+    return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings, client)), runtime, running
 
 
 def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts: int = 2,
@@ -232,6 +236,13 @@ def tls_pair(tmp_path_factory) -> tuple[Path, Path]:
 def other_cert(tmp_path_factory) -> Path:
     """A certificate the servers do not have: a client trusting only it must refuse to talk to them."""
     return self_signed(tmp_path_factory.mktemp("tls-other"), "other")[0]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> tuple[Any, Any]:
+    """(ours, rogue): two throwaway CAs, each with a server (localhost, 127.0.0.1) and a client certificate."""
+    root = tmp_path_factory.mktemp("pki")
+    return make_pki(root, "ours"), make_pki(root, "rogue")
 
 
 @pytest.fixture(scope="session")
