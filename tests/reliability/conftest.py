@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import time
@@ -16,6 +17,20 @@ import pytest
 from support import make_pki, pg_schema, sample, wait_for
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# What a client-facing message must never hold: a filesystem path, a file of a version, a stack trace, SQL,
+# the store's driver. Case matters for SQL: messages say "from" in prose, statements say FROM.
+LEAKS = [re.compile(p) for p in (r"/[\w.-]+/", r"\.safetensors", r"\.json\b", r"\.db\b", r"Traceback", r'File "',
+                                 r"\bSELECT\b", r"\bINSERT\b", r"\bUPDATE\b", r"\bDELETE\b", r"\bFROM\b",
+                                 r"\bsqlite3?\b", r"psycopg")]
+
+
+def leaks(details: str, sent: str = "") -> list[str]:
+    """What in a client-facing message shows the server's insides ([] if nothing); `sent`, the client's own
+    input echoed back, does not count."""
+    shown = details.replace(sent, "") if sent else details
+    return [m[0] for pattern in LEAKS if (m := pattern.search(shown))]
 
 
 def rpc_code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
@@ -260,5 +275,6 @@ def kit():
         copy_into = staticmethod(copy_into)
         self_signed = staticmethod(self_signed)
         channel = staticmethod(secure_or_plain_channel)
+        leaks = staticmethod(leaks)
 
     return Kit
