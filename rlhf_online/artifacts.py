@@ -102,16 +102,26 @@ def publish_dir(target: Path, write: Callable[[Path], None], manifest: dict | No
     return target
 
 
+class CorruptArtifact(ValueError):
+    """A directory's files do not match its manifest. The message (for logs) names the files;
+    `reason` says what is wrong without any path, for whoever asked over an API."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def verify_dir(directory: Path) -> dict:
-    """The manifest of a directory whose files all match their recorded sha256; ValueError otherwise."""
+    """The manifest of a directory whose files all match their recorded sha256; CorruptArtifact otherwise."""
     manifest_path = directory / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{directory}: unreadable manifest.json ({e})") from None
+        raise CorruptArtifact(f"{directory}: unreadable manifest.json ({e})", "its manifest is unreadable") from None
     actual = file_hashes(directory)
     expected = manifest.get("files", {})
     if actual != expected:
         bad = sorted(set(actual.items()) ^ set(expected.items()))
-        raise ValueError(f"{directory}: files do not match manifest.json ({bad[0][0]} differs)")
+        raise CorruptArtifact(f"{directory}: files do not match manifest.json ({bad[0][0]} differs)",
+                              "its files do not match the checksums it was published with")
     return manifest

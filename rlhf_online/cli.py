@@ -204,14 +204,27 @@ def _simulate(args: argparse.Namespace) -> int:
     from rlhf_online.data.prompts import load_prompts
     from rlhf_online.simulate.users import UserPoolConfig, run_for
 
+    tls = _client_tls(args)
     cfg = UserPoolConfig(users=args.users, personas=tuple(args.personas.split(",")), pair_fraction=args.pair_fraction,
                          rank_n=args.rank_n, rated_fraction=args.rated_fraction, noise=args.noise,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     prompts = [p.prompt for p in load_prompts(args.split)]
-    stats = run_for(args.addr, prompts, cfg, args.seconds, Path(args.events) if args.events else None)
+    stats = run_for(args.addr, prompts, cfg, args.seconds, Path(args.events) if args.events else None, tls=tls)
     print(f"{stats.requests} requests, {stats.completions} completions, {stats.ratings} rated, thumbs-up rate "
           f"{stats.thumbs_up_rate:.2f}, {stats.preferences} preferences, {stats.rankings} rankings, errors {dict(stats.errors) or 'none'}")
     return 1 if stats.errors else 0
+
+
+def _client_tls(args: argparse.Namespace):
+    """The ClientTLS of --tls-ca/--tls-client-cert/--tls-client-key, checked (None: plaintext)."""
+    from rlhf_online.tls import ClientTLS
+
+    paths = [Path(p) if p else None for p in (args.tls_ca, args.tls_client_cert, args.tls_client_key)]
+    if not any(paths):
+        return None
+    if paths[0] is None:
+        raise ConfigError("tls_ca: a client certificate is for TLS, which needs the CA bundle; set --tls-ca")
+    return ClientTLS(*paths).check(hint="see rlhf-online simulate --help")
 
 
 def add_simulate(sub: LazySubcommands) -> None:
@@ -232,6 +245,12 @@ def add_simulate(sub: LazySubcommands) -> None:
     simulate.add_argument("--split", default="train", help="which prompt split to ask from")
     simulate.add_argument("--events", default=None, help="append one JSON line per answered request here")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--tls-ca", default=os.environ.get("RLHF_TLS_CA"),
+                          help="PEM CA bundle verifying a Generation service that serves TLS (unset = plaintext)")
+    simulate.add_argument("--tls-client-cert", default=os.environ.get("RLHF_TLS_CLIENT_CERT"),
+                          help="PEM client certificate, for a service with --tls-client-ca (mutual TLS)")
+    simulate.add_argument("--tls-client-key", default=os.environ.get("RLHF_TLS_CLIENT_KEY"),
+                          help="PEM private key of --tls-client-cert")
     simulate.set_defaults(fn=_simulate)
 
 

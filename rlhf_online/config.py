@@ -24,6 +24,7 @@ from rlhf_online.data.split import HELDOUT_PERCENT
 from rlhf_online.errors import ConfigError
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.registry import REWARD_PREFIX, is_version
+from rlhf_online.tls import CA, ClientTLS, check_file, check_pair
 
 T = TypeVar("T")
 
@@ -53,6 +54,15 @@ class CommonSettings:
     admin_token: str = setting("", "bearer token required by admin RPCs when set")
     tls_cert: Path | None = setting(None, "PEM certificate: serve TLS instead of plaintext")
     tls_key: Path | None = setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle: with --tls-cert, require every client to present a "
+                                               "certificate signed by it (mutual TLS)")
+    tls_ca: Path | None = setting(None, "PEM CA bundle that verifies the services this one calls (the trainer's "
+                                        "calls to reward): set, those calls speak TLS")
+    tls_client_cert: Path | None = setting(None, "PEM certificate this service presents when it calls another over "
+                                                 "TLS (for a server with --tls-client-ca)")
+    tls_client_key: Path | None = setting(None, "PEM private key for --tls-client-cert")
+    health_port: int = setting(-1, "plaintext port serving only grpc.health.v1, for probes that cannot speak TLS "
+                                   "(kubelet's) (-1 = off, 0 = pick a free one)")
     torch_threads: int = setting(0, "torch intra-op threads (0 = all cores)")
     device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
     dtype: str = setting("auto", "model weights: auto (bf16 where the CPU/GPU computes it natively), float32, bfloat16")
@@ -79,11 +89,34 @@ class CommonSettings:
                "sqlite:///... or postgresql://...")
         _check("dtype", self.dtype, self.dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16")
         _check("device", self.device, self.device == "cpu" or self.device.startswith("cuda"), "cpu, cuda or cuda:N")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert/tls_key: set both or neither")
-        for name in ("tls_cert", "tls_key"):
-            path = getattr(self, name)
-            _check(name, path, path is None or Path(path).is_file(), "an existing file")
+        _check("health_port", self.health_port, -1 <= self.health_port <= 65535, "-1 (off) or a port in 0..65535")
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        """Every TLS file a readable PEM of its kind, each key its certificate's, no half-configured pair."""
+        for cert, key in (("tls_cert", "tls_key"), ("tls_client_cert", "tls_client_key")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ConfigError(f"{cert}/{key}: set both or neither; {_hint(cert, key)}")
+            if getattr(self, cert):
+                check_pair((cert, key), getattr(self, cert), getattr(self, key), _hint(cert, key))
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(f"tls_client_ca: mutual TLS needs the server to speak TLS; {_hint('tls_cert', 'tls_key')}")
+        client_cas = self._client_ca_settings()
+        for name in ("tls_client_ca", *client_cas):
+            if getattr(self, name):
+                check_file(name, getattr(self, name), CA, _hint(name))
+        if self.tls_client_cert and not any(getattr(self, name) for name in client_cas):
+            # Without a CA this service's calls are plaintext: the certificate would never be presented.
+            raise ConfigError(f"tls_client_cert: a client certificate needs calls that speak TLS; {_hint(*client_cas)}")
+
+    def _client_ca_settings(self) -> tuple[str, ...]:
+        """The settings naming a CA bundle for this service's outgoing calls (any set: they speak TLS)."""
+        return ("tls_ca",)
+
+    def client_tls(self, ca: Path | None = None) -> ClientTLS | None:
+        """TLS for a call to another service: verified with `ca` (that peer's own CA) or --tls-ca; None = plaintext."""
+        ca = ca or self.tls_ca
+        return ClientTLS(ca, self.tls_client_cert, self.tls_client_key) if ca else None
 
 
 @dataclass(frozen=True)
@@ -210,6 +243,8 @@ class TrainerSettings(HeldoutSettings):
     port: int = setting(50053, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = setting(9093, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
     reward_addr: str = setting("127.0.0.1:50052", "host:port of the Reward service")
+    reward_tls_ca: Path | None = setting(None, "PEM CA bundle that verifies the Reward service: set, the calls to "
+                                               "it speak TLS (default: --tls-ca; neither = plaintext)")
     trainer: TrainerConfig = group(TrainerConfig)
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "num_mini_batches",
                                        "per_device_train_batch_size", "learning_rate",
@@ -224,6 +259,15 @@ class TrainerSettings(HeldoutSettings):
         super().validate()
         _check("reward_addr", self.reward_addr, ":" in self.reward_addr, "host:port")
 
+    def _client_ca_settings(self) -> tuple[str, ...]:
+        """The reward's own CA bundle, then the shared one."""
+        return ("reward_tls_ca", "tls_ca")
+
+    @property
+    def reward_tls(self) -> ClientTLS | None:
+        """How the calls to the Reward service speak TLS (None = plaintext)."""
+        return self.client_tls(self.reward_tls_ca)
+
 
 def _check(name: str, value: Any, ok: bool, want: str) -> None:
     if not ok:
@@ -232,6 +276,11 @@ def _check(name: str, value: Any, ok: bool, want: str) -> None:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _hint(*names: str) -> str:
+    """Where the named settings are set: "set --a or RLHF_A" (several: "set --a, --b or RLHF_A, RLHF_B")."""
+    return f"set {', '.join('--' + _flag(n) for n in names)} or {', '.join('RLHF_' + n.upper() for n in names)}"
 
 
 def _base_type(tp: Any) -> type:

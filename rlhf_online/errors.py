@@ -6,6 +6,10 @@ from __future__ import annotations
 class RlhfError(Exception):
     """Base class of every error the library raises on purpose."""
 
+    def public_message(self) -> str:
+        """What a client may be told (the message: written for callers, it names a field or an id, never a file)."""
+        return str(self)
+
 
 class InvalidArgument(RlhfError):
     """A request field is malformed or out of range; `field` names it."""
@@ -46,3 +50,8 @@ class Unavailable(RlhfError):
 
 class ConfigError(RlhfError):
     """A setting has a bad value; the message names the setting and the value."""
+
+    def public_message(self) -> str:
+        """The setting only: the message is the operator's (it may name files, URLs or hosts)."""
+        setting = str(self).partition(":")[0]
+        return f"{setting}: the server's configuration does not allow this; its log has the details"

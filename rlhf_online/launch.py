@@ -19,6 +19,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhf_online.tls import ClientTLS
 
 READY_TIMEOUT_S = 300.0  # loading a model on a busy CPU can take minutes
 STOP_TIMEOUT_S = 60.0
@@ -49,6 +53,7 @@ class Service:
     proc: subprocess.Popen
     port: int
     log_path: Path
+    tls: ClientTLS | None = None  # how to reach it when it serves TLS (None: plaintext)
     terminated: bool = field(default=False, init=False)
 
     @property
@@ -61,9 +66,11 @@ class Service:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from rlhf_online.tls import channel as open_channel
+
         deadline = time.monotonic() + timeout
         # A refused connection backs off up to 2 minutes by default: retry each second while it starts.
-        with grpc.insecure_channel(self.address, options=[("grpc.max_reconnect_backoff_ms", 1000)]) as channel:
+        with open_channel(self.address, self.tls, [("grpc.max_reconnect_backoff_ms", 1000)]) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -123,17 +130,18 @@ class Service:
 
 
 def start(name: str, env: dict[str, str], log_dir: Path, port: int | None = None, flags: Sequence[str] = (),
-          ready_timeout: float = READY_TIMEOUT_S) -> Service:
+          ready_timeout: float = READY_TIMEOUT_S, tls: ClientTLS | None = None) -> Service:
     """Start `rlhf-online serve NAME` with `env` over os.environ, on `port` (a free one unless given), once SERVING.
 
-    A service that fails to come up is stopped before ServiceStartError is raised.
+    A service configured to serve TLS is health-checked over TLS with `tls`. A service that fails
+    to come up is stopped before ServiceStartError is raised.
     """
     port = port or free_port()
     env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
     log_path = Path(log_dir) / f"{name}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command(name, flags), env=env, stdout=subprocess.DEVNULL, stderr=log)
-    service = Service(name, proc, port, log_path)
+    service = Service(name, proc, port, log_path, tls)
     try:
         service.wait_serving(ready_timeout)
     except BaseException:
@@ -144,9 +152,10 @@ def start(name: str, env: dict[str, str], log_dir: Path, port: int | None = None
 
 @contextlib.contextmanager
 def running(name: str, env: dict[str, str], log_dir: Path, port: int | None = None, flags: Sequence[str] = (),
-            stop_timeout: float = STOP_TIMEOUT_S, ready_timeout: float = READY_TIMEOUT_S) -> Iterator[Service]:
+            stop_timeout: float = STOP_TIMEOUT_S, ready_timeout: float = READY_TIMEOUT_S,
+            tls: ClientTLS | None = None) -> Iterator[Service]:
     """`start` as a context manager: on exit the service gets SIGTERM and `stop_timeout` s to drain, then SIGKILL."""
-    service = start(name, env, log_dir, port=port, flags=flags, ready_timeout=ready_timeout)
+    service = start(name, env, log_dir, port=port, flags=flags, ready_timeout=ready_timeout, tls=tls)
     try:
         yield service
     finally:

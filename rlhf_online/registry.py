@@ -10,6 +10,7 @@ was shared kept their pointer in CURRENT.json; it is still read when CURRENT is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf_online.artifacts import publish_dir, verify_dir, write_atomically
+from rlhf_online.artifacts import CorruptArtifact, publish_dir, verify_dir, write_atomically
 from rlhf_online.errors import InvalidArgument, NotFound
+
+log = logging.getLogger("rlhf_online.registry")
 
 ADAPTER_PREFIX = "v"  # v000001: policy (LoRA adapter) versions
 REWARD_PREFIX = "r"  # r000001: learned reward model versions
@@ -71,7 +74,7 @@ class VersionedRegistry:
         return self.root / version
 
     def manifest(self, version: str) -> dict:
-        """A version's manifest, after checking every file against its sha256 (ValueError if corrupt)."""
+        """A version's manifest, after checking every file against its sha256 (CorruptArtifact if corrupt)."""
         return verify_dir(self.path(version))
 
     def info(self, version: str) -> dict:
@@ -106,8 +109,10 @@ class VersionedRegistry:
         if version:
             try:
                 self.manifest(version)
-            except ValueError as e:
-                raise InvalidArgument("version", f"{version} is corrupt: {e}") from None
+            except CorruptArtifact as e:
+                # The caller learns which version and what is wrong; the files and where they are, only the log.
+                log.error("refused a corrupt version", extra={"version": version, "pointer": name, "error": str(e)})
+                raise InvalidArgument("version", f"{version} is corrupt: {e.reason}") from None
         write_atomically(self.root / name, lambda tmp: tmp.write_text(version + "\n"))
 
     def current(self) -> str:

@@ -77,7 +77,7 @@ def run_trainer(settings: TrainerSettings) -> int:
     from rlhf_online.canary.controller import CanaryController
     from rlhf_online.mainthread import MainThreadRunner
     from rlhf_online.ppo.trainer import Trainer, load_base_model
-    from services.trainer import reward_client, reward_readiness, start_trainer_server
+    from services.trainer import reward_of, start_trainer_server
 
     set_threads(settings)
     registry = AdapterRegistry(settings.adapter_dir)
@@ -85,10 +85,9 @@ def run_trainer(settings: TrainerSettings) -> int:
     store = open_store(settings.store_url)
     canary = (CanaryController(settings.canary_controller, settings.canary_test, registry, store)
               if settings.canary_controller.canary else None)
-    trainer = Trainer(settings.trainer, settings.ppo, store, registry,
-                      reward_client(settings.reward_addr), base, base_model=settings.base_model,
-                      reward_not_ready=reward_readiness(settings.reward_addr, settings.admin_token),
-                      heldout_percent=settings.heldout_percent, canary=canary)
+    score, not_ready = reward_of(settings)
+    trainer = Trainer(settings.trainer, settings.ppo, store, registry, score, base, base_model=settings.base_model,
+                      reward_not_ready=not_ready, heldout_percent=settings.heldout_percent, canary=canary)
     runner = MainThreadRunner()
     running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)

@@ -136,9 +136,10 @@ class _Outcome:
         if isinstance(error, errors.RlhfError):
             code = status_of(error)
             self.done(code)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("rpc failed", extra={"method": self.method, "error": str(error)})
-            context.abort(code, clip(str(error)))
+            details = error.public_message()
+            if code == grpc.StatusCode.INTERNAL or details != str(error):  # the log has what the client is not told
+                log.error("rpc failed", extra={"method": self.method, "code": code.name, "error": str(error)})
+            context.abort(code, clip(details))
         if not context.is_active():
             # The client cancelled or its deadline passed, and the handler failed on the way out
             # (e.g. frontend.Abandoned: the engine ended the cancelled request without results): no server error.

@@ -1,4 +1,8 @@
-"""Building, starting and gracefully stopping a gRPC server with health, reflection, metrics and TLS."""
+"""Building, starting and gracefully stopping a gRPC server with health, reflection, metrics and TLS.
+
+With TLS on, probes that cannot speak it (kubelet's gRPC probes) ask a second, plaintext server on
+--health-port that serves grpc.health.v1 only: the same health servicer, so draining shows there too.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rlhf_online.config import CommonSettings
 from rlhf_online.metrics import serve_metrics
+from rlhf_online.tls import server_credentials
 from services.interceptors import AdminAuthInterceptor, ServiceInterceptor
 
 log = logging.getLogger("rlhf_online.server")
@@ -33,6 +37,8 @@ class RunningServer:
     metrics_port: int | None
     health: health.HealthServicer
     http_port: int | None = None
+    health_port: int | None = None  # the plaintext health-only server's port (None: there is none)
+    health_server: grpc.Server | None = None
     on_drain: list[Callable[[], None]] = field(default_factory=list)
     on_stopped: list[Callable[[], None]] = field(default_factory=list)
     busy: list[Callable[[], bool]] = field(default_factory=list)
@@ -53,6 +59,8 @@ class RunningServer:
         while any(b() for b in self.busy) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         for fn in self.on_stopped:
             fn()
         self.stopped.set()
@@ -97,16 +105,32 @@ def start_server(settings: CommonSettings, service_names: Iterable[str], add: Ca
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())])
-        port = server.add_secure_port(address, creds)
+        port = server.add_secure_port(address, server_credentials(settings.tls_cert, settings.tls_key,
+                                                                  settings.tls_client_ca))
     else:
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"port: could not bind {address}")
+    health_server, health_port = (start_health_server(settings.host, settings.health_port, health_servicer)
+                                  if settings.health_port >= 0 else (None, None))
     server.start()
     metrics_port = serve_metrics(settings.metrics_port, settings.host) if metrics else None
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"services": names, "port": port, "metrics_port": metrics_port,
-                               "tls": bool(settings.tls_cert)})
-    return RunningServer(server, port, metrics_port, health_servicer)
+                               "health_port": health_port, "tls": bool(settings.tls_cert),
+                               "client_certificates": bool(settings.tls_client_ca)})
+    return RunningServer(server, port, metrics_port, health_servicer, health_port=health_port,
+                         health_server=health_server)
+
+
+def start_health_server(host: str, port: int, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A plaintext server with grpc.health.v1 only (the main server's servicer), started; and its bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         maximum_concurrent_rpcs=8, options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"health_port: could not bind {host}:{port}")
+    server.start()
+    return server, bound

@@ -43,12 +43,12 @@ UNSUPPORTED = {"best_of": (None, 1), "repetition_penalty": (None, 1.0), "frequen
                "truncate": (None,)}
 
 
-def error_response(e: BaseException) -> web.Response:
-    """A TGI-shaped error body with the matching status."""
+def error_response(e: errors.RlhfError) -> web.Response:
+    """A TGI-shaped error body with the matching status (and only what a client may be told)."""
     status, kind = next((v for cls, v in HTTP_ERROR.items() if isinstance(e, cls)), (500, "generation"))
     if status == 500:
         log.exception("http request failed", exc_info=e)
-    return web.json_response({"error": str(e), "error_type": kind}, status=status)
+    return web.json_response({"error": e.public_message(), "error_type": kind}, status=status)
 
 
 class HttpApi:
@@ -103,7 +103,8 @@ class HttpApi:
                         await resp.write(f"data:{json.dumps(data)}\n\n".encode())
                     sent += len(update.token_ids)
             except errors.RlhfError as e:
-                await resp.write(f"data:{json.dumps({'error': str(e), 'error_type': 'generation'})}\n\n".encode())
+                await resp.write(f"data:{json.dumps({'error': e.public_message(), 'error_type': 'generation'})}\n\n"
+                                 .encode())
         await resp.write_eof()
         return resp
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -13,6 +14,7 @@ from rlhf_online.config import TrainerSettings
 from rlhf_online.errors import Unavailable
 from rlhf_online.mainthread import MainThreadRunner
 from rlhf_online.ppo.trainer import RoundResult, Trainer
+from rlhf_online.tls import ClientTLS, channel
 from rlhf_online.v1 import generation_pb2 as gen_pb
 from rlhf_online.v1 import reward_pb2, reward_pb2_grpc
 from rlhf_online.v1 import trainer_pb2 as pb
@@ -28,14 +30,20 @@ ADMIN_METHODS = {f"/{SERVICE_NAME}/RunRound", f"/{SERVICE_NAME}/ActivatePolicy"}
 REWARD_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
-def reward_channel(addr: str) -> grpc.Channel:
-    """The trainer's channel to the Reward service."""
-    return grpc.insecure_channel(addr, options=REWARD_CHANNEL_OPTIONS)
+def reward_channel(addr: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    """The trainer's channel to the Reward service: TLS when `tls` is given."""
+    return channel(addr, tls, REWARD_CHANNEL_OPTIONS)
 
 
-def reward_client(addr: str, timeout: float = 300.0):
+def reward_of(settings: TrainerSettings) -> tuple[Callable, Callable[[], str]]:
+    """The reward client and readiness check of a trainer, as its settings configure them (TLS included)."""
+    return (reward_client(settings.reward_addr, tls=settings.reward_tls),
+            reward_readiness(settings.reward_addr, settings.admin_token, tls=settings.reward_tls))
+
+
+def reward_client(addr: str, timeout: float = 300.0, *, tls: ClientTLS | None = None):
     """Score completions through the Reward service (waiting up to `timeout` for it to be reachable)."""
-    stub = reward_pb2_grpc.RewardStub(reward_channel(addr))
+    stub = reward_pb2_grpc.RewardStub(reward_channel(addr, tls))
 
     def score(prompts, completions, completion_ids=None) -> list[float]:
         # A logged completion's id lets the service reward it by its users' ratings ("" = the text alone).
@@ -50,13 +58,14 @@ def reward_client(addr: str, timeout: float = 300.0):
     return score
 
 
-def reward_readiness(addr: str, admin_token: str = "", timeout: float = 30.0, ask_every: float = 30.0):
+def reward_readiness(addr: str, admin_token: str = "", timeout: float = 30.0, ask_every: float = 30.0, *,
+                     tls: ClientTLS | None = None):
     """Why the Reward service's scores are not usable yet ("" once they are): no learned model trained so far.
 
     With none, it asks the service to train one now (at most every `ask_every` seconds): its own
     retrainer waits for a batch of new feedback, while an operator's RunRound should not wait for that.
     """
-    stub = reward_pb2_grpc.RewardStub(reward_channel(addr))
+    stub = reward_pb2_grpc.RewardStub(reward_channel(addr, tls))
     metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
     last_ask = [float("-inf")]
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 
@@ -61,3 +64,41 @@ def post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[i
             return r.status, dict(r.headers), json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
+
+
+# ---------------------------------------------------------------------------------------------- certificates
+
+_EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]  # EC: fast to generate
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA and what it signed: a server certificate (localhost, 127.0.0.1) and a client certificate."""
+
+    ca: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: Path, name: str = "test") -> Pki:
+    """A CA `name`-ca and its server and client certificates under `directory` (openssl, valid one day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / f"{name}-ca.crt", directory / f"{name}-ca.key"
+    _openssl("req", "-x509", *_EC, "-keyout", str(ca_key), "-out", str(ca), "-subj", f"/CN={name}-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    leaves = {}
+    for leaf, usage, san in (("server", "serverAuth", ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]),
+                             ("client", "clientAuth", [])):
+        cert, key = directory / f"{name}-{leaf}.crt", directory / f"{name}-{leaf}.key"
+        _openssl("req", "-x509", *_EC, "-CA", str(ca), "-CAkey", str(ca_key), "-keyout", str(key), "-out", str(cert),
+                 "-subj", f"/CN={name}-{leaf}", "-addext", "basicConstraints=critical,CA:FALSE",
+                 "-addext", f"extendedKeyUsage={usage}", *san)
+        leaves[leaf] = (cert, key)
+    return Pki(ca, ca_key, *leaves["server"], *leaves["client"])

@@ -63,3 +63,16 @@ def test_simulate_takes_a_rank_n_and_rejects_one_out_of_range():
     # Rejected by the users' config before any user connects (nothing listens at that address).
     with pytest.raises(ConfigError, match="rank_n"):
         args.fn(args)
+
+
+def test_simulate_checks_its_tls_files_before_any_user_connects(tmp_path, monkeypatch):
+    for var in ("RLHF_TLS_CA", "RLHF_TLS_CLIENT_CERT", "RLHF_TLS_CLIENT_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nQUJD\n-----END PRIVATE KEY-----\n")
+    for argv in (["--tls-client-cert", str(tmp_path / "c.pem")],  # a client certificate without a CA
+                 ["--tls-ca", str(tmp_path / "missing.pem")],
+                 ["--tls-ca", str(tmp_path / "key.pem")]):  # a key where the CA bundle belongs
+        args = cli.parser().parse_args(["simulate", "--addr", "127.0.0.1:1", *argv])
+        with pytest.raises(ConfigError, match="^tls_ca: ") as e:
+            args.fn(args)
+        assert "QUJD" not in str(e.value)  # never the file's contents

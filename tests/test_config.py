@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import make_pki
 
 from rlhf_online import config
 from rlhf_online.config import GenerationSettings, RewardSettings, TrainerSettings
 from rlhf_online.errors import ConfigError
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
+from rlhf_online.tls import ClientTLS
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -90,3 +92,89 @@ def test_the_reward_runtime_config_is_built_from_the_settings():
     assert (cfg.encoder_layer, cfg.reward_dir, cfg.reward_model) == (2, Path("/tmp/x/reward_models"), "learned")
     with pytest.raises(ConfigError, match="reward_classifier"):  # checked where the rewards are built
         RewardRuntime(dataclasses.replace(cfg, reward_model="classifier"), store=None)
+
+
+# ------------------------------------------------------------------ TLS files
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA with a server and a client certificate, another CA's, a non-PEM file, an encrypted key."""
+    root = tmp_path_factory.mktemp("pki")
+    files = {"pki": make_pki(root), "other": make_pki(root, "other"), "dir": root}
+    (root / "notes.txt").write_text("TOP-SECRET-CONTENTS do not print me\n")
+    files["text"] = root / "notes.txt"
+    files["encrypted"] = root / "encrypted.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-aes256", "-pass", "pass:x", "-out", str(files["encrypted"])], check=True, capture_output=True)
+    return files
+
+
+def tls_cases(pki):
+    p, other = pki["pki"], pki["other"]
+    return {  # id: (settings class, values, the setting the error must name, text the message must hold)
+        "missing CA": (TrainerSettings, {"tls_ca": pki["dir"] / "nope.pem"}, "tls_ca", "not an existing file"),
+        "CA is a directory": (TrainerSettings, {"reward_tls_ca": pki["dir"]}, "reward_tls_ca", "not an existing file"),
+        "CA is no PEM": (GenerationSettings, {"tls_ca": pki["text"]}, "tls_ca", "no PEM CA bundle"),
+        "CA is a key": (TrainerSettings, {"tls_ca": p.client_key}, "tls_ca", "no PEM CA bundle"),
+        "cert without key": (RewardSettings, {"tls_cert": p.server_cert}, "tls_cert/tls_key", "set both or neither"),
+        "key of another cert": (RewardSettings, {"tls_cert": p.server_cert, "tls_key": other.server_key}, "tls_key",
+                                "is not the key of tls_cert"),
+        "cert is a key": (RewardSettings, {"tls_cert": p.server_key, "tls_key": p.server_key}, "tls_cert",
+                          "no PEM certificate"),
+        "encrypted key": (RewardSettings, {"tls_cert": p.server_cert, "tls_key": pki["encrypted"]}, "tls_key",
+                          "encrypted"),
+        "client CA without TLS": (RewardSettings, {"tls_client_ca": p.ca}, "tls_client_ca", "--tls-cert"),
+        "client CA is no PEM": (RewardSettings, {"tls_cert": p.server_cert, "tls_key": p.server_key,
+                                                 "tls_client_ca": pki["text"]}, "tls_client_ca", "no PEM"),
+        "client cert without key": (TrainerSettings, {"tls_ca": p.ca, "tls_client_cert": p.client_cert},
+                                    "tls_client_cert/tls_client_key", "set both or neither"),
+        "client key of another cert": (TrainerSettings, {"tls_ca": p.ca, "tls_client_cert": p.client_cert,
+                                                         "tls_client_key": other.client_key}, "tls_client_key",
+                                       "is not the key of tls_client_cert"),
+        "client cert without a CA": (TrainerSettings, {"tls_client_cert": p.client_cert,
+                                                       "tls_client_key": p.client_key}, "tls_client_cert",
+                                     "--reward-tls-ca, --tls-ca"),
+        "client cert on plaintext calls": (GenerationSettings, {"tls_client_cert": p.client_cert,
+                                                                "tls_client_key": p.client_key}, "tls_client_cert",
+                                           "--tls-ca"),
+    }
+
+
+CASE_IDS = ["missing CA", "CA is a directory", "CA is no PEM", "CA is a key", "cert without key", "key of another cert",
+            "cert is a key", "encrypted key", "client CA without TLS", "client CA is no PEM", "client cert without key",
+            "client key of another cert", "client cert without a CA", "client cert on plaintext calls"]
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_bad_tls_files_are_refused_by_name_without_their_contents(pki, case):
+    cls, values, name, why = tls_cases(pki)[case]
+    env = {f"RLHF_{k.upper()}": str(v) for k, v in values.items()}  # as Kubernetes sets them
+    with pytest.raises(ConfigError) as e:
+        config.build(cls, None, env=env)
+    message = str(e.value)
+    assert message.startswith(f"{name}:") and why in message, message
+    assert "; set --" in message and " or RLHF_" in message  # says which flag or variable to set
+    shown = [pki["text"], pki["encrypted"], *(getattr(pki["pki"], f.name) for f in dataclasses.fields(pki["pki"]))]
+    for path in shown:  # no line of any file involved, PEM body or not, is quoted
+        body = [line for line in path.read_text().splitlines() if line and not line.startswith("-----")]
+        assert not any(line in message for line in body), (path, message)
+
+
+def test_tls_settings_from_flags_and_env(pki):
+    p, other = pki["pki"], pki["other"]
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, TrainerSettings)
+    args = parser.parse_args(["--reward-tls-ca", str(p.ca), "--tls-client-cert", str(p.client_cert),
+                              "--tls-client-key", str(p.client_key), "--health-port", "0"])
+    s = config.build(TrainerSettings, args, env={"RLHF_TLS_CA": str(other.ca)})
+    # The reward's own CA wins over the shared one; the client certificate goes with it (mutual TLS).
+    assert s.reward_tls == ClientTLS(p.ca, p.client_cert, p.client_key) and s.health_port == 0
+    shared = config.build(TrainerSettings, None, env={"RLHF_TLS_CA": str(other.ca)})
+    assert shared.reward_tls == ClientTLS(other.ca)
+    assert config.build(TrainerSettings, None, env={}).reward_tls is None  # plaintext unless a CA is set
+    server = config.build(RewardSettings, None, env={"RLHF_TLS_CERT": str(p.server_cert),
+                                                     "RLHF_TLS_KEY": str(p.server_key),
+                                                     "RLHF_TLS_CLIENT_CA": str(p.ca), "RLHF_HEALTH_PORT": "50062"})
+    assert (server.tls_client_ca, server.health_port) == (p.ca, 50062)
+    with pytest.raises(ConfigError, match="health_port: invalid value -2"):
+        config.build(RewardSettings, None, env={"RLHF_HEALTH_PORT": "-2"})

@@ -33,6 +33,7 @@ from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.canary.controller import CanaryController, head
 from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
+from rlhf_online.errors import RlhfError
 from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
@@ -104,6 +105,14 @@ def gate_on_traffic(v: logged.TrafficVerdict, kl_budget: float, z: float = 2.0) 
     return verdict(diff, v.diff_se, v.kl_candidate, kl_budget, summary, z)
 
 
+def failure_reason(error: Exception) -> str:
+    """A failed round's reason for RunRound and GetStatus: a domain error's message, else the exception's type."""
+    # Domain messages are written for callers; any other may name files or library internals (the log has it).
+    if isinstance(error, RlhfError):
+        return f"round failed: {type(error).__name__}: {error}"
+    return f"round failed: {type(error).__name__} (the trainer's log has the details)"
+
+
 class Trainer:
     """Runs rounds on its own copy of the model and publishes into the adapter registry."""
 
@@ -148,7 +157,7 @@ class Trainer:
             result = self._round()
         except Exception as e:  # a crashed round is a rejected round with the reason, the service lives on
             log.exception("round failed")
-            result = RoundResult("rejected", reason=f"round failed: {type(e).__name__}: {e}")
+            result = RoundResult("rejected", reason=failure_reason(e))
         finally:
             self.in_progress.clear()
         seconds = time.time() - t0

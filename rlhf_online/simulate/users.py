@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from rlhf_online.simulate.judges import PERSONAS, Persona
+from rlhf_online.tls import ClientTLS, channel
 
 log = logging.getLogger("rlhf_online.simulate")
 
@@ -102,13 +103,13 @@ class UserPool:
     """Runs `config.users` simulated users against a Generation service until stopped."""
 
     def __init__(self, addr: str, prompts: Sequence[str], config: UserPoolConfig,
-                 events_path: Path | None = None) -> None:
+                 events_path: Path | None = None, tls: ClientTLS | None = None) -> None:
         if not prompts:
             raise ValueError("prompts: need at least one prompt to ask")
         from rlhf_online.v1 import generation_pb2_grpc
 
         self.config, self.prompts = config, list(prompts)
-        self.channel = grpc.insecure_channel(addr)
+        self.channel = channel(addr, tls)  # TLS when the service serves it (tls: its CA, and a client certificate)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.stats = PoolStats()
         self._lock = threading.Lock()
@@ -251,9 +252,9 @@ class UserPool:
 
 
 def run_for(addr: str, prompts: Sequence[str], config: UserPoolConfig, seconds: float,
-            events_path: Path | None = None, report_every: float = 10.0) -> PoolStats:
+            events_path: Path | None = None, report_every: float = 10.0, tls: ClientTLS | None = None) -> PoolStats:
     """Run a pool for `seconds`, logging progress; returns its totals."""
-    pool = UserPool(addr, prompts, config, events_path).start()
+    pool = UserPool(addr, prompts, config, events_path, tls).start()
     t0 = time.monotonic()
     try:
         while (left := seconds - (time.monotonic() - t0)) > 0:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from support import make_pki
 
 from rlhf_online import config
 
@@ -148,10 +150,15 @@ def test_every_container_has_probes_sized_for_model_loading(kit, rendered, overl
                 continue
             startup, live = c["startupProbe"], c["livenessProbe"]
             if c["name"] in SERVICES:
-                grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+                ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                # kubelet's gRPC probes speak plaintext: a TLS server is probed on its plaintext health port
+                probed = ports["health"] if "RLHF_TLS_CERT" in env else ports["grpc"]
+                if "health" in ports and env.get("RLHF_HEALTH_PORT") != str(ports["health"]):
+                    problems.append(f"{where}: the health port {ports['health']} is not RLHF_HEALTH_PORT")
                 for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    if c[kind].get("grpc", {}).get("port") != grpc_port:
-                        problems.append(f"{where}: {kind} is not a gRPC health check on {grpc_port}")
+                    if c[kind].get("grpc", {}).get("port") != probed:
+                        problems.append(f"{where}: {kind} is not a gRPC health check on {probed}")
                 # the server only listens once the model is loaded: allow minutes for that
                 budget = startup["periodSeconds"] * startup["failureThreshold"]
                 if budget < 300:
@@ -199,7 +206,8 @@ def test_every_container_has_requests_and_limits_and_torch_threads_follow_the_cp
 
 def container_env(docs: list[dict], c: dict) -> dict[str, str]:
     """The environment kubelet gives a container: envFrom first, then env in order with $(VAR)
-    expansion; secrets are stand-ins, resourceFieldRef limits.cpu rounds up like kubelet."""
+    expansion; secrets are stand-ins, resourceFieldRef limits.cpu rounds up like kubelet.
+    (Files of mounted Secrets are swapped for stand-ins by `secret_files`.)"""
     maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
     env: dict[str, str] = {}
     for src in c.get("envFrom", []):
@@ -218,15 +226,43 @@ def container_env(docs: list[dict], c: dict) -> dict[str, str]:
     return env
 
 
+# The keys of a cert-manager-style TLS Secret (kubernetes.io/tls plus the issuing CA).
+TLS_SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory) -> dict[str, Path]:
+    """PEM stand-ins for a TLS Secret's keys: a certificate, its key and the CA that signed it."""
+    pki = make_pki(tmp_path_factory.mktemp("secret"))
+    return {"tls.crt": pki.server_cert, "tls.key": pki.server_key, "ca.crt": pki.ca}
+
+
+def secret_files(workload: dict, c: dict, env: dict[str, str], stand_ins: dict[str, Path]) -> dict[str, str]:
+    """The environment with each path into a mounted TLS Secret replaced by a stand-in file of the same key;
+    a path into a Secret that is not one of its keys fails the test."""
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    secrets = {m["mountPath"]: volumes[m["name"]]["secret"] for m in c.get("volumeMounts", [])
+               if "secret" in volumes[m["name"]]}
+    out = dict(env)
+    for name, value in env.items():
+        for mount, secret in secrets.items():
+            if value.startswith(mount + "/"):
+                key = value.removeprefix(mount + "/")
+                keys = [i["path"] for i in secret.get("items", [])] or TLS_SECRET_KEYS
+                assert key in keys, f"{name}={value}: {secret['secretName']} has no key {key!r}"
+                out[name] = str(stand_ins[key])
+    return out
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_each_service_builds_its_settings_from_the_rendered_environment(kit, rendered, overlay):
+def test_each_service_builds_its_settings_from_the_rendered_environment(kit, rendered, overlay, stand_ins):
     docs = rendered[overlay]
     services = kit.by_kind(docs, "Service")
     for w in kit.by_kind(docs, "Deployment").values():
         [c] = pod_spec(w)["containers"]
         name = c["name"]
         assert c["args"] == ["serve", name]
-        env = container_env(docs, c)
+        env = secret_files(w, c, container_env(docs, c), stand_ins)
         unexpanded = {k: v for k, v in env.items() if "$(" in v}
         assert not unexpanded, f"{name}: undefined $(VAR) in {unexpanded}"
         settings = config.build(SERVICES[name], None, env)  # raises ConfigError naming a bad value
@@ -234,9 +270,11 @@ def test_each_service_builds_its_settings_from_the_rendered_environment(kit, ren
         # the documented default ports, on the container and on its Service
         assert (settings.port, settings.metrics_port) == (want["port"], want["metrics_port"])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+        health = {"health": settings.health_port} if settings.health_port >= 0 else {}
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, **health}
         svc = services[f"rlhf-{name}"]
-        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == ports
+        # the health port is kubelet's (probes reach the pod directly): no Service exposes it
+        assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": ports["grpc"], "metrics": ports["metrics"]}
         assert svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(settings.metrics_port)
@@ -419,9 +457,92 @@ def test_network_policy_allows_only_the_loops_flows(kit, rendered, overlay):
               (pod("generation"), pod("trainer"), 50053), (pod("reward"), pod("trainer"), 50053),
               (client, pod("generation"), 9091), (prometheus, pod("postgres"), 5432),
               (pod("generation"), ("internet", {}), 443), (pod("trainer"), ("internet", {}), 443),
-              (pod("postgres"), ("internet", {}), 443), (pod("generation"), pod("generation"), 50051)]
+              (pod("postgres"), ("internet", {}), 443), (pod("generation"), pod("generation"), 50051),
+              (client, pod("reward"), 50062), (pod("generation"), pod("reward"), 50062)]  # the plaintext health port
     for src, dst, port in denied:
         assert not flow(src, dst, port), f"allowed but not needed: {src} -> {dst}:{port}"
+
+
+# --------------------------------------------------------------------------------------------
+# TLS between the trainer and the reward service
+# --------------------------------------------------------------------------------------------
+
+
+def service_settings(docs: list[dict], stand_ins: dict[str, Path]) -> dict[str, object]:
+    """Each service's settings as its container's rendered environment builds them (Secret files: stand-ins)."""
+    out = {}
+    for w in deployments(docs):
+        [c] = pod_spec(w)["containers"]
+        out[c["name"]] = config.build(SERVICES[c["name"]], None, secret_files(w, c, container_env(docs, c), stand_ins))
+    return out
+
+
+def deployments(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] == "Deployment"]
+
+
+def mounted_secret(workload: dict, path: Path) -> str:
+    """The name of the Secret whose volume holds `path` in the workload's pod."""
+    [c] = pod_spec(workload)["containers"]
+    volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+    [name] = [volumes[m["name"]]["secret"]["secretName"] for m in c["volumeMounts"]
+              if str(path).startswith(m["mountPath"] + "/") and "secret" in volumes[m["name"]]]
+    return name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_trainer_and_the_reward_service_agree_on_tls(kit, rendered, overlay, stand_ins):
+    docs = rendered[overlay]
+    s = service_settings(docs, stand_ins)
+    reward, trainer = s["reward"], s["trainer"]
+    # The trainer speaks TLS exactly when the reward service serves it, and presents a client certificate
+    # exactly when the reward service requires one: otherwise every round finds the reward unreachable.
+    assert (trainer.reward_tls is not None) == bool(reward.tls_cert), overlay
+    assert bool(trainer.reward_tls and trainer.reward_tls.cert) == bool(reward.tls_client_ca), overlay
+    if overlay == "dev":  # plaintext on one machine, opt-in there (docs/operations.md)
+        assert trainer.reward_tls is None and not reward.tls_cert
+        return
+    # prod: mutual TLS, each side's files from its own Secret, the reward probed on its plaintext health port
+    deps = kit.by_kind(docs, "Deployment")
+    rendered_env = {e["name"]: e["value"] for e in pod_spec(deps["rlhf-reward"])["containers"][0]["env"]
+                    if "value" in e}
+    assert reward.tls_client_ca and trainer.reward_tls.cert and reward.health_port > 0
+    assert mounted_secret(deps["rlhf-reward"], Path(rendered_env["RLHF_TLS_CERT"])) == "rlhf-reward-tls"
+    trainer_env = {e["name"]: e["value"] for e in pod_spec(deps["rlhf-trainer"])["containers"][0]["env"]
+                   if "value" in e}
+    assert {mounted_secret(deps["rlhf-trainer"], Path(trainer_env[k])) for k in
+            ("RLHF_TLS_CA", "RLHF_TLS_CLIENT_CERT", "RLHF_TLS_CLIENT_KEY")} == {"rlhf-trainer-tls"}
+    assert not s["generation"].tls_ca and not s["generation"].tls_client_cert  # no service-to-service calls
+    for name in ("rlhf-reward", "rlhf-trainer"):
+        volumes = [v for v in pod_spec(deps[name])["volumes"] if "secret" in v]
+        assert volumes and all(v["secret"]["defaultMode"] & 0o007 == 0 for v in volumes)  # not world-readable
+
+
+def test_cert_manager_issues_the_secrets_the_tls_component_mounts(kit, tmp_path):
+    # An overlay of prod plus the cert-manager component, as docs/operations.md describes it.
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "rlhf-online",
+        "resources": [os.path.relpath(kit.k8s / "overlays" / "prod", tmp_path)],  # kustomize wants them relative
+        "components": [os.path.relpath(kit.k8s / "components" / "cert-manager", tmp_path)]}))
+    r = kit.run(kit.tool("kubectl"), "kustomize", "--load-restrictor=LoadRestrictionsNone", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    certs = kit.by_kind(docs, "Certificate")
+    issuers = kit.by_kind(docs, "Issuer")
+    deps = kit.by_kind(docs, "Deployment")
+    mounted = {v["secret"]["secretName"] for d in deps.values() for v in pod_spec(d).get("volumes", []) if "secret" in v}
+    by_secret = {c["spec"]["secretName"]: c["spec"] for c in certs.values()}
+    assert mounted == {"rlhf-reward-tls", "rlhf-trainer-tls"} and mounted <= set(by_secret)
+    # Both signed by the same CA, which the other side trusts through the ca.crt of its own Secret.
+    assert {by_secret[m]["issuerRef"]["name"] for m in mounted} == {"rlhf-ca"} and "ca" in issuers["rlhf-ca"]["spec"]
+    assert by_secret[issuers["rlhf-ca"]["spec"]["ca"]["secretName"]]["isCA"] is True
+    # The reward certificate names the host the trainer dials; each is only good for its side.
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))
+    host = cm["data"]["RLHF_REWARD_ADDR"].rsplit(":", 1)[0]
+    assert host in by_secret["rlhf-reward-tls"]["dnsNames"]
+    assert by_secret["rlhf-reward-tls"]["usages"] == ["server auth"]
+    assert by_secret["rlhf-trainer-tls"]["usages"] == ["client auth"]
+    assert all(d["metadata"].get("namespace") == "rlhf-online" for d in [*certs.values(), *issuers.values()])
 
 
 # --------------------------------------------------------------------------------------------

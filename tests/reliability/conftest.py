@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import time
@@ -13,9 +14,23 @@ from typing import Any
 
 import grpc
 import pytest
-from support import pg_schema, sample, wait_for
+from support import make_pki, pg_schema, sample, wait_for
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# What a client-facing message must never hold: a filesystem path, a file of a version, a stack trace, SQL,
+# the store's driver. Case matters for SQL: messages say "from" in prose, statements say FROM.
+LEAKS = [re.compile(p) for p in (r"/[\w.-]+/", r"\.safetensors", r"\.json\b", r"\.db\b", r"Traceback", r'File "',
+                                 r"\bSELECT\b", r"\bINSERT\b", r"\bUPDATE\b", r"\bDELETE\b", r"\bFROM\b",
+                                 r"\bsqlite3?\b", r"psycopg")]
+
+
+def leaks(details: str, sent: str = "") -> list[str]:
+    """What in a client-facing message shows the server's insides ([] if nothing); `sent`, the client's own
+    input echoed back, does not count."""
+    shown = details.replace(sent, "") if sent else details
+    return [m[0] for pattern in LEAKS if (m := pattern.search(shown))]
 
 
 def rpc_code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
@@ -93,8 +108,12 @@ def watcher_of(running: Any) -> Any:
     return watcher
 
 
-def secure_or_plain_channel(port: int, settings: Any) -> grpc.Channel:
-    """A channel to a local server: TLS trusting its own certificate when it serves TLS."""
+def secure_or_plain_channel(port: int, settings: Any, client: Any = None) -> grpc.Channel:
+    """A channel to a local server: TLS as `client` (a ClientTLS) says, else trusting its own certificate if it serves TLS."""
+    if client is not None:
+        from rlhf_online.tls import channel
+
+        return channel(f"localhost:{port}", client)
     if settings.tls_cert:
         creds = grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_cert).read_bytes())
         return grpc.secure_channel(f"localhost:{port}", creds)
@@ -116,8 +135,8 @@ def generation(tiny, tmp_path) -> Iterator[Callable[..., Generation]]:
         g.running.shutdown(1)
 
 
-def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
-    """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running)."""
+def start_reward(root: Path, client: Any = None, **overrides: Any) -> tuple[Any, Any, Any]:
+    """A reward server on the cheap built-in `sentiment` reward: (stub, runtime, running); `client`: the stub's ClientTLS."""
     from rlhf_online.config import RewardSettings, project
     from rlhf_online.reward.runtime import RewardConfig, RewardRuntime
     from rlhf_online.store import open_store
@@ -130,7 +149,7 @@ def start_reward(root: Path, **overrides: Any) -> tuple[Any, Any, Any]:
     settings = RewardSettings(**values)
     runtime = RewardRuntime(project(RewardConfig, settings), open_store(settings.store_url))
     running = start_reward_server(settings, runtime)
-    return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings)), runtime, running
+    return pb_grpc.RewardStub(secure_or_plain_channel(running.port, settings, client)), runtime, running
 
 
 def start_trainer(tiny: Any, root: Path, reward: Callable | None = None, prompts: int = 2,
@@ -235,6 +254,13 @@ def other_cert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> tuple[Any, Any]:
+    """(ours, rogue): two throwaway CAs, each with a server (localhost, 127.0.0.1) and a client certificate."""
+    root = tmp_path_factory.mktemp("pki")
+    return make_pki(root, "ours"), make_pki(root, "rogue")
+
+
+@pytest.fixture(scope="session")
 def kit():
     """The helpers of this file, for test modules (which cannot import conftest under importlib mode)."""
 
@@ -249,5 +275,6 @@ def kit():
         copy_into = staticmethod(copy_into)
         self_signed = staticmethod(self_signed)
         channel = staticmethod(secure_or_plain_channel)
+        leaks = staticmethod(leaks)
 
     return Kit

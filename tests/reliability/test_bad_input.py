@@ -60,11 +60,13 @@ def utf8_broken(message, marker: str) -> bytes:
     return data.replace(marker.encode(), b"\xff\xfe" + b"\x00" * (len(marker) - 2))
 
 
-def _check(call, want: grpc.StatusCode, field: str, kit) -> None:
+def _check(call, want: grpc.StatusCode, field: str, kit, sent: str = "") -> None:
     got, details = kit.code(call)
     assert got == want, f"got {got.name}: {details!r}"
     if want != OK:
         assert field in details, f"the message does not name {field!r}: {details!r}"
+    # Whatever the case, the message shows nothing of the server's insides (`sent`: the request's own text).
+    assert not kit.leaks(details, sent), f"the message shows {kit.leaks(details, sent)}: {details!r}"
 
 
 # ------------------------------------------------------------------------------------------------ Generation
@@ -358,7 +360,8 @@ ACTIVATE_CASES = [
 @pytest.mark.parametrize("name,version,want,field", ACTIVATE_CASES, ids=[c[0] for c in ACTIVATE_CASES])
 def test_activate_policy(trainer, kit, name, version, want, field):
     stub, registry, _ = trainer
-    _check(lambda: stub.ActivatePolicy(tr.ActivatePolicyRequest(version=version), timeout=10), want, field, kit)
+    _check(lambda: stub.ActivatePolicy(tr.ActivatePolicyRequest(version=version), timeout=10), want, field, kit,
+           sent=version)
     assert registry.current() == "v000001"  # nothing moved
     assert stub.GetStatus(tr.GetStatusRequest(), timeout=10).current == "v000001"
 

@@ -176,3 +176,95 @@ def test_no_request_field_is_a_path():
                         if field.message_type is not None and field.message_type is not message:
                             stack.append(field.message_type)
     assert seen > 10
+
+
+# ------------------------------------------------------------------------------------------------ mutual TLS
+
+SCORE = rw.ScoreRequest(items=[rw.ScoreItem(prompt="p", completion="c")])
+
+
+def scores(channel) -> int:
+    from rlhf_online.v1 import reward_pb2_grpc
+
+    return len(reward_pb2_grpc.RewardStub(channel).Score(SCORE, timeout=10).scores)
+
+
+def test_a_tls_client_verifies_the_server_against_the_ca(pki, tmp_path, kit):
+    from rlhf_online.tls import ClientTLS, channel
+
+    ours, rogue = pki
+    _, _, running = kit.start_reward(tmp_path, tls_cert=ours.server_cert, tls_key=ours.server_key)
+    try:
+        for host in ("localhost", "127.0.0.1"):  # both names are in the certificate
+            assert scores(channel(f"{host}:{running.port}", ClientTLS(ours.ca))) == 1
+        assert kit.code(lambda: scores(channel(f"127.0.0.1:{running.port}")))[0] == grpc.StatusCode.UNAVAILABLE
+        # Another CA's bundle does not vouch for this server; nor does a client certificate make up for that.
+        for stranger in (ClientTLS(rogue.ca), ClientTLS(rogue.ca, ours.client_cert, ours.client_key)):
+            got, details = kit.code(lambda stranger=stranger: scores(channel(f"localhost:{running.port}", stranger)))
+            assert got == grpc.StatusCode.UNAVAILABLE, (got, details)
+    finally:
+        running.shutdown(1)
+
+
+def test_mutual_tls_serves_only_clients_with_a_certificate_from_the_client_ca(pki, tmp_path, kit):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rlhf_online.tls import ClientTLS, channel
+    from services.reward import SERVICE_NAME
+    from services.trainer import reward_readiness
+
+    ours, rogue = pki
+    _, _, running = kit.start_reward(tmp_path, tls_cert=ours.server_cert, tls_key=ours.server_key,
+                                     tls_client_ca=ours.ca, health_port=0)
+    addr = f"localhost:{running.port}"
+    try:
+        refused = {
+            "plaintext": None,
+            "TLS, no client certificate": ClientTLS(ours.ca),
+            "a certificate from another CA": ClientTLS(ours.ca, rogue.client_cert, rogue.client_key),
+        }
+        for what, client in refused.items():
+            got, details = kit.code(lambda client=client: scores(channel(addr, client)))
+            assert got == grpc.StatusCode.UNAVAILABLE, (what, got, details)
+            # The trainer's readiness check, configured like that, finds the service unreachable.
+            assert "unreachable" in reward_readiness(addr, timeout=2, tls=client)(), what
+        good = ClientTLS(ours.ca, ours.client_cert, ours.client_key)
+        assert scores(channel(addr, good)) == 1
+        assert reward_readiness(addr, timeout=10, tls=good)() == ""
+        # Probes that cannot speak TLS use the plaintext health port: the same health servicer, nothing else.
+        plain = grpc.insecure_channel(f"127.0.0.1:{running.health_port}")
+        health = health_pb2_grpc.HealthStub(plain)
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert kit.code(lambda: scores(plain))[0] == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        running.shutdown(1)
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_the_trainer_runs_a_round_against_a_reward_service_over_tls(pki, tiny, tmp_path, kit, mutual):
+    from rlhf_online import config
+    from services.trainer import reward_of
+
+    ours, _ = pki
+    _, _, reward = kit.start_reward(tmp_path / "reward", tls_cert=ours.server_cert, tls_key=ours.server_key,
+                                    **({"tls_client_ca": ours.ca} if mutual else {}))
+    # The trainer's reward calls as its settings configure them, from the environment as Kubernetes sets it.
+    env = {"RLHF_REWARD_ADDR": f"localhost:{reward.port}", "RLHF_TLS_CA": str(ours.ca)}
+    if mutual:
+        env.update(RLHF_TLS_CLIENT_CERT=str(ours.client_cert), RLHF_TLS_CLIENT_KEY=str(ours.client_key))
+    score, not_ready = reward_of(config.build(config.TrainerSettings, None, env))
+    assert not_ready() == ""  # reachable, and scoring with the built-in reward
+    stub, registry, running = kit.start_trainer(tiny, tmp_path / "trainer", prompts=8, reward=score,
+                                                reward_not_ready=not_ready)
+    scored = kit.rpcs("Reward", "Score", "OK")
+    try:
+        r = stub.RunRound(tr.RunRoundRequest(), timeout=300)
+        assert r.outcome in ("published", "rejected") and "round failed" not in r.reason, r
+        assert "eval/kl" in r.metrics and kit.rpcs("Reward", "Score", "OK") > scored  # a whole round, scored over TLS
+    finally:
+        running.shutdown(1)
+        reward.shutdown(1)
