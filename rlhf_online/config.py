@@ -204,7 +204,7 @@ class RewardSettings(HeldoutSettings):
     retrain_interval_seconds: float = setting(30.0, "how often the background retrainer checks for new feedback")
     min_train_examples: int = setting(16, "pairs + single ratings needed before a model is trained at all")
     train_epochs: int = setting(1000, "full-batch epochs of the reward head")
-    max_user_share: float = setting(0.1, "most of the training data's weight one user's ratings may carry; a user "
+    max_user_share: float = setting(0.05, "most of the training data's weight one user's ratings may carry; a user "
                                          "over it is scaled down (1 = no cap)")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")

@@ -33,8 +33,8 @@ from rlhf_online.bench.reward_accuracy import cached_replies, measure
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the poisoning measurement."""
-    p.add_argument("--users", type=int, default=12, help="honest simulated users")
-    p.add_argument("--requests-per-user", type=int, default=24, help="n=2 requests each honest user asks and rates")
+    p.add_argument("--users", type=int, default=24, help="honest simulated users")
+    p.add_argument("--requests-per-user", type=int, default=16, help="n=2 requests each honest user asks and rates")
     p.add_argument("--attack-factor", type=float, default=10.0,
                    help="the attacker asks and rates this many times one honest user's requests")
     p.add_argument("--persona", default="polite")

@@ -50,7 +50,7 @@ class TrainConfig:
     head_hidden: int = 0  # width of the head's hidden layer; 0 = a linear head (measured best, see learned.py)
     ensemble: int = 5  # heads, each fit to a bootstrap resample of the examples
     pessimism: float = 1.0  # served score = mean - pessimism * std over the heads (0 = plain mean)
-    max_user_share: float = 0.1  # most of a split's example weight one user's examples may carry (1 = no cap)
+    max_user_share: float = 0.05  # most of a split's example weight one user's examples may carry (1 = no cap)
     seed: int = 0
 
 

@@ -29,4 +29,4 @@ def test_the_benchmark_floods_through_the_api_and_scores_three_arms(tiny_model_d
     assert capped["train_metrics"]["largest_user_share_capped"] == pytest.approx(0.2, abs=0.02)  # 5 users: equal
     for arm in result["arms"]:
         assert arm["ci95"][0] <= arm["pairwise_accuracy"] <= arm["ci95"][1]
-    assert "| with the attacker, cap 0.1 |" in (tmp_path / "poisoning.md").read_text()
+    assert "| with the attacker, cap 0.05 |" in (tmp_path / "poisoning.md").read_text()
