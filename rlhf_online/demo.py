@@ -116,7 +116,10 @@ def service_envs(cfg: DemoConfig, model: Path, state: Path, reward_port: int) ->
               "RLHF_GRACE_SECONDS": "5"}
     return {
         "generation": {**common, "RLHF_TORCH_THREADS": str(cfg.serving_threads), "RLHF_ADAPTER_POLL_SECONDS": "1",
-                       "RLHF_MAX_BATCH_SIZE": "16", "RLHF_CANARY_PERCENT": str(cfg.canary_percent)},
+                       "RLHF_MAX_BATCH_SIZE": "16", "RLHF_CANARY_PERCENT": str(cfg.canary_percent),
+                       # The simulated users are the demo's own load, rating as fast as replies come (on a
+                       # small model, faster than any person): the per-user feedback limit is for real users.
+                       "RLHF_FEEDBACK_RATE_PER_USER": "0"},
         "reward": {**common, "RLHF_TORCH_THREADS": str(cfg.reward_threads),
                    "RLHF_RETRAIN_MIN_FEEDBACK": str(cfg.reward_retrain_min_feedback),
                    "RLHF_RETRAIN_INTERVAL_SECONDS": "10"},

@@ -109,7 +109,8 @@ def test_streamed_deltas_concatenate_to_the_text(make_engine):
 
 def test_deadline_stops_generation_and_frees_the_slot(make_engine):
     engine = make_engine(step_delay=0.01)
-    h = engine.submit(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_new_tokens=500, temperature=1.0),
+    # Seeded: this draw samples all 500 tokens (no early EOS), so only the deadline can end it early.
+    h = engine.submit(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_new_tokens=500, temperature=1.0, seed=0),
                       deadline=time.monotonic() + 0.3)
     with pytest.raises(DeadlineExceeded):
         h.result()
