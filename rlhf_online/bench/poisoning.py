@@ -28,7 +28,7 @@ from typing import Any
 
 from rlhf_online import launch
 from rlhf_online.bench.common import machine, write_report
-from rlhf_online.bench.reward_accuracy import cached_replies, measure
+from rlhf_online.bench.reward_accuracy import add_generation_arguments, cached_replies, measure
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,15 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the attacker asks and rates this many times one honest user's requests")
     p.add_argument("--persona", default="polite")
     p.add_argument("--heldout-prompts", type=int, default=0, help="0 = all held-out prompts")
-    p.add_argument("--heldout-replies", type=int, default=4, help="replies per held-out prompt; every pair is scored")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--base-model", default="smollm2-135m-instruct")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse-generations", action="store_true",
-                   help="reuse the held-out replies cached by an earlier run (of this or bench reward-accuracy)")
-    p.add_argument("--out", default="bench-results")
+    add_generation_arguments(p)  # sampling, model, the held-out replies' cache, --out: as bench reward-accuracy
 
 
 def main(args: argparse.Namespace) -> int:

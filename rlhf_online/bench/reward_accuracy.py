@@ -68,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-n", type=int, default=0,
                    help=f"K in 3..{MAX_RANK_N}: compare rankings of K with preferences (comparison-only feedback, "
                         "default reward only) instead of the two reward variants")
+    add_generation_arguments(p)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags `cached_replies` reads (shared with bench poisoning), and where the report goes."""
     p.add_argument("--heldout-replies", type=int, default=4,
                    help="replies per held-out prompt; every pair of them is scored")
     p.add_argument("--max-new-tokens", type=int, default=48)
