@@ -17,10 +17,10 @@ The served replica may run the model in bf16 while the trainer runs it in fp32: 
 log-probs are recomputed here by the trainer's copy, so the ratio starts at exactly 1 and the
 samples are off by the rounding between the two dtypes only.
 
-No user fills more than `logged_max_user_share` of a batch: one user (with API keys, a tenant's
-end user; anonymous requests of one tenant count as one user) sending most of the traffic, and
-rating it, would otherwise be most of what a round learns from. Without keys there is no identity
-to cap by, and anonymous completions are not capped.
+No user fills more than `logged_max_user_share` of a batch: one user (a tenant's end user, with API
+keys; anonymous requests of one tenant count as one user) sending most of the traffic, and rating
+it, would otherwise be most of what a round learns from. Completions served without a key are not
+capped: their user_id is whatever the client wrote, so there is no identity to cap by.
 
 Held-out membership follows the prompt (data.split, the same rule as the reward model's), so the
 gate can judge a candidate on held-out traffic the round never trained on.
@@ -75,8 +75,9 @@ def to_sample(c: CompletionRecord) -> Sample:
 
 
 def user_of(c: CompletionRecord) -> tuple[str, str]:
-    """Whose completion this is, for the per-user cap: (tenant, user_id); an unkeyed anonymous one is its own."""
-    return (c.tenant, c.user_id) if c.tenant or c.user_id else ("", c.completion_id)
+    """Whose completion this is, for the per-user cap: (tenant, user_id); one served without a key is its own."""
+    # Without a key the user_id is whatever the client wrote: nothing to cap by (and the demo's batches stay whole).
+    return (c.tenant, c.user_id) if c.tenant else ("", c.completion_id)
 
 
 def read(store: Store, version: str, ppo: PPOConfig, cfg: TrainerConfig, heldout_percent: int) -> LoggedBatch:

@@ -59,11 +59,12 @@ def test_no_user_fills_more_than_its_share_of_a_batch(tmp_path):
     assert sum(i.startswith("flood-") for i in ids) == 4  # ceil(0.25 * 16): the rest of the flood is left out
     assert sum(i.startswith("h-") for i in ids) == 12  # four honest users of the same tenant fill the batch
     assert batch.left_out["user share"] >= 36
-    # Without keys there is no identity to cap by: anonymous unkeyed completions each count as their own.
+    # Without keys there is no identity to cap by: unkeyed completions each count as their own, user_id or not.
     with open_store(f"sqlite:///{tmp_path / 'anon.db'}") as store:
-        store.add_completions(anonymous)
-        batch = logged.read(store, "", PPO, TrainerConfig(logged_batch_size=4, logged_max_user_share=0.25), 20)
-    assert len(batch.train) == 4
+        store.add_completions(anonymous + [served(f"claimed-{k}", prompt=train_prompts[k], user_id="bob",
+                                                  created_at=600.0 + k) for k in range(4)])
+        batch = logged.read(store, "", PPO, TrainerConfig(logged_batch_size=8, logged_max_user_share=0.25), 20)
+    assert len(batch.train) == 8 and sum(s.completion_id.startswith("claimed-") for s in batch.train) == 4
 
 
 def test_the_traffic_gate_is_exact_for_an_unchanged_policy_and_follows_the_weights():
