@@ -90,9 +90,9 @@ class TrainerConfig:
     logged_batch_size: int = knob(128, "most logged completions one round trains on (the newest of the served version)")
     min_logged_samples: int = knob(32, "on-policy logged completions a round needs to train on them alone; with "
                                        "fewer it tops them up with batch_size rollouts of its own")
-    logged_max_user_share: float = knob(0.25, "most of a round's logged batch one user's completions may fill (with "
-                                              "API keys: per tenant and user_id), so one user's traffic cannot be "
-                                              "the batch (1 = no cap)")
+    logged_max_user_share: float = knob(0.25, "most of a round's logged batch one user's completions may fill (per "
+                                              "tenant and user_id, for completions served with an API key), so one "
+                                              "user's traffic cannot be the batch (1 = no cap)")
     max_logged_prompt_tokens: int = knob(1024, "logged completions with longer prompts are left out of rounds")
     max_logged_response_tokens: int = knob(128, "logged completions with longer replies are left out of rounds")
     gate_min_samples: int = knob(16, "held-out logged completions of the served version needed to judge a candidate "
