@@ -244,13 +244,25 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         # Constant-time compare so the token cannot be guessed byte by byte from timings.
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, expected):
             return continuation(details)
-        service, method = _split(details.method)
+        return _unauthenticated(details.method, "admin RPC: missing or wrong bearer token")
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            _Outcome(service, method).done(grpc.StatusCode.UNAUTHENTICATED)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin RPC: missing or wrong bearer token")
 
+def _unauthenticated(full_method: str, message: str, handler: Any = None) -> grpc.RpcMethodHandler:
+    """A handler that ends the call UNAUTHENTICATED before any servicer runs, counted like any other RPC.
+
+    Given the method's own handler, it keeps its (de)serializers and its shape, so a streaming
+    method's client gets the status on its stream; without one it reads the request as raw bytes.
+    """
+    service, method = _split(full_method)
+
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        _Outcome(service, method).done(grpc.StatusCode.UNAUTHENTICATED)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
         return grpc.unary_unary_rpc_method_handler(deny)
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
+    return make(deny, handler.request_deserializer, handler.response_serializer)
 
 
 # The verified caller of the RPC running on this thread (None: authentication is off for it).
@@ -277,22 +289,12 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or details.method not in self.methods:
             return handler
-        service, method = _split(details.method)
         presented = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
         presented = presented.decode(errors="replace") if isinstance(presented, bytes) else presented
         try:
             identity = self.authenticator.identify(presented)
         except errors.Unauthenticated as e:
-            refusal = str(e)
-
-            def deny(request: Any, context: grpc.ServicerContext) -> Any:
-                _Outcome(service, method).done(grpc.StatusCode.UNAUTHENTICATED)
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-
-            if handler.unary_stream:
-                return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer,
-                                                            handler.response_serializer)
-            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+            return _unauthenticated(details.method, str(e), handler)
         if handler.unary_unary:
             return handler._replace(unary_unary=_as_caller(handler.unary_unary, identity))
         if handler.unary_stream:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_online.bench.common import machine, write_report
+from rlhf_online.simulate.users import MAX_RANK_N  # the largest ranking a user can send
 
 if TYPE_CHECKING:
     from rlhf_online.reward.models import RewardModel
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 # default before 2026-12-03
 VARIANTS = (("default (layer 3, linear head)", 3, {}),
             ("baseline (last layer, MLP 256)", -1, {"head_hidden": 256, "epochs": 300}))
-MAX_RANK_N = 8  # the Generation service's default max_n: the largest ranking a user can send
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import grpc
 
+from rlhf_online.engine.request import Limits
 from rlhf_online.simulate.judges import PERSONAS, Persona
 from rlhf_online.tls import ClientTLS, channel
 
 log = logging.getLogger("rlhf_online.simulate")
 
-MAX_RANK_N = 8  # the Generation service's default max_n: no more candidates per request, nor per ranking
+MAX_RANK_N = Limits().max_n  # the Generation service's default max_n: no more candidates per request, nor per ranking
 
 
 @dataclass(frozen=True)
