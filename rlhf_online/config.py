@@ -206,6 +206,8 @@ class RewardSettings(HeldoutSettings):
     train_epochs: int = setting(1000, "full-batch epochs of the reward head")
     max_user_share: float = setting(0.05, "most of the training data's weight one user's ratings may carry; a user "
                                          "over it is scaled down (1 = no cap)")
+    window_examples: int = setting(20000, "train on the newest this many thumbs, preferences and rankings (each), "
+                                          "read incrementally: a retrain's store time does not grow with history")
     max_score_items: int = setting(1024, "most items one Score call may carry")
     max_text_chars: int = setting(16384, "longest prompt or completion Score accepts")
     rating_reward: float = setting(2.0, "Score of an item whose completion_id users rated: each thumbs up or "
@@ -225,7 +227,8 @@ class RewardSettings(HeldoutSettings):
         super().validate()
         _check("pin_version", self.pin_version, not self.pin_version or is_version(self.pin_version, REWARD_PREFIX),
                "a version like r000003")
-        for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "max_score_items", "max_text_chars"):
+        for name in ("retrain_min_feedback", "min_train_examples", "train_epochs", "window_examples", "max_score_items",
+                     "max_text_chars"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("retrain_interval_seconds", self.retrain_interval_seconds, self.retrain_interval_seconds > 0, "> 0")
         _check("retrain_growth", self.retrain_growth, self.retrain_growth >= 0, ">= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -72,25 +73,47 @@ def run_reward(settings: RewardSettings) -> int:
 
 
 def run_trainer(settings: TrainerSettings) -> int:
-    """`rlhf-online serve trainer`: rounds run on the main thread until SIGTERM."""
+    """`rlhf-online serve trainer`: rounds run on the main thread until SIGTERM.
+
+    Under torchrun (WORLD_SIZE > 1) rank 0 is the service and the other ranks follow its rounds.
+    """
     from rlhf_online.adapters.registry import AdapterRegistry
     from rlhf_online.canary.controller import CanaryController
     from rlhf_online.mainthread import MainThreadRunner
-    from rlhf_online.ppo.trainer import Trainer, load_base_model
+    from rlhf_online.ppo import distributed
+    from rlhf_online.ppo.trainer import Trainer, follow, load_base_model
+    from services.server import start_server
     from services.trainer import reward_of, start_trainer_server
 
     set_threads(settings)
-    registry = AdapterRegistry(settings.adapter_dir)
+    ranks = distributed.from_environment()
     base = load_base_model(resolve_base_model(settings.base_model, Path(settings.data_dir)), settings.device)
+    if not ranks.is_leader:  # no API, no store, no reward client: rank 0's rounds, forward passes and updates
+        log.info("trainer rank following rank 0", extra={"rank": ranks.rank, "world": ranks.world})
+        # Health and metrics only, for the probes every rank's pod shares; on one machine a local rank's
+        # ports are rank 0's plus its local rank, so that they do not collide.
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        own = dataclasses.replace(settings, port=settings.port and settings.port + local,
+                                  metrics_port=settings.metrics_port and settings.metrics_port + local)
+        running = start_server(own, [], lambda server: None, workers=2)
+        follow(settings.ppo, base, ranks)
+        running.shutdown(0)
+        return 0
+    registry = AdapterRegistry(settings.adapter_dir)
     store = open_store(settings.store_url)
     canary = (CanaryController(settings.canary_controller, settings.canary_test, registry, store)
               if settings.canary_controller.canary else None)
     score, not_ready = reward_of(settings)
     trainer = Trainer(settings.trainer, settings.ppo, store, registry, score, base, base_model=settings.base_model,
-                      reward_not_ready=not_ready, heldout_percent=settings.heldout_percent, canary=canary)
+                      reward_not_ready=not_ready, heldout_percent=settings.heldout_percent, canary=canary,
+                      ranks=ranks)
     runner = MainThreadRunner()
     running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)
     runner.run_forever()
     running.stopped.wait()
+    try:
+        trainer.release_followers()
+    except Exception as e:  # torchrun stopping the group may have stopped the other ranks first
+        log.info("the other ranks were gone at shutdown", extra={"error": type(e).__name__})
     return 0

@@ -107,7 +107,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         return pb.TrainerStatus(current=self.registry.current(), canary=self.registry.canary(),
                                 round_in_progress=t.in_progress.is_set(),
                                 rounds_total=t.rounds_total, last_round=_round_pb(t.last),
-                                feedback_since_last_round=max(0, t.store.count_feedback() - t.feedback_at_last_round))
+                                feedback_since_last_round=t.feedback_since_last_round())
 
     def RunRound(self, request: pb.RunRoundRequest, context: grpc.ServicerContext) -> pb.RoundResult:
         """One round now (queued behind a running one)."""

@@ -100,6 +100,9 @@ class TrainerConfig:
     gate_min_ess: float = knob(0.25, "share of the held-out samples' effective sample size a candidate must keep "
                                      "to be judged on logged traffic (lower: it moved too far; the gate samples)")
     min_prompts: int = knob(4, "logged prompts needed before a round runs (fewer: the round is skipped)")
+    prompt_window: int = knob(10000, "the trainer's own rollouts and the gate draw prompts from the newest this many "
+                                     "logged completions (a bounded read: a round's store time does not grow "
+                                     "with the history)")
     kl_budget: float = knob(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
     eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
     eval_samples_per_prompt: int = knob(4, "sampled replies per held-out prompt in the gate's evaluation")
@@ -113,6 +116,7 @@ class TrainerConfig:
             "round_min_feedback": (self.round_min_feedback >= 0, ">= 0"),
             "round_min_traffic": (self.round_min_traffic >= 0, ">= 0"),
             "min_prompts": (self.min_prompts >= 1, ">= 1"),
+            "prompt_window": (self.prompt_window >= 1, ">= 1"),
             "logged_batch_size": (self.logged_batch_size >= 1, ">= 1"),
             "min_logged_samples": (self.min_logged_samples >= 1, ">= 1"),
             "logged_max_user_share": (0 < self.logged_max_user_share <= 1, "in (0, 1]"),

@@ -63,20 +63,22 @@ class PolicyWithValue(nn.Module):
         """A copy of the trainable weights (LoRA and value head): a few MB, where a model copy would be hundreds."""
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
+    @torch.no_grad()
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Take these trainable weights (a `trainable_state()` of a policy with the same LoRA layout)."""
+        params = dict(self.named_parameters())
+        for n, w in state.items():
+            params[n].copy_(w)
+
     @contextmanager
     def using(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
         """Run with other trainable weights for a while (e.g. the served version's, to compare a candidate with it)."""
         own = self.trainable_state()
-        params = dict(self.named_parameters())
-        with torch.no_grad():
-            for n, w in state.items():
-                params[n].copy_(w)
+        self.load_trainable(state)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for n, w in own.items():
-                    params[n].copy_(w)
+            self.load_trainable(own)
 
     def save(self, directory: Path) -> None:
         """The PEFT adapter files plus the value head, for publishing and for the next round's warm start."""

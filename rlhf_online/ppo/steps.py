@@ -17,6 +17,7 @@ import torch
 
 from rlhf_online.ppo import core
 from rlhf_online.ppo.config import PPOConfig
+from rlhf_online.ppo.distributed import SINGLE, Ranks
 from rlhf_online.ppo.policy import PolicyWithValue
 
 # reward_fn(prompts, texts, completion_ids) -> one score per item; a non-empty completion id names the logged
@@ -119,11 +120,13 @@ def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg:
 
 
 @torch.no_grad()
-def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg: PPOConfig) -> Rollouts:
+def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg: PPOConfig,
+            ranks: Ranks = SINGLE) -> Rollouts:
     """Policy and reference log-probs and values of given samples: forward passes only, no generation.
 
     Rows go through the model cfg.local_rollout_forward_batch_size at a time: a whole round's batch
-    at once would hold [B, L, vocab] logits (gigabytes at a few hundred rows).
+    at once would hold [B, L, vocab] logits (gigabytes at a few hundred rows). With several ranks
+    each computes its share of the rows and every rank gets them all back (ppo.distributed).
     """
     policy.eval()
     query, query_mask = _left_padded([s.prompt_ids for s in samples], pad_id)
@@ -135,12 +138,13 @@ def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg
         mask[i, : len(s.response_ids)] = 1.0
     ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
     lq = query.shape[1]
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for rows in torch.arange(len(samples)).split(cfg.local_rollout_forward_batch_size):
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(torch.zeros(0, t),) * 3]  # a rank may get none
+    for rows in ranks.share(torch.arange(len(samples))).split(cfg.local_rollout_forward_batch_size):
         logprobs, values = _response_slices(policy, ids[rows], attn[rows], lq, t, response[rows], cfg.temperature)
         ref_logits = policy.reference_logits(ids[rows], attn[rows], keep=t + 1)[:, :t] / cfg.temperature
         parts.append((logprobs, core.logprobs_of(ref_logits, response[rows]), values))
-    logprobs, ref_logprobs, values = (torch.cat(x) for x in zip(*parts, strict=True))
+    logprobs, ref_logprobs, values = (ranks.gather_rows(torch.cat(x).float(), len(samples))
+                                      for x in zip(*parts, strict=True))
     return Rollouts([s.prompt for s in samples], query, query_mask, response, mask, [s.text for s in samples],
                     torch.tensor([s.ended for s in samples]), logprobs * mask, ref_logprobs * mask, values * mask,
                     [s.completion_id for s in samples])
@@ -185,26 +189,32 @@ def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PP
 
 
 def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: Rollouts, adv: torch.Tensor,
-           returns: torch.Tensor, cfg: PPOConfig) -> dict[str, float]:
+           returns: torch.Tensor, cfg: PPOConfig, ranks: Ranks = SINGLE) -> dict[str, float]:
     """num_ppo_epochs passes of minibatch PPO; stops early once the policy moved past early_stop_approxkl.
 
     Each minibatch (batch / num_mini_batches rows) is one optimizer step, its gradient accumulated
     over forward/backward passes of cfg.per_device_train_batch_size rows, so a batch of a few hundred
-    logged samples fits in memory.
+    logged samples fits in memory. With several ranks each takes its share of every minibatch's rows
+    and the gradients are summed over the ranks before the step (ppo.distributed); the stats are
+    this rank's micro-batches'.
     """
     policy.train()
     ids, attn = rollouts.sequences
     lq, t = rollouts.query.shape[1], rollouts.response.shape[1]
     batch = ids.shape[0]
     size = math.ceil(batch / min(cfg.num_mini_batches, batch))
+    params = policy.trainable_parameters()
+    # One permutation on every rank (rank 0's seed): the ranks split the same minibatches.
+    order = torch.Generator().manual_seed(ranks.broadcast(int(torch.randint(2**62, ()))))
     history: dict[str, list[float]] = {}
     epochs_run = 0
     for _ in range(cfg.num_ppo_epochs):
         epochs_run += 1
-        epoch_kl = []
-        for minibatch in torch.randperm(batch).split(size):
+        epoch_kl = torch.zeros(2, dtype=torch.float64)  # [sum of approx. KL x tokens, tokens], over all ranks
+        for minibatch in torch.randperm(batch, generator=order).split(size):
             optimizer.zero_grad()
-            for idx in minibatch.split(cfg.per_device_train_batch_size):
+            tokens = rollouts.mask[minibatch].sum()
+            for idx in ranks.share(minibatch).split(cfg.per_device_train_batch_size):
                 logprobs, values = _response_slices(policy, ids[idx], attn[idx], lq, t, rollouts.response[idx],
                                                     cfg.temperature)
                 m = rollouts.mask[idx]
@@ -212,19 +222,38 @@ def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: 
                 vf_loss, vf_stats = core.value_loss(values, rollouts.values[idx], returns[idx], m,
                                                     cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                (loss * len(idx) / len(minibatch)).backward()  # the minibatch's mean over its micro-batches
+                # The losses are token means over the micro-batch; weighted by its share of the minibatch's
+                # tokens they add up to the minibatch's token mean, however its rows are split into
+                # micro-batches and ranks (the same gradient on 1 rank or N).
+                (loss * m.sum() / tokens).backward()
                 for k, v in {**pg_stats, **vf_stats, "loss/policy_avg": pg_loss.item(),
                              "loss/value_avg": vf_loss.item(), "loss/total": loss.item()}.items():
                     history.setdefault(k, []).append(v)
-                epoch_kl.append(pg_stats["policy/approxkl"])
-            torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
+                epoch_kl += torch.tensor([pg_stats["policy/approxkl"] * float(m.sum()), float(m.sum())],
+                                         dtype=torch.float64)
+            _sum_gradients(params, ranks)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-        if cfg.early_stop_approxkl and sum(epoch_kl) / len(epoch_kl) > cfg.early_stop_approxkl:
+        ranks.sum_(epoch_kl)
+        if cfg.early_stop_approxkl and epoch_kl[0] / epoch_kl[1] > cfg.early_stop_approxkl:
             break
     policy.eval()
     stats = {k: sum(v) / len(v) for k, v in history.items()}
     stats["policy/epochs"] = float(epochs_run)
     return stats
+
+
+def _sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
+    """Sum the gradients over the ranks in one flat buffer (a rank without rows in a minibatch adds zeros)."""
+    if ranks.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    ranks.sum_(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
 
 
 @torch.no_grad()

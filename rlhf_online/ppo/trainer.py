@@ -37,10 +37,12 @@ from rlhf_online.errors import RlhfError
 from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
+from rlhf_online.ppo.distributed import SINGLE, Ranks
 from rlhf_online.ppo.policy import PolicyWithValue
 from rlhf_online.store import Store
 
 log = logging.getLogger("rlhf_online.trainer")
+ROUND, STOP = "round", "stop"  # rank 0's commands to the other ranks
 
 
 @dataclass
@@ -53,11 +55,13 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def split_prompts(store: Store, heldout_percent: int) -> tuple[list[str], list[str]]:
-    """Distinct logged plain prompts, split (by a hash of the text) into training and held-out ones."""
-    prompts = store.distinct_prompts()
+def split_prompts(store: Store, heldout_percent: int, window: int) -> tuple[list[str], list[str]]:
+    """Distinct plain prompts of the newest `window` completions, split (by a hash of the text) into training and
+    held-out ones."""
+    prompts = store.recent_prompts(window)
     held = [p for p in prompts if is_heldout(p, heldout_percent)]
-    return [p for p in prompts if p not in set(held)], held
+    held_set = set(held)  # once: `p not in set(held)` built the set again for every prompt (quadratic)
+    return [p for p in prompts if p not in held_set], held
 
 
 def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z: float = 2.0) -> tuple[bool, str]:
@@ -119,7 +123,7 @@ class Trainer:
     def __init__(self, config: TrainerConfig, ppo: PPOConfig, store: Store, registry: AdapterRegistry,
                  reward_fn: steps.RewardFn, load_base: Callable[[], tuple[Any, Any]], *, base_model: str,
                  reward_not_ready: Callable[[], str] | None = None, heldout_percent: int = HELDOUT_PERCENT,
-                 canary: CanaryController | None = None) -> None:
+                 canary: CanaryController | None = None, ranks: Ranks = SINGLE) -> None:
         self.config, self.ppo, self.base_model = config, ppo, base_model  # base_model: recorded in manifests
         self.heldout_percent = heldout_percent  # the same setting as the reward model's, so both hold out alike
         self.store, self.registry, self.reward_fn = store, registry, reward_fn
@@ -128,13 +132,15 @@ class Trainer:
         self.reward_not_ready = reward_not_ready or (lambda: "")
         self.load_base = load_base
         self.canary = canary  # None: a candidate that passes the gate becomes CURRENT at once
+        # With several ranks (torchrun), rank 0 is this trainer and the others run `follow()`.
+        self.ranks = ranks
         _, self.tokenizer = load_base()
         self.kl_ctl = (AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.init_kl_coef))
         self.rounds_total = 0
         self.last = RoundResult("skipped", reason="no round yet")
         self.in_progress = threading.Event()
-        self.feedback_at_last_round = 0
+        self.feedback_seq_at_last_round = 0  # the newest feedback seq when the last round started
         self.rng = random.Random(self.ppo.seed)
         # The gate's held-out prompts, fixed once there are enough, so evaluations stay comparable
         # across rounds; and the replies of recent evaluations by (version, prompts): a version's
@@ -175,7 +181,7 @@ class Trainer:
 
     def _round(self) -> RoundResult:
         """Read the served version's traffic (top it up with own rollouts if thin), score, update, gate, publish."""
-        self.feedback_at_last_round = self.store.count_feedback()
+        self.feedback_seq_at_last_round = self.newest_feedback_seq()
         started = time.time()
         self._candidate_replies = None
         current = head(self.registry)  # CURRENT, or the newest candidate users are judging or will judge
@@ -184,7 +190,7 @@ class Trainer:
         traffic = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent)
                    if self.config.learn_from_traffic else logged.LoggedBatch([], [], Counter()))
         own = len(traffic.train) < self.config.min_logged_samples  # thin traffic: sample rollouts too
-        train = split_prompts(self.store, self.heldout_percent)[0] if own else []
+        train = split_prompts(self.store, self.heldout_percent, self.config.prompt_window)[0] if own else []
         if own and len(train) < self.config.min_prompts:
             return RoundResult("skipped", reason=f"{len(traffic.train)} logged on-policy completions < "
                                                  f"min_logged_samples {self.config.min_logged_samples} and {len(train)} "
@@ -202,18 +208,25 @@ class Trainer:
                                     self.ppo)
         times["time/rollout_seconds"] = time.time() - t
         t = time.time()
-        rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo)
+        if self.ranks.world > 1:  # the other ranks join the round here: the starting weights and the samples
+            self.ranks.broadcast((ROUND, policy.trainable_state(), samples))
+        rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo, self.ranks)
         times["time/forward_seconds"] = time.time() - t
         t = time.time()
-        scores = steps.score(rollouts, self.reward_fn, self.ppo)
+        try:
+            scores = steps.score(rollouts, self.reward_fn, self.ppo)
+        except BaseException:
+            self.ranks.broadcast(None)  # the other ranks leave this round; this one records why it failed
+            raise
+        scores, kl_coef = self.ranks.broadcast((scores, self.kl_ctl.value))
         times["time/score_seconds"] = time.time() - t
-        adv, returns, stats = steps.advantages(rollouts, scores, self.kl_ctl.value, self.ppo)
+        adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, self.ppo)
         t = time.time()
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
-        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo))
+        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo, self.ranks))
         times["time/update_seconds"] = time.time() - t
         self.kl_ctl.update(stats["objective/kl"], len(samples))
-        stats.update({"samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
+        stats.update({"trainer/ranks": float(self.ranks.world), "samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
                       "samples/not_on_policy": float(sum(traffic.left_out.values())),
                       # rewarded by their users' ratings (the Reward service combines them with its score)
                       "samples/rated": float(len(self.store.rating_evidence([s.completion_id for s in traffic.train])))})
@@ -237,6 +250,11 @@ class Trainer:
         if self._candidate_replies is not None:
             self._remember(version, *self._candidate_replies)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
+
+    def release_followers(self) -> None:
+        """Rank 0, on shutdown: the other ranks' `follow()` returns."""
+        if self.ranks.world > 1:
+            self.ranks.broadcast((STOP,))
 
     def _gate(self, policy: PolicyWithValue, served_weights: dict[str, torch.Tensor], current: str
               ) -> tuple[bool, str, dict[str, float]]:
@@ -263,7 +281,7 @@ class Trainer:
                 return passed, reason, numbers
             log.info("candidate moved too far to be judged on traffic; sampling instead",
                      extra={"ess_share": round(v.ess_share, 3)})
-        train, held = split_prompts(self.store, self.heldout_percent)
+        train, held = split_prompts(self.store, self.heldout_percent, self.config.prompt_window)
         held = self._gate_prompts(held or train)
         before = self._evaluate(lambda: self._policy(current), current, held)
         after = self._evaluate(lambda: policy, None, held)
@@ -302,16 +320,54 @@ class Trainer:
         while len(self._eval_cache) > 4:  # only the latest few versions can be CURRENT again soon
             self._eval_cache.pop(next(iter(self._eval_cache)))
 
+    def newest_feedback_seq(self) -> int:
+        """The seq of the newest thumbs rating (0 with none)."""
+        newest = self.store.list_feedback(limit=1, newest=True)
+        return newest[0].seq if newest else 0
+
+    def feedback_since_last_round(self) -> int:
+        """Thumbs ratings since the last round started (counted by seq: a range of the key, not the history).
+
+        A rating that commits after a later one may be counted a round late: this is a trigger, not a read.
+        """
+        return self.store.count_feedback(after_seq=self.feedback_seq_at_last_round)
+
     def due(self, last_round_at: float, now: float | None = None) -> bool:
         """A round is due: enough new traffic of the served version or new feedback since the last round, or the interval passed."""
         s = self.config
         if s.learn_from_traffic and s.round_min_traffic and self.store.count_served(
                 head(self.registry), self.last_round_started_at) >= s.round_min_traffic:
             return True
-        if s.round_min_feedback and self.store.count_feedback() - self.feedback_at_last_round >= s.round_min_feedback:
+        if s.round_min_feedback and self.feedback_since_last_round() >= s.round_min_feedback:
             return True
         now = time.time() if now is None else now
         return bool(s.round_interval_seconds) and now - last_round_at >= s.round_interval_seconds
+
+
+def follow(ppo: PPOConfig, load_base: Callable[[], tuple[Any, Any]], ranks: Ranks) -> int:
+    """Ranks other than 0 (torchrun): take part in rank 0's rounds, its forward passes and updates, until it says stop;
+    returns how many rounds it trained in.
+
+    Rank 0 reads the store, samples, calls the reward service, gates and publishes; here only the
+    data-parallel steps run (ppo.distributed), in the same order of collectives as rank 0's round.
+    """
+    _, tokenizer = load_base()
+    trained = 0
+    while (command := ranks.broadcast(None))[0] != STOP:
+        _, state, samples = command
+        base, _ = load_base()
+        policy = PolicyWithValue(base, ppo)  # the same LoRA layout as rank 0's, then rank 0's starting weights
+        policy.load_trainable(state)
+        rollouts = steps.measure(policy, samples, tokenizer.pad_token_id, ppo, ranks)
+        shared = ranks.broadcast(None)
+        if shared is None:  # rank 0 could not score: the round failed there, and it records why
+            continue
+        scores, kl_coef = shared
+        adv, returns, _ = steps.advantages(rollouts, scores, kl_coef, ppo)
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=ppo.learning_rate)
+        steps.update(policy, optimizer, rollouts, adv, returns, ppo, ranks)
+        trained += 1
+    return trained
 
 
 def load_base_model(path: Path, device: str = "cpu") -> Callable[[], tuple[Any, Any]]:

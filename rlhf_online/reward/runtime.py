@@ -25,6 +25,7 @@ from rlhf_online.reward.models import (
 from rlhf_online.reward.ratings import RatingRule
 from rlhf_online.reward.registry import RewardRegistry
 from rlhf_online.reward.training import TrainConfig, train_and_gate
+from rlhf_online.reward.window import FeedbackWindow
 from rlhf_online.store import RatingEvidence, Store
 
 log = logging.getLogger("rlhf_online.reward")
@@ -54,6 +55,7 @@ class RewardConfig:
     rating_reward: float  # with rating_prior_weight: the RatingRule that scores rated completions
     rating_prior_weight: float
     max_user_share: float  # the per-user cap of reward training (TrainConfig.max_user_share)
+    window_examples: int  # the training window (TrainConfig.window_examples)
 
 
 class RewardRuntime:
@@ -73,9 +75,13 @@ class RewardRuntime:
         self.train_config = TrainConfig(heldout_percent=config.heldout_percent, epochs=config.train_epochs,
                                         head_hidden=config.head_hidden,
                                         min_train_examples=config.min_train_examples,
-                                        max_user_share=config.max_user_share)
+                                        max_user_share=config.max_user_share,
+                                        window_examples=config.window_examples)
+        # The training data, read incrementally by the retrainer (a refresh costs what is new, not the history).
+        self.window = FeedbackWindow(store, config.window_examples)
         self.rule = RatingRule(rating_reward=config.rating_reward, prior_weight=config.rating_prior_weight)
         self._train_lock = threading.Lock()
+        self._window_lock = threading.RLock()  # a refresh never runs while a training reads the window
         self._learned: RewardModel = UntrainedReward()
         self._manifest: dict = {}
         self._seen_at_last_train = 0
@@ -173,10 +179,11 @@ class RewardRuntime:
         """Retrain from the store now; swap the served model if the candidate passed its gate."""
         if self.encoder is None:
             return {}, False, "the configured reward has no learned part"
-        with self._train_lock:
+        with self._train_lock, self._window_lock:
             seen = self._feedback_count()
             t0 = time.time()
-            manifest, promoted, reason = train_and_gate(self.registry, self.store, self.encoder, self.train_config)
+            manifest, promoted, reason = train_and_gate(self.registry, self.store, self.encoder, self.train_config,
+                                                        self.window)
             self._seen_at_last_train = seen
             if manifest.get("version"):
                 metrics.REWARD_TRAINING_SECONDS.observe(time.time() - t0)
@@ -187,13 +194,19 @@ class RewardRuntime:
             return manifest, promoted, reason
 
     def _feedback_count(self) -> int:
-        """Thumbs, preferences and rankings in the store: what a retrain is due on."""
-        return self.store.count_feedback() + self.store.count_preferences() + self.store.count_rankings()
+        """Thumbs, preferences and rankings read so far (the window refreshed first): what a retrain is due on."""
+        with self._window_lock:  # the retrainer and a TrainReward call may both refresh
+            self.window.refresh()
+            return self.window.seen
 
     def retrain_due(self, feedback: int) -> bool:
-        """Enough new feedback for a background retrain: the configured count, and the configured growth."""
+        """Enough new feedback for a background retrain: the configured count, and the configured growth.
+
+        Growth is of the data a retrain uses (at most the window), so retrains do not thin out as history grows.
+        """
         new = feedback - self._seen_at_last_train
-        return new >= max(self.config.retrain_min_feedback, self.config.retrain_growth * self._seen_at_last_train)
+        used = min(self._seen_at_last_train, 3 * self.config.window_examples)
+        return new >= max(self.config.retrain_min_feedback, self.config.retrain_growth * used)
 
     def retrain_forever(self) -> None:
         """Background loop: retrain once enough new feedback arrived since the last training."""

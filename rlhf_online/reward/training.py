@@ -30,6 +30,7 @@ from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import HeadConfig, LearnedReward, RewardHead, features
 from rlhf_online.reward.registry import RewardRegistry
 from rlhf_online.reward.user_cap import UserShares, user_factors
+from rlhf_online.reward.window import FeedbackWindow
 from rlhf_online.store import CompletionRecord, Store
 
 log = logging.getLogger("rlhf_online.reward")
@@ -51,6 +52,7 @@ class TrainConfig:
     ensemble: int = 5  # heads, each fit to a bootstrap resample of the examples
     pessimism: float = 1.0  # served score = mean - pessimism * std over the heads (0 = plain mean)
     max_user_share: float = 0.05  # most of a split's example weight one user's examples may carry (1 = no cap)
+    window_examples: int = 20_000  # train on the newest this many thumbs, preferences and rankings (each)
     seed: int = 0
 
 
@@ -117,14 +119,13 @@ class Dataset:
     feedback_seen: int
 
 
-def build_dataset(store: Store, cfg: TrainConfig) -> Dataset:
-    """Everything the store has, split by prompt."""
-    feedback = store.list_feedback()
-    preferences = store.list_preferences()
-    rankings = store.list_rankings()
-    ids = {f.completion_id for f in feedback} | {p.chosen_completion_id for p in preferences} | \
-        {p.rejected_completion_id for p in preferences} | {c for r in rankings for c in r.completion_ids}
-    comps = store.get_completions(ids)  # feedback references existing completions (a foreign key)
+def build_dataset(store: Store, cfg: TrainConfig, window: FeedbackWindow | None = None) -> Dataset:
+    """The window's feedback (a fresh one of the store's newest `window_examples` if none is given), split by prompt."""
+    if window is None:
+        window = FeedbackWindow(store, cfg.window_examples)
+        window.refresh()
+    feedback, preferences, rankings = window.feedback, window.preferences, window.rankings
+    comps = window.completions
     splits = {True: Split(), False: Split()}
 
     def split_of(cid: str) -> Split:
@@ -258,15 +259,15 @@ def accuracy_margin(accuracy: float, n: int, z: float = 1.96) -> float:
     return z * math.sqrt(2 * p * (1 - p) / n)
 
 
-def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder,
-                   cfg: TrainConfig) -> tuple[dict, bool, str]:
-    """Train a candidate on all feedback; promote it unless it is worse than the current one beyond noise.
+def train_and_gate(registry: RewardRegistry, store: Store, encoder: TextEncoder, cfg: TrainConfig,
+                   window: FeedbackWindow | None = None) -> tuple[dict, bool, str]:
+    """Train a candidate on the window's feedback; promote it unless it is worse than the current one beyond noise.
 
     Returns (the candidate's manifest, promoted, reason). Every trained candidate is kept in the
     registry, promoted or not, so that its metrics can be audited.
     """
     t0 = time.time()
-    data = build_dataset(store, cfg)
+    data = build_dataset(store, cfg, window)
     if data.train.examples < cfg.min_train_examples:
         reason = f"not enough feedback: {data.train.examples} training examples < {cfg.min_train_examples}"
         return {"version": "", "metrics": {}, "feedback_seen": data.feedback_seen}, False, reason

@@ -172,8 +172,8 @@ class Store(ABC):
         """The completions with these ids, in the order first given; ids not in the store are left out."""
 
     @abstractmethod
-    def distinct_prompts(self, after_created_at: float = 0.0) -> list[str]:
-        """Distinct non-empty plain prompts of completions created after a time, in code-point order."""
+    def recent_prompts(self, limit: int) -> list[str]:
+        """Distinct prompts of the newest `limit` completions with a plain prompt, in code-point order."""
 
     @abstractmethod
     def served_completions(self, policy_version: str, after_created_at: float = 0.0,
@@ -204,16 +204,24 @@ class Store(ABC):
         """Completions created after a time, oldest first."""
 
     @abstractmethod
-    def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
-        """Feedback with seq > after_seq, in seq order."""
+    def list_feedback(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                      seqs: Sequence[int] | None = None) -> list[FeedbackRecord]:
+        """Feedback with seq > after_seq, in seq order.
+
+        `newest`: the newest `limit` of them (still returned in seq order), where a reader starts with a
+        window. `seqs`: only the rows holding these seqs (after_seq and limit ignored): where a reader
+        asks again for rows that committed after later ones (store.tail).
+        """
 
     @abstractmethod
-    def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
-        """Preferences with seq > after_seq, in seq order."""
+    def list_preferences(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                         seqs: Sequence[int] | None = None) -> list[PreferenceRecord]:
+        """Preferences with seq > after_seq, in seq order (see list_feedback)."""
 
     @abstractmethod
-    def list_rankings(self, after_seq: int = 0, limit: int | None = None) -> list[RankingRecord]:
-        """Rankings with seq > after_seq, in seq order."""
+    def list_rankings(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                      seqs: Sequence[int] | None = None) -> list[RankingRecord]:
+        """Rankings with seq > after_seq, in seq order (see list_feedback)."""
 
     @abstractmethod
     def rating_evidence(self, completion_ids: Iterable[str]) -> dict[str, RatingEvidence]:
@@ -242,8 +250,8 @@ class Store(ABC):
         """Mark a key revoked from now on; False if it was already (NotFound if there is no such key)."""
 
     @abstractmethod
-    def count_feedback(self) -> int:
-        """Number of feedback rows."""
+    def count_feedback(self, after_seq: int = 0) -> int:
+        """Number of feedback rows with seq > after_seq."""
 
     @abstractmethod
     def count_preferences(self) -> int:

@@ -219,12 +219,12 @@ class SqlStore(Store):
             found.update((row[0], completion_record(row)) for row in rows)
         return {cid: found[cid] for cid in wanted if cid in found}
 
-    def distinct_prompts(self, after_created_at: float = 0.0) -> list[str]:
-        """Distinct non-empty plain prompts of completions created after a time, in code-point order."""
-        rows = self._read("SELECT DISTINCT prompt FROM completions WHERE created_at > ? AND prompt <> ''",
-                          (after_created_at,))
+    def recent_prompts(self, limit: int) -> list[str]:
+        """Distinct prompts of the newest `limit` completions with a plain prompt, in code-point order."""
+        query, args = limited("SELECT prompt FROM completions WHERE prompt <> '' ORDER BY created_at DESC",
+                              [], limit)
         # Sorted here, not by ORDER BY: PostgreSQL would order by the database's collation, not by code point.
-        return sorted(prompt for (prompt,) in rows)
+        return sorted({prompt for (prompt,) in self._read(query, args)})
 
     def list_completions(self, after_created_at: float = 0.0, limit: int | None = None) -> list[CompletionRecord]:
         """Completions created after a time, oldest first."""
@@ -246,25 +246,39 @@ class SqlStore(Store):
                           (policy_version, after_created_at))
         return int(rows[0][0])
 
-    def list_feedback(self, after_seq: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
-        """Feedback with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, completion_id, user_id, rating, comment, created_at, tenant, rater_role "
-                              "FROM feedback "
-                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
-        return [FeedbackRecord(*row) for row in self._read(query, args)]
+    def list_feedback(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                      seqs: Sequence[int] | None = None) -> list[FeedbackRecord]:
+        """Feedback with seq > after_seq in seq order (Store.list_feedback says what `newest` and `seqs` do)."""
+        rows = self._list_seq("SELECT seq, completion_id, user_id, rating, comment, created_at, tenant, rater_role "
+                              "FROM feedback", after_seq, limit, newest, seqs)
+        return [FeedbackRecord(*row) for row in rows]
 
-    def list_preferences(self, after_seq: int = 0, limit: int | None = None) -> list[PreferenceRecord]:
-        """Preferences with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, chosen_id, rejected_id, user_id, created_at, tenant, rater_role "
-                              "FROM preferences "
-                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
-        return [PreferenceRecord(*row) for row in self._read(query, args)]
+    def list_preferences(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                         seqs: Sequence[int] | None = None) -> list[PreferenceRecord]:
+        """Preferences with seq > after_seq in seq order (see list_feedback)."""
+        rows = self._list_seq("SELECT seq, chosen_id, rejected_id, user_id, created_at, tenant, rater_role "
+                              "FROM preferences", after_seq, limit, newest, seqs)
+        return [PreferenceRecord(*row) for row in rows]
 
-    def list_rankings(self, after_seq: int = 0, limit: int | None = None) -> list[RankingRecord]:
-        """Rankings with seq > after_seq, in seq order."""
-        query, args = limited("SELECT seq, completion_ids, user_id, created_at, tenant, rater_role FROM rankings "
-                              "WHERE seq > ? ORDER BY seq", [after_seq], limit)
-        return [RankingRecord(seq, tuple(json.loads(ids)), *rest) for seq, ids, *rest in self._read(query, args)]
+    def list_rankings(self, after_seq: int = 0, limit: int | None = None, *, newest: bool = False,
+                      seqs: Sequence[int] | None = None) -> list[RankingRecord]:
+        """Rankings with seq > after_seq in seq order (see list_feedback)."""
+        rows = self._list_seq("SELECT seq, completion_ids, user_id, created_at, tenant, rater_role FROM rankings",
+                              after_seq, limit, newest, seqs)
+        return [RankingRecord(seq, tuple(json.loads(ids)), *rest) for seq, ids, *rest in rows]
+
+    def _list_seq(self, select: str, after_seq: int, limit: int | None, newest: bool,
+                  seqs: Sequence[int] | None) -> list[tuple]:
+        """Rows of a seq-keyed table: after a seq (the newest `limit` of them with `newest`), or these seqs."""
+        if seqs is not None:
+            wanted, rows = sorted(set(seqs)), []
+            for k in range(0, len(wanted), IDS_PER_QUERY):
+                chunk = wanted[k:k + IDS_PER_QUERY]
+                rows += self._read(f"{select} WHERE seq IN ({', '.join(['?'] * len(chunk))}) ORDER BY seq", chunk)
+            return rows
+        query, args = limited(f"{select} WHERE seq > ? ORDER BY seq {'DESC' if newest else ''}", [after_seq], limit)
+        rows = self._read(query, args)
+        return rows[::-1] if newest else rows
 
     def compare_versions(self, a: str, b: str, after_created_at: float = 0.0,
                          same_users: bool = False) -> VersionComparison:
@@ -332,9 +346,9 @@ class SqlStore(Store):
             return self._execute(cur, "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                                  (time.time(), key_id)).rowcount == 1
 
-    def count_feedback(self) -> int:
-        """Number of feedback rows."""
-        return self._count("feedback")
+    def count_feedback(self, after_seq: int = 0) -> int:
+        """Number of feedback rows with seq > after_seq (a range of the key: cheap however long the history)."""
+        return int(self._read("SELECT COUNT(*) FROM feedback WHERE seq > ?", (after_seq,))[0][0])
 
     def count_preferences(self) -> int:
         """Number of preference rows."""

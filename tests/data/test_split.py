@@ -44,7 +44,7 @@ def test_trainer_and_reward_model_hold_out_the_same_prompts(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'feedback.db'}")
     fill_store(store)
     for percent in (20, 35):
-        train, held = split_prompts(store, percent)
+        train, held = split_prompts(store, percent, window=10**6)
         data = build_dataset(store, TrainConfig(heldout_percent=percent))
         assert held and train
         assert set(held) == {prompt_key(c) for c in data.heldout.completions.values()}

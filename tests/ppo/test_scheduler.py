@@ -41,7 +41,7 @@ def test_due_on_new_feedback_counted_since_the_last_round(make_trainer):
     assert not t.due(0.0, now=1e9)
     rate(store, "c2")
     assert t.due(0.0, now=1e9)
-    t.feedback_at_last_round = store.count_feedback()  # what a round records as it starts
+    t.feedback_seq_at_last_round = t.newest_feedback_seq()  # what a round records as it starts
     assert not t.due(0.0, now=1e9)
     rate(store, "c3", "c4", "c5")
     assert t.due(0.0, now=1e9)

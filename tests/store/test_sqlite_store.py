@@ -223,15 +223,16 @@ def test_get_completions_beyond_one_query(store: Store) -> None:
     assert all(rec.completion_id == cid for cid, rec in got.items())
 
 
-def test_distinct_prompts(store: Store) -> None:
+def test_recent_prompts(store: Store) -> None:
     prompts = ["b", "B", "a", "é", "Z", "_x", "a b", "b"]  # code-point order differs from any locale's
     store.add_completions([completion(f"c{i}", prompt=p, created_at=100.0 + i) for i, p in enumerate(prompts)])
-    store.add_completions([completion("chat", prompt="", messages=(("user", "hi"),), created_at=50.0)])
-    every = store.distinct_prompts()
+    store.add_completions([completion("chat", prompt="", messages=(("user", "hi"),), created_at=150.0)])
+    every = store.recent_prompts(100)
     assert every == ["B", "Z", "_x", "a", "a b", "b", "é"]
-    assert every == sorted({c.prompt for c in store.list_completions() if c.prompt})  # what split_prompts used
-    assert store.distinct_prompts(after_created_at=103.0) == ["Z", "_x", "a b", "b"]  # strictly after
-    assert store.distinct_prompts(after_created_at=1e12) == []
+    assert every == sorted({c.prompt for c in store.list_completions() if c.prompt})
+    # The newest 5 completions with a plain prompt (the newer chat one has none): "b" once.
+    assert store.recent_prompts(5) == ["Z", "_x", "a b", "b", "é"]
+    assert store.recent_prompts(0) == []
 
 
 # ---------------------------------------------------------------------- migrations

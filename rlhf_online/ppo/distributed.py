@@ -1,0 +1,94 @@
+"""Data parallelism for a PPO round over torch.distributed: N ranks share a batch, one result.
+
+Every rank holds the whole round's samples and scores (small: token ids and floats). The expensive
+parts are split by rows and their results shared:
+
+- `measure`: rank r computes log-probs, reference log-probs and values for rows r, r+N, r+2N, …;
+  the rows are gathered back into the whole [B, T] tensors on every rank, so the advantages
+  (whitened over the whole batch) are the same everywhere, as on one process.
+- `update`: the minibatches are drawn from the same permutation on every rank (the same seed); each
+  rank runs forward/backward on its share of a minibatch's rows, the gradients are summed over the
+  ranks (each rank scaled its loss by its rows' share of the minibatch), and every rank takes the
+  same optimizer step on the same gradient: the weights stay identical, with no broadcast. Early
+  stopping on approximate KL reads the mean over all ranks.
+
+So a round on N ranks computes what it computes on one, up to the order of floating-point sums
+(tests/distributed: world size 1 vs 2, same samples and seeds). `gloo` on CPU, `nccl` on GPU; one
+process without torchrun is `SINGLE`, which does no communication at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks of one trainer."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_leader(self) -> bool:
+        """Rank 0: serves the API, talks to the reward service, publishes."""
+        return self.rank == 0
+
+    def share(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a list of row indices: every world-th, from its rank."""
+        return rows[self.rank::self.world]
+
+    def sum_(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over the ranks, in place (nothing with one rank)."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def gather_rows(self, part: torch.Tensor, rows: int) -> torch.Tensor:
+        """Every rank's `share` of `rows` rows, back in row order: rank r's i-th row is row r + i*world."""
+        if self.world == 1:
+            return part
+        per_rank = -(-rows // self.world)  # ceil: ranks past the end hold one row fewer
+        padded = torch.zeros((per_rank, *part.shape[1:]), dtype=part.dtype)
+        padded[: part.shape[0]] = part
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype)
+        for r, p in enumerate(parts):
+            n = len(range(r, rows, self.world))
+            out[r::self.world] = p[:n]
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (others pass anything, e.g. None)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SINGLE = Ranks()
+
+
+def from_environment(backend: str = "") -> Ranks:
+    """The ranks torchrun started (WORLD_SIZE > 1: joins the process group), else SINGLE.
+
+    `backend` "" picks nccl where CUDA is available and gloo otherwise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    if not dist.is_initialized():
+        # The other ranks wait in a collective for rank 0's next round, as long as rounds are apart; a
+        # rank that dies does not leave them waiting: torchrun stops the group (and restarts it, with
+        # --max-restarts).
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                timeout=timedelta(days=7))
+    return Ranks(dist.get_rank(), dist.get_world_size())
