@@ -70,8 +70,11 @@ class DemoConfig:
     # 6 users, 20% would be one user.
     canary_percent: float = 50.0
     # canary_same_users: 3 users of two personas in the share are no random sample of the 6 (canary.config).
-    canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds", "canary_same_users"), canary=True,
-                                 canary_poll_seconds=2.0, canary_same_users=True)
+    # canary_replace_after: the first candidates differ little from the base and would hold the canary slot
+    # for minutes undecided while better-trained ones queue; 60 judged completions is about a minute here.
+    canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds", "canary_same_users",
+                                                "canary_replace_after"), canary=True,
+                                 canary_poll_seconds=2.0, canary_same_users=True, canary_replace_after=60)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 

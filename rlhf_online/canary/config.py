@@ -17,6 +17,14 @@ class CanaryConfig:
                                "false: every candidate that passes the gate becomes CURRENT at once")
     canary_timeout_seconds: float = knob(900.0, "roll a canary back if the test has not decided after this long")
     canary_poll_seconds: float = knob(5.0, "how often the controller reads the canary's evidence")
+    # A canary barely different from the stable version (the first rounds' usually are) is the slowest to
+    # decide: the test needs the most ratings where the effect sits between its two hypotheses. Meanwhile
+    # the trainer queues candidates with more training on top of it. Replacing it never promotes anything
+    # untested: the replacement starts its own test from zero evidence.
+    canary_replace_after: int = knob(0, "once users judged this many of a canary's completions without a decision "
+                                        "and the test leans to 'not better' (llr <= 0), the newest candidate "
+                                        "trained from it replaces it as the canary (0 = never: each canary is "
+                                        "decided or times out)")
     # Every user's stable ratings are an unbiased comparison when the share is a hash of many users (a
     # random sample), and the test's error rates were measured on them. With a handful of users the
     # share is no random sample (the demo's 6 users of two personas that rate differently), and only
@@ -28,4 +36,5 @@ class CanaryConfig:
     def __post_init__(self) -> None:
         """Reject values the controller cannot run with, naming the field."""
         _refuse(self, {"canary_timeout_seconds": (self.canary_timeout_seconds > 0, "> 0"),
-                       "canary_poll_seconds": (self.canary_poll_seconds > 0, "> 0")})
+                       "canary_poll_seconds": (self.canary_poll_seconds > 0, "> 0"),
+                       "canary_replace_after": (self.canary_replace_after >= 0, ">= 0")})

@@ -9,7 +9,9 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
    and their preferences between the two (store.compare_versions), adds the
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
    (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
-   collecting — until `canary_timeout_seconds`, when it rolls back. Queued candidates trained on
+   collecting — until `canary_timeout_seconds`, when it rolls back. With `canary_replace_after`, a
+   canary still undecided after that many judged completions and leaning to "not better" (llr <= 0)
+   is superseded by the newest candidate trained from it, which starts its own test. Queued candidates trained on
    top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
    canary merely not shown better, the newest of them, with more rounds of training in it, goes
    live next and is judged on its own.
@@ -43,9 +45,9 @@ from rlhf_online.adapters.registry import (
 )
 from rlhf_online.artifacts import json_safe
 from rlhf_online.canary.config import CanaryConfig
-from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, decide
+from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, canary_looks, decide
 from rlhf_online.errors import InvalidArgument, NotFound
-from rlhf_online.store import Store
+from rlhf_online.store import Store, VersionComparison
 
 log = logging.getLogger("rlhf_online.canary")
 EVIDENCE_KINDS = ("canary_rated", "stable_rated", "pairs", "delta", "llr")
@@ -191,6 +193,12 @@ class CanaryController:
         # learned-reward gain measured on a few dozen held-out replies against users' thumbs-up no
         # higher within noise) keeps its line, whose newest candidate is judged next on its own.
         rejects_line = decision.clearly_worse
+        if decision.outcome == "continue" and self._replaceable(canary, seen, decision):
+            self.registry.set_canary("")
+            return self._close(canary, SUPERSEDED, f"undecided after {self.config.canary_replace_after}+ canary "
+                                                   f"completions judged and leaning to not better; the newest "
+                                                   f"candidate trained from it replaces it ({decision.reason})", numbers,
+                               label=SUPERSEDED)
         if decision.outcome == "continue" and age >= self.config.canary_timeout_seconds:
             return self._rollback(canary, f"no decision after {age:.0f} s (timeout "
                                           f"{self.config.canary_timeout_seconds:g} s): {decision.reason}", numbers,
@@ -202,6 +210,23 @@ class CanaryController:
             return self._rollback(canary, decision.reason, numbers, label=ROLLED_BACK, rejects_line=rejects_line)
         self.registry.record(canary, numbers)  # the evidence so far, for anyone watching
         return None
+
+    def _replaceable(self, canary: str, seen: VersionComparison, decision: Decision) -> bool:
+        """canary_replace_after: judged that often, undecided but leaning to "not better", and a newer candidate
+        trained from it queued.
+
+        Leaning to "not better" (llr <= 0: the effect estimate at or under the test's indifference point)
+        means the test is heading for a rollback that would not discard the line, after which the newest
+        candidate goes live anyway: replacing it now saves the wait. A canary leaning to promotion keeps
+        its evidence (replaced, it would start over); one found worse beyond noise is kept so that its
+        rollback discards its line.
+        """
+        after = self.config.canary_replace_after
+        if not after or decision.llr > 0 or decision.clearly_worse:
+            return False
+        if canary_looks(seen.a_rated, seen.pairs, self.test.pair_overlap) < after:
+            return False
+        return any(self.registry.lineage(v, canary) for v in self.registry.with_outcome(QUEUED))
 
     def _rollback(self, canary: str, reason: str, numbers: dict, *, label: str, rejects_line: bool) -> dict:
         self.registry.set_canary("")

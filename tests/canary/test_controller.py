@@ -124,6 +124,38 @@ def test_an_undecided_canary_times_out_into_a_rollback(setup):
     assert record["outcome"] == "rolled_back" and "timeout 600 s" in record["reason"] and registry.canary() == ""
 
 
+def test_an_undecided_canary_is_replaced_by_a_candidate_trained_from_it(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    clock = Clock()
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        controller = CanaryController(CanaryConfig(canary_replace_after=30), CanaryTestConfig(), registry, store,
+                                      clock)
+        stable, first = go_live(registry, controller)
+        rate(store, clock, stable, "u", 140, 60, "s")
+        rate(store, clock, first, "u", 15, 5, "a")  # 20 judged: fewer than canary_replace_after
+        later = publish(registry, parent=first)  # a round trained on top of the canary
+        controller.queue(later)
+        assert controller.step() is None and registry.canary() == first
+        rate(store, clock, first, "u", 6, 4, "b")  # 30 judged, 70% vs 70%: undecided
+        record = controller.step()
+        assert record["outcome"] == "superseded" and "undecided after 30+" in record["reason"]
+        assert record["test"]["outcome"] == "continue" and record["test"]["llr"] <= 0
+        assert registry.canary() == later and registry.decision(later)["stable"] == stable
+        assert registry.current() == stable  # nothing promoted: the replacement is tested from zero
+
+        # Undecided after 30, but nothing newer trained from it: it stays, and its test goes on.
+        clock.now += 10
+        rate(store, clock, later, "u", 21, 9, "c")
+        assert controller.step() is None and registry.canary() == later
+        assert registry.decision(later)["test"]["llr"] < 0
+        # Leaning to promotion (79% vs 70%), it keeps its evidence even with a newer candidate queued.
+        rate(store, clock, later, "u", 12, 0, "d")
+        newest = publish(registry, parent=later)
+        controller.queue(newest)
+        assert controller.step() is None and registry.canary() == later
+        assert registry.decision(later)["test"]["outcome"] == "continue" and registry.decision(later)["test"]["llr"] > 0
+
+
 def test_an_operator_promotion_or_rollback_is_recorded_as_theirs(setup):
     registry, store, clock, controller = setup
     stable, first = go_live(registry, controller)
