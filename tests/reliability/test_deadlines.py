@@ -20,9 +20,10 @@ SHORT = pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_new_tokens=
 
 def assert_engine_idle(g, kit, what: str) -> None:
     """No row decoding, nothing queued, and the step counter standing still."""
-    kit.wait_for(lambda: g.engine.busy == 0, 5, f"the engine to free {what}")
-    assert kit.sample("rlhf_generation_running_rows") == 0
-    assert kit.sample("rlhf_generation_queue_depth") == 0
+    # The gauges are set by the engine's loop after it frees the slot: wait for all three, not one and then
+    # the others (under load the loop's next pass came after the check: running_rows still 1).
+    kit.wait_for(lambda: g.engine.busy == 0 and kit.sample("rlhf_generation_running_rows") == 0
+                 and kit.sample("rlhf_generation_queue_depth") == 0, 10, f"the engine to free {what}")
     steps = g.engine.stats["steps"]
     time.sleep(10 * STEP_DELAY)
     assert g.engine.stats["steps"] == steps, "the engine kept decoding for an abandoned request"
