@@ -40,8 +40,7 @@ class FeedbackWindow:
         self.store, self.size = store, size
         readers = {"feedback": store.list_feedback, "preferences": store.list_preferences,
                    "rankings": store.list_rankings}
-        self._tails = {kind: SeqTail(lambda after, limit, r=read: r(after, limit),
-                                     lambda limit, r=read: r(limit=limit, newest=True),
+        self._tails = {kind: SeqTail(read, lambda limit, r=read: r(limit=limit, newest=True),
                                      lambda seqs, r=read: r(seqs=seqs), start_window=size, gap_timeout=gap_timeout)
                        for kind, read in readers.items()}
         self._rows: dict[str, dict[int, Any]] = {kind: {} for kind in KINDS}  # kind -> seq -> row

@@ -60,18 +60,17 @@ class SeqTail(Generic[Row]):
                 rows = self._newest(self.start_window)
                 if rows:  # the window's lower edge: older rows are out of it for good
                     self.mark = rows[0].seq - 1
+        # The highest seq seen: the window's top, else the mark (late rows are all below it); reads are in seq order.
+        high = max(self.mark, rows[-1].seq if rows else 0)
         rows += self._late()
         while True:  # page through what is new, so one poll never holds an unbounded result
-            batch = self._after(self._high(rows), self.page)
+            batch = self._after(high, self.page)
             rows += batch
+            high = batch[-1].seq if batch else high
             if len(batch) < self.page:
                 break
-        self._advance(rows)
+        self._advance(rows, high)
         return sorted(rows, key=lambda r: r.seq)
-
-    def _high(self, rows: list[Row]) -> int:
-        """The highest seq seen so far, this poll's rows included."""
-        return max([self.mark, *(r.seq for r in rows)])
 
     def _late(self) -> list[Row]:
         """Rows that filled open gaps; gaps past the timeout are given up."""
@@ -85,9 +84,8 @@ class SeqTail(Generic[Row]):
             self.gaps.pop(r.seq, None)
         return found
 
-    def _advance(self, rows: list[Row]) -> None:
-        """Move the mark to the highest seq seen; every unseen seq below it becomes a gap."""
-        high = self._high(rows)
+    def _advance(self, rows: list[Row], high: int) -> None:
+        """Move the mark to `high`, the highest seq seen; every unseen seq below it becomes a gap."""
         seen = {r.seq for r in rows}
         now = self.clock()
         for seq in range(self.mark + 1, high + 1):
