@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -96,8 +97,13 @@ def run_trainer(settings: TrainerSettings) -> int:
         own = dataclasses.replace(settings, port=settings.port and settings.port + local,
                                   metrics_port=settings.metrics_port and settings.metrics_port + local)
         running = start_server(own, [], lambda server: None, workers=2)
-        follow(settings.ppo, base, ranks)
-        running.shutdown(0)
+        try:
+            follow(settings.ppo, base, ranks)
+        except distributed.RanksLost:  # rank 0 is gone: exit non-zero, the supervisor starts the group again
+            log.error("trainer rank 0 is gone; exiting for a restart", extra={"rank": ranks.rank})
+            return 1
+        finally:
+            running.shutdown(0)
         return 0
     registry = AdapterRegistry(settings.adapter_dir)
     store = open_store(settings.store_url)
@@ -110,8 +116,17 @@ def run_trainer(settings: TrainerSettings) -> int:
     runner = MainThreadRunner()
     running = start_trainer_server(settings, trainer, registry, runner)
     running.shutdown_on_signal(settings.grace_seconds)
+    if ranks.world > 1:  # a lost rank ends this process too: the group restarts whole (torchrun, Kubernetes)
+        def exit_when_ranks_lost() -> None:
+            trainer.ranks_lost.wait()
+            running.shutdown(settings.grace_seconds)
+
+        threading.Thread(target=exit_when_ranks_lost, name="ranks-lost", daemon=True).start()
     runner.run_forever()
     running.stopped.wait()
+    if trainer.ranks_lost.is_set():
+        log.error("a trainer rank is gone; exiting for a restart of the group")
+        return 1
     try:
         trainer.release_followers()
     except Exception as e:  # torchrun stopping the group may have stopped the other ranks first

@@ -102,3 +102,29 @@ def make_pki(directory: Path, name: str = "test") -> Pki:
                  "-addext", f"extendedKeyUsage={usage}", *san)
         leaves[leaf] = (cert, key)
     return Pki(ca, ca_key, *leaves["server"], *leaves["client"])
+
+
+@contextmanager
+def flat_reward_server() -> Iterator[str]:
+    """A Reward service (its address) that scores every reply 0, so a gate sees no drop, and has a model."""
+    from concurrent import futures
+
+    import grpc
+
+    from rlhf_online.v1 import reward_pb2, reward_pb2_grpc
+
+    class FlatReward(reward_pb2_grpc.RewardServicer):
+        def Score(self, request, context):
+            return reward_pb2.ScoreResponse(scores=[0.0] * len(request.items), reward_model_version="r000001")
+
+        def GetRewardModel(self, request, context):
+            return reward_pb2.RewardModelInfo(version="r000001")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    reward_pb2_grpc.add_RewardServicer_to_server(FlatReward(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)

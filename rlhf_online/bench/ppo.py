@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--sides", choices=["both", "ours", "trl"], default="both")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="N > 1: instead of TRL, ours on 1 rank vs N ranks (torchrun, gloo) on the same samples "
+                        "(rlhf_online.bench.ppo_ranks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default="data")
@@ -225,6 +228,14 @@ def main(args: argparse.Namespace) -> int:
     """Run both sides, report samples/s and the ratio."""
     from rlhf_online.models.provision import resolve_base_model
 
+    if args.world_size < 1:
+        from rlhf_online.errors import ConfigError
+
+        raise ConfigError(f"bench ppo: --world-size must be at least 1, got {args.world_size}")
+    if args.world_size > 1:
+        from rlhf_online.bench import ppo_ranks
+
+        return ppo_ranks.main(args, resolve_base_model(args.base_model, Path(args.data_dir)))
     if args.sides in ("both", "trl"):
         _require_trl()
     torch.set_num_threads(args.threads)

@@ -19,13 +19,38 @@ process without torchrun is `SINGLE`, which does no communication at all.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from rlhf_online.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class RanksLost(Unavailable):
+    """A collective failed: another rank of this trainer is gone, and the group cannot go on without it.
+
+    The process should exit (non-zero) so that its supervisor, torchrun or Kubernetes, starts the
+    group again: gloo and nccl groups cannot take a rank back in.
+    """
+
+
+def _collective(fn: Callable[[], Any]) -> Any:
+    """Run one collective; a failure (a peer closed its connection, a timeout) is RanksLost."""
+    try:
+        return fn()
+    except RuntimeError as e:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
+        # The backend's message names its source files and peers' addresses: the log keeps it, callers get ours.
+        log.error("collective failed", extra={"error": str(e)})
+        raise RanksLost(f"a collective failed on rank {dist.get_rank()} of {dist.get_world_size()}: another rank "
+                        "of this trainer is gone; the trainer exits so that the group is started again") from e
 
 
 @dataclass(frozen=True)
@@ -48,7 +73,7 @@ class Ranks:
         """Sum each tensor over the ranks, in place (nothing with one rank)."""
         if self.world > 1:
             for t in tensors:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                _collective(lambda t=t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
 
     def gather_rows(self, part: torch.Tensor, rows: int) -> torch.Tensor:
         """Every rank's `share` of `rows` rows, back in row order: rank r's i-th row is row r + i*world."""
@@ -58,7 +83,7 @@ class Ranks:
         padded = torch.zeros((per_rank, *part.shape[1:]), dtype=part.dtype)
         padded[: part.shape[0]] = part
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
+        _collective(lambda: dist.all_gather(parts, padded))
         out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype)
         for r, p in enumerate(parts):
             n = len(range(r, rows, self.world))
@@ -70,7 +95,7 @@ class Ranks:
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        _collective(lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
 
 

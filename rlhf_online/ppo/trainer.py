@@ -37,7 +37,7 @@ from rlhf_online.errors import RlhfError
 from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
 from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
-from rlhf_online.ppo.distributed import SINGLE, Ranks
+from rlhf_online.ppo.distributed import SINGLE, Ranks, RanksLost
 from rlhf_online.ppo.policy import PolicyWithValue
 from rlhf_online.store import Store
 
@@ -140,6 +140,8 @@ class Trainer:
         self.rounds_total = 0
         self.last = RoundResult("skipped", reason="no round yet")
         self.in_progress = threading.Event()
+        # Set when a collective failed: the group cannot train again, the service must exit for a restart.
+        self.ranks_lost = threading.Event()
         self.feedback_seq_at_last_round = 0  # the newest feedback seq when the last round started
         self.rng = random.Random(self.ppo.seed)
         # The gate's held-out prompts, fixed once there are enough, so evaluations stay comparable
@@ -161,6 +163,10 @@ class Trainer:
         t0 = time.time()
         try:
             result = self._round()
+        except RanksLost as e:  # recorded like any failed round; then the process exits (services.bootstrap)
+            log.error("round failed: a trainer rank is gone", extra={"error": str(e)})
+            result = RoundResult("rejected", reason=failure_reason(e))
+            self.ranks_lost.set()
         except Exception as e:  # a crashed round is a rejected round with the reason, the service lives on
             log.exception("round failed")
             result = RoundResult("rejected", reason=failure_reason(e))

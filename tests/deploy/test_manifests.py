@@ -3,6 +3,7 @@ and every container is locked down, probed, sized and configured the way the ser
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -56,6 +57,32 @@ def containers(workload: dict) -> list[dict]:
 
 def component(obj: dict) -> str:
     return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def services(docs: list[dict]) -> dict[str, dict]:
+    """The three services' workloads by service name: Deployments, and the trainer's StatefulSet where it
+    runs as torch.distributed ranks (components/distributed-trainer)."""
+    out = {}
+    for w in docs:
+        if w["kind"] in ("Deployment", "StatefulSet"):
+            [c] = pod_spec(w)["containers"]
+            if c["name"] in SERVICES:
+                out[c["name"]] = w
+    assert set(out) == set(SERVICES), sorted(out)
+    return out
+
+
+def distributed(workload: dict) -> bool:
+    """The trainer as ranks, one per pod."""
+    return workload["kind"] == "StatefulSet"
+
+
+def torchrun_args(c: dict, pod_index: int = 0) -> argparse.Namespace:
+    """The container's torchrun command line in pod `pod_index`, parsed by torchrun's own parser."""
+    from torch.distributed.run import get_args_parser
+
+    assert c["command"] == ["torchrun"], c.get("command")
+    return get_args_parser().parse_args([a.replace("$(POD_INDEX)", str(pod_index)) for a in c["args"]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,11 +284,15 @@ def secret_files(workload: dict, c: dict, env: dict[str, str], stand_ins: dict[s
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_service_builds_its_settings_from_the_rendered_environment(kit, rendered, overlay, stand_ins):
     docs = rendered[overlay]
-    services = kit.by_kind(docs, "Service")
-    for w in kit.by_kind(docs, "Deployment").values():
+    svcs = kit.by_kind(docs, "Service")
+    for name, w in services(docs).items():
         [c] = pod_spec(w)["containers"]
-        name = c["name"]
-        assert c["args"] == ["serve", name]
+        if distributed(w):  # under torchrun: its module is the CLI, its arguments the same
+            run = torchrun_args(c)
+            assert (run.module, run.training_script, run.training_script_args) == (True, "services.cli",
+                                                                                   ["serve", name])
+        else:
+            assert c["args"] == ["serve", name]
         env = secret_files(w, c, container_env(docs, c), stand_ins)
         unexpanded = {k: v for k, v in env.items() if "$(" in v}
         assert not unexpanded, f"{name}: undefined $(VAR) in {unexpanded}"
@@ -271,11 +302,15 @@ def test_each_service_builds_its_settings_from_the_rendered_environment(kit, ren
         assert (settings.port, settings.metrics_port) == (want["port"], want["metrics_port"])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         health = {"health": settings.health_port} if settings.health_port >= 0 else {}
-        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, **health}
-        svc = services[f"rlhf-{name}"]
+        rendezvous = {"rendezvous": torchrun_args(c).master_port} if distributed(w) else {}
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, **health, **rendezvous}
+        svc = svcs[f"rlhf-{name}"]
         # the health port is kubelet's (probes reach the pod directly): no Service exposes it
         assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": ports["grpc"], "metrics": ports["metrics"]}
-        assert svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        selector = dict(svc["spec"]["selector"])
+        if distributed(w):  # the API is rank 0's, and rank 0 is pod 0
+            assert selector.pop("statefulset.kubernetes.io/pod-name") == f"{w['metadata']['name']}-0"
+        assert selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(settings.metrics_port)
         assert annotations["prometheus.io/scrape"] == "true"
@@ -317,8 +352,8 @@ def test_configmap_keys_are_real_settings(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_generation_scales_and_the_trainer_is_a_singleton(kit, rendered, overlay):
     docs = rendered[overlay]
-    deps = kit.by_kind(docs, "Deployment")
-    gen, trainer, reward = deps["rlhf-generation"], deps["rlhf-trainer"], deps["rlhf-reward"]
+    deps = services(docs)
+    gen, trainer, reward = deps["generation"], deps["trainer"], deps["reward"]
     labels = gen["spec"]["template"]["metadata"]["labels"]
     [pdb] = kit.by_kind(docs, "PodDisruptionBudget").values()
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -330,13 +365,40 @@ def test_generation_scales_and_the_trainer_is_a_singleton(kit, rendered, overlay
     if overlay != "dev":  # dev is one machine
         assert gen["spec"]["replicas"] >= 2 and hpa["spec"]["minReplicas"] >= 2
         assert gen["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
+    if not distributed(trainer):
+        assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
     assert reward["spec"]["replicas"] == 1 and reward["spec"]["strategy"] == {"type": "Recreate"}
     # graceful drain fits in the termination grace period
     grace = float(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rlhf-config"))
                   ["data"]["RLHF_GRACE_SECONDS"])
     for d in deps.values():
         assert pod_spec(d)["terminationGracePeriodSeconds"] > grace
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_distributed_trainer_runs_one_rank_per_pod_meeting_at_pod_0(kit, rendered, overlay):
+    docs = rendered[overlay]
+    trainer = services(docs)["trainer"]
+    if not distributed(trainer):
+        pytest.skip(f"{overlay} runs the single-process trainer")
+    [c] = pod_spec(trainer)["containers"]
+    spec, name = trainer["spec"], trainer["metadata"]["name"]
+    run = torchrun_args(c)
+    # one rank per pod, as many pods as nodes, started together: rank 0 is ready only once all have joined
+    assert (int(run.nnodes), run.nproc_per_node) == (spec["replicas"], "1") and spec["replicas"] >= 2
+    assert spec["podManagementPolicy"] == "Parallel"
+    # pod i is node i: its index from the StatefulSet's pod-index label, so pod 0 is rank 0
+    assert [torchrun_args(c, i).node_rank for i in range(spec["replicas"])] == list(range(spec["replicas"]))
+    [index] = [e for e in c["env"] if e["name"] == "POD_INDEX"]
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    # the static rendezvous is on pod 0, by its stable name in the headless Service, resolvable before it is ready
+    headless = kit.by_kind(docs, "Service")[spec["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert run.master_addr == f"{name}-0.{spec['serviceName']}"
+    assert [p["port"] for p in headless["spec"]["ports"]] == [run.master_port]
+    # a failed rank ends its container (kubelet restarts it) rather than torchrun restarting it alone
+    assert run.max_restarts == 0 and pod_spec(trainer).get("restartPolicy", "Always") == "Always"
 
 
 def test_base_runs_at_least_two_generation_replicas(kit):
@@ -350,7 +412,7 @@ def test_base_runs_at_least_two_generation_replicas(kit):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_postgres_statefulset_and_secret_references(kit, rendered, overlay):
     docs = rendered[overlay]
-    [pg] = kit.by_kind(docs, "StatefulSet").values()
+    pg = kit.by_kind(docs, "StatefulSet")["rlhf-postgres"]
     assert pg["spec"]["replicas"] == 1 and pg["spec"]["serviceName"] == "rlhf-postgres"
     assert kit.by_kind(docs, "Service")["rlhf-postgres"]["spec"]["ports"][0]["port"] == 5432
     [claim] = pg["spec"]["volumeClaimTemplates"]
@@ -461,6 +523,12 @@ def test_network_policy_allows_only_the_loops_flows(kit, rendered, overlay):
               (client, pod("reward"), 50062), (pod("generation"), pod("reward"), 50062)]  # the plaintext health port
     for src, dst, port in denied:
         assert not flow(src, dst, port), f"allowed but not needed: {src} -> {dst}:{port}"
+    # the trainer's ranks reach each other (rendezvous 29500, collectives on ports the kernel picks) only
+    # where the trainer runs as ranks
+    ranks = distributed(services(docs)["trainer"])
+    for port in (29500, 41234):
+        assert flow(pod("trainer"), pod("trainer"), port) is ranks, f"trainer -> trainer:{port} with ranks={ranks}"
+    assert not flow(pod("generation"), pod("trainer"), 29500) and not flow(client, pod("trainer"), 29500)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,14 +539,10 @@ def test_network_policy_allows_only_the_loops_flows(kit, rendered, overlay):
 def service_settings(docs: list[dict], stand_ins: dict[str, Path]) -> dict[str, object]:
     """Each service's settings as its container's rendered environment builds them (Secret files: stand-ins)."""
     out = {}
-    for w in deployments(docs):
+    for name, w in services(docs).items():
         [c] = pod_spec(w)["containers"]
-        out[c["name"]] = config.build(SERVICES[c["name"]], None, secret_files(w, c, container_env(docs, c), stand_ins))
+        out[name] = config.build(SERVICES[name], None, secret_files(w, c, container_env(docs, c), stand_ins))
     return out
-
-
-def deployments(docs: list[dict]) -> list[dict]:
-    return [d for d in docs if d["kind"] == "Deployment"]
 
 
 def mounted_secret(workload: dict, path: Path) -> str:
@@ -503,17 +567,17 @@ def test_the_trainer_and_the_reward_service_agree_on_tls(kit, rendered, overlay,
         assert trainer.reward_tls is None and not reward.tls_cert
         return
     # prod: mutual TLS, each side's files from its own Secret, the reward probed on its plaintext health port
-    deps = kit.by_kind(docs, "Deployment")
-    rendered_env = {e["name"]: e["value"] for e in pod_spec(deps["rlhf-reward"])["containers"][0]["env"]
+    deps = services(docs)
+    rendered_env = {e["name"]: e["value"] for e in pod_spec(deps["reward"])["containers"][0]["env"]
                     if "value" in e}
     assert reward.tls_client_ca and trainer.reward_tls.cert and reward.health_port > 0
-    assert mounted_secret(deps["rlhf-reward"], Path(rendered_env["RLHF_TLS_CERT"])) == "rlhf-reward-tls"
-    trainer_env = {e["name"]: e["value"] for e in pod_spec(deps["rlhf-trainer"])["containers"][0]["env"]
+    assert mounted_secret(deps["reward"], Path(rendered_env["RLHF_TLS_CERT"])) == "rlhf-reward-tls"
+    trainer_env = {e["name"]: e["value"] for e in pod_spec(deps["trainer"])["containers"][0]["env"]
                    if "value" in e}
-    assert {mounted_secret(deps["rlhf-trainer"], Path(trainer_env[k])) for k in
+    assert {mounted_secret(deps["trainer"], Path(trainer_env[k])) for k in
             ("RLHF_TLS_CA", "RLHF_TLS_CLIENT_CERT", "RLHF_TLS_CLIENT_KEY")} == {"rlhf-trainer-tls"}
     assert not s["generation"].tls_ca and not s["generation"].tls_client_cert  # no service-to-service calls
-    for name in ("rlhf-reward", "rlhf-trainer"):
+    for name in ("reward", "trainer"):
         volumes = [v for v in pod_spec(deps[name])["volumes"] if "secret" in v]
         assert volumes and all(v["secret"]["defaultMode"] & 0o007 == 0 for v in volumes)  # not world-readable
 
@@ -557,7 +621,7 @@ def test_images_are_pinned(kit, rendered, overlay):
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] or "@sha256:" in image, f"{image} has no tag"
             assert not image.endswith(":latest"), image
-    images = {c["image"] for w in kit.by_kind(rendered[overlay], "Deployment").values() for c in containers(w)}
+    images = {c["image"] for w in services(rendered[overlay]).values() for c in containers(w)}
     assert len(images) == 1, f"the three services run one image: {images}"
 
 
