@@ -65,7 +65,8 @@ class CommonSettings:
                                    "(kubelet's) (-1 = off, 0 = pick a free one)")
     torch_threads: int = setting(0, "torch intra-op threads (0 = all cores)")
     device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
-    dtype: str = setting("auto", "model weights: auto (bf16 where the CPU/GPU computes it natively), float32, bfloat16")
+    dtype: str = setting("auto", "model weights (the reward service: its encoder's compute, under autocast): auto "
+                                 "(bf16 where the CPU/GPU computes it natively), float32, bfloat16")
     grace_seconds: float = setting(20.0, "on SIGTERM, how long in-flight requests may take to finish")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -134,6 +135,8 @@ class GenerationSettings(CommonSettings):
     max_n: int = setting(8, "most candidates one request may ask for (capped at max_batch_size)")
     workers: int = setting(0, "gRPC worker threads (0 = max_queue + max_batch_size + 8)")
     adapter_poll_seconds: float = setting(2.0, "how often the replica checks the registry's CURRENT and CANARY")
+    adapter_notice_seconds: float = setting(0.05, "how often the replica stats the CURRENT and CANARY files to check "
+                                                  "at once when one was replaced (0 = only the poll)")
     canary_percent: float = setting(20.0, "share of users (sticky per user_id) a canary version serves; their n >= 2 "
                                           "requests mix canary and stable candidates")
     require_api_key: bool = setting(False, "refuse Generation calls without a valid x-api-key (keys: rlhf-online keys "
@@ -156,6 +159,8 @@ class GenerationSettings(CommonSettings):
                1 <= self.default_max_new_tokens <= self.max_new_tokens, f"in 1..max_new_tokens ({self.max_new_tokens})")
         _check("workers", self.workers, self.workers >= 0, ">= 0")
         _check("adapter_poll_seconds", self.adapter_poll_seconds, self.adapter_poll_seconds > 0, "> 0")
+        _check("adapter_notice_seconds", self.adapter_notice_seconds,
+               0 <= self.adapter_notice_seconds <= self.adapter_poll_seconds, "in 0..adapter_poll_seconds")
         _check("canary_percent", self.canary_percent, 0 <= self.canary_percent <= 100, "in 0..100")
         _check("api_key_cache_seconds", self.api_key_cache_seconds, self.api_key_cache_seconds >= 0, ">= 0")
         for name in ("feedback_rate_per_user", "feedback_rate_per_key"):

@@ -145,7 +145,7 @@ def start_generation_server(settings: GenerationSettings, engine: Engine, store:
         running.on_stopped.insert(0, http.stop)
     registry = AdapterRegistry(settings.adapter_dir)
     watcher = AdapterWatcher(registry, engine, base_model=settings.base_model,
-                             poll_seconds=settings.adapter_poll_seconds)
+                             poll_seconds=settings.adapter_poll_seconds, notice_seconds=settings.adapter_notice_seconds)
     watcher.start()  # its first poll loads CURRENT, if the registry has one
     running.on_drain.append(watcher.stop)
     running.on_stopped.extend([engine.stop, store.close])

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_online.artifacts import write_json_atomically
 from rlhf_online.errors import InvalidArgument, NotFound
-from rlhf_online.registry import ADAPTER_PREFIX, VersionedRegistry, is_version
+from rlhf_online.registry import ADAPTER_PREFIX, POINTER, VersionedRegistry, is_version
 
 CANARY = "CANARY"
 DECISIONS = "decisions"
@@ -37,6 +37,20 @@ class AdapterRegistry(VersionedRegistry):
                 metrics: dict[str, float] | None = None) -> str:
         """Write a new version with `write(dir)` (e.g. PeftModel.save_pretrained) and return its name."""
         return super().publish(write, base_model=base_model, parent=parent, metrics=metrics or {})
+
+    def pointers_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """(inode, mtime ns, size) of CURRENT and CANARY, None where absent: a stat apiece, no read.
+
+        Pointers are replaced by rename, so a new write is a new inode even within one mtime tick.
+        """
+        stamps = []
+        for name in (POINTER, CANARY):
+            try:
+                st = (self.root / name).stat()
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
 
     # ------------------------------------------------------------ the canary pointer
 

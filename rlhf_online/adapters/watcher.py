@@ -26,10 +26,18 @@ log = logging.getLogger("rlhf_online.adapters")
 
 
 class AdapterWatcher:
-    """Polls CURRENT and CANARY and switches the engine to them."""
+    """Polls CURRENT and CANARY and switches the engine to them.
 
-    def __init__(self, registry: AdapterRegistry, engine: Engine, *, base_model: str, poll_seconds: float = 2.0) -> None:
+    Between polls it stats the two pointer files every `notice_seconds` and checks at once when one
+    was replaced, so a new version is picked up within a stat interval plus its load rather than up to
+    a poll interval later (a stat is cheap enough to repeat that often, on a shared volume too; inotify
+    would not see another node's writes on NFS). The poll stays, in case a filesystem's stat misses one.
+    """
+
+    def __init__(self, registry: AdapterRegistry, engine: Engine, *, base_model: str, poll_seconds: float = 2.0,
+                 notice_seconds: float = 0.0) -> None:
         self.registry, self.engine, self.base_model, self.poll_seconds = registry, engine, base_model, poll_seconds
+        self.notice_seconds = notice_seconds
         self.refused: set[str] = set()  # versions that failed: never retried (a version's files do not change)
         self.polls = 0  # checks started so far
         self.switched_on_poll = 0  # the number of the check that made the latest switch
@@ -87,13 +95,20 @@ class AdapterWatcher:
             self.engine.load_adapter(version, self.registry.path(version))
 
     def run(self) -> None:
-        """Poll until stopped; a failing poll is logged, never fatal."""
+        """Check on every poll and whenever a pointer file was replaced, until stopped; a failing check is logged."""
+        stamp, due = None, 0.0
         while not self._stop.is_set():
             try:
-                self.check()
-            except Exception:
-                log.exception("adapter watcher poll failed")
-            self._stop.wait(self.poll_seconds)
+                seen = self.registry.pointers_stamp()
+            except OSError:  # the volume is unreachable: the check will say so
+                seen = None
+            if seen != stamp or time.monotonic() >= due:
+                stamp, due = seen, time.monotonic() + self.poll_seconds  # stamped before the check: a write
+                try:  # during it is a change the next stat sees
+                    self.check()
+                except Exception:
+                    log.exception("adapter watcher poll failed")
+            self._stop.wait(self.notice_seconds or self.poll_seconds)
 
     def start(self) -> AdapterWatcher:
         """Poll in a daemon thread."""

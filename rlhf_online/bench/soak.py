@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--swap-every", type=float, default=60.0, help="publish and activate a new adapter this often (s)")
     p.add_argument("--adapter-poll-seconds", type=float, default=2.0, help="the server's registry poll interval")
+    p.add_argument("--adapter-notice-seconds", type=float, default=0.05,
+                   help="the server's stat interval for a replaced CURRENT (0 = only the poll)")
     p.add_argument("--rss-growth-limit-mb", type=float, default=100.0,
                    help="fail when the server's RSS at the end exceeds its RSS after the ramp-up by more than this")
     p.add_argument("--base-model", default=os.environ.get("RLHF_BASE_MODEL", "smollm2-135m-instruct"),
@@ -95,7 +97,8 @@ def server_env(args: argparse.Namespace, adapter_dir: Path, store_url: str) -> d
     """RLHF_* settings of the generation service under soak."""
     return {"RLHF_BASE_MODEL": args.base_model, "RLHF_DATA_DIR": str(Path(args.data_dir).resolve()),
             "RLHF_STORE_URL": store_url, "RLHF_ADAPTER_DIR": str(adapter_dir),
-            "RLHF_ADAPTER_POLL_SECONDS": str(args.adapter_poll_seconds), "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size),
+            "RLHF_ADAPTER_POLL_SECONDS": str(args.adapter_poll_seconds),
+            "RLHF_ADAPTER_NOTICE_SECONDS": str(args.adapter_notice_seconds), "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size),
             "RLHF_DTYPE": args.dtype, "RLHF_MAX_NEW_TOKENS": str(max(args.max_new_tokens, 512)),
             "RLHF_GRACE_SECONDS": "60", "RLHF_TORCH_THREADS": str(args.torch_threads)}
 
@@ -109,6 +112,8 @@ class Tally:
         ("generate_ok", "generate_failed", "feedback_ok", "feedback_failed", "duplicates"), 0))
     failures: dict[str, int] = field(default_factory=dict)  # "rpc: CODE" -> count
     latencies: list[float] = field(default_factory=list)  # of the answered Generate calls, s
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (sent, answered) of those calls, monotonic
+    swap_windows: list[tuple[float, float]] = field(default_factory=list)  # (activated, served), monotonic
     lateness: list[float] = field(default_factory=list)  # how late each request left against its schedule, s
     acked: list[tuple[str, str]] = field(default_factory=list)  # (completion_id, user_id) of acknowledged ratings
     rss: list[tuple[float, float]] = field(default_factory=list)  # (s since the load started, server RSS in MiB)
@@ -181,6 +186,7 @@ class Soak:
         with tally.lock:
             tally.counts["generate_ok"] += 1
             tally.latencies.append(time.monotonic() - t)
+            tally.spans.append((t, time.monotonic()))
         cid = r.completions[0].completion_id
         rating = rng.choice([pb.RATING_THUMBS_UP, pb.RATING_THUMBS_DOWN])
         try:
@@ -218,11 +224,11 @@ class Soak:
             k += 1
 
     def swap(self) -> None:
-        """Publish the next version, activate it, and time how long until the server says it serves it."""
+        """Publish the next version, activate it, and time how long from activating until the server serves it."""
         src = self.sources[len(self.tally.swaps) % len(self.sources)]
-        t0 = time.monotonic()
         version = self.registry.publish(lambda d: [shutil.copy(p, d / p.name) for p in src.iterdir()],
                                         base_model=self.args.base_model, parent=self.registry.current())
+        t0 = time.monotonic()
         self.registry.activate(version)
         self.registry.prune(keep=3)
         record = {"version": version, "at_s": round(t0 - self.load_start, 1) if self.load_start else 0.0,
@@ -233,8 +239,10 @@ class Soak:
             with contextlib.suppress(grpc.RpcError):
                 if self.stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).version == version:
                     record["took_s"] = round(time.monotonic() - t0, 2)
+                    if self.load_start:
+                        self.tally.swap_windows.append((t0, time.monotonic()))
                     return
-            time.sleep(0.1)
+            time.sleep(0.02)
 
 
 def recorded_feedback(store_url: str) -> set[tuple[str, str]]:
@@ -243,6 +251,11 @@ def recorded_feedback(store_url: str) -> set[tuple[str, str]]:
 
     with open_store(store_url) as store:
         return {(f.completion_id, f.user_id) for f in store.list_feedback()}
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    """Count, p50 and p99 (s) of some latencies."""
+    return {"count": len(xs), "p50_s": round(_percentile(xs, 0.5), 3), "p99_s": round(_percentile(xs, 0.99), 3)}
 
 
 def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit_code: int) -> dict[str, Any]:
@@ -254,7 +267,12 @@ def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit
     ramp = min(args.swap_every, args.seconds / 4)
     steady_mb = next((m for t, m in tally.rss if t >= ramp), start_mb)
     latencies, swaps = tally.latencies, tally.swaps
-    return {"seconds": round(wall, 1), **tally.counts, "failures_by_code": tally.failures, "feedback_lost": lost,
+    # Requests in flight while a swap was under way (sent before it was served, answered after it was
+    # activated) against the others, under the same load: what a swap costs the requests it meets.
+    during = [b - a for a, b in tally.spans if any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)]
+    outside = [b - a for a, b in tally.spans if not any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)]
+    return {"latency_during_swaps": _summary(during), "latency_outside_swaps": _summary(outside),
+            "seconds": round(wall, 1), **tally.counts, "failures_by_code": tally.failures, "feedback_lost": lost,
             "latency_p50_s": round(_percentile(latencies, 0.5), 3), "latency_p95_s": round(_percentile(latencies, 0.95), 3),
             "latency_max_s": round(max(latencies, default=float("nan")), 3),
             "achieved_rate_per_s": round(tally.counts["generate_ok"] / wall, 2),
@@ -290,6 +308,7 @@ def table(result: dict) -> list[str]:
     """The Markdown report."""
     r = result["run"]
     swap_times = [s["took_s"] for s in r["swaps"] if s["took_s"] is not None]
+    during, outside = r["latency_during_swaps"], r["latency_outside_swaps"]
     verdict = "PASS" if result["passed"] else "FAIL"
     return [
         f"Soak benchmark — {result['model']}, {r['seconds']:.0f} s at {result['rate']} req/s "
@@ -307,6 +326,9 @@ def table(result: dict) -> list[str]:
         f"| latency p50 / p95 / max (s) | {r['latency_p50_s']} / {r['latency_p95_s']} / {r['latency_max_s']} |",
         f"| adapter swaps served / published | {r['swaps_ok']} / {len(r['swaps'])} |",
         f"| swap: activate → served (s), each | {', '.join(f'{t:.2f}' for t in swap_times) or '-'} |",
+        f"| latency p50 / p99 (s) of requests in flight during a swap (n) | {during['p50_s']} / {during['p99_s']} "
+        f"({during['count']}) |",
+        f"| latency p50 / p99 (s) of the others (n) | {outside['p50_s']} / {outside['p99_s']} ({outside['count']}) |",
         f"| server RSS at load start / after ramp-up ({r['rss_steady_start_at_s']:.0f} s) / peak / end (MiB) | "
         f"{r['rss_start_mb']} / {r['rss_steady_start_mb']} / {r['rss_peak_mb']} / {r['rss_end_mb']} |",
         f"| RSS growth from ramp-up to end (MiB), bound | {r['rss_growth_mb']}, ≤ {result['rss_growth_limit_mb']} |",

@@ -200,3 +200,19 @@ def test_shape_mismatch_is_refused_before_touching_the_model(make_engine, regist
     assert watcher.check() == ""  # refused, still the bare base
     assert v in watcher.refused and engine.loaded_versions() == []
     assert all((engine.model.state_dict()[k] == t).all() for k, t in before.items())
+
+
+def test_a_replaced_pointer_is_noticed_between_polls(make_engine, registry, publish):
+    """A new CURRENT or CANARY is checked as soon as a stat sees its file replaced, not at the next poll (an hour)."""
+    engine = make_engine()
+    first, second = publish(0), publish(1)
+    watcher = AdapterWatcher(registry, engine, base_model="tiny", poll_seconds=3600, notice_seconds=0.01).start()
+    try:
+        wait_for(lambda: watcher.polls == 1, 30, "the first check")
+        registry.activate(first)
+        wait_for(lambda: engine.policy_version == first, 30, "the switch to the new CURRENT")
+        registry.set_canary(second)
+        wait_for(lambda: engine.canary_version == second, 30, "the switch to the new CANARY")
+        assert watcher.polls == 3  # one check per replaced pointer, none from the hourly poll
+    finally:
+        watcher.stop()

@@ -24,5 +24,7 @@ def test_a_short_soak_serves_every_swap_and_loses_no_feedback(tiny_model_dir, tm
     assert r["feedback_ok"] == r["generate_ok"] and r["feedback_lost"] == 0
     assert len(r["swaps"]) >= 2 and r["swaps_ok"] == len(r["swaps"])  # the warm-up's version and at least one more
     assert [s["version"] for s in r["swaps"]][:2] == ["v000001", "v000002"]
+    # every answered request is either in flight during a swap or not
+    assert r["latency_during_swaps"]["count"] + r["latency_outside_swaps"]["count"] == r["generate_ok"]
     assert r["rss_start_mb"] > 0 and r["server_exit_code"] == 0  # drained and exited 0 on SIGTERM
     assert "| server exit code after SIGTERM | 0 |" in (tmp_path / "soak.md").read_text()
