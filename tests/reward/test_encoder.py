@@ -53,3 +53,16 @@ def test_a_layer_the_encoder_lacks_is_a_config_error():
 
     with pytest.raises(ConfigError, match="encoder_layer: 7"):
         TextEncoder(layer=7)
+
+
+def test_bf16_compute_stays_within_a_hair_of_fp32_and_small_batches_stay_fp32(encoder, monkeypatch):
+    from rlhf_online.reward.encoder import AUTOCAST_MIN_ROWS
+
+    texts = [f"reply number {i}: thank you so much, that was lovely" for i in range(AUTOCAST_MIN_ROWS + 4)]
+    fp32 = encoder._encode(texts)
+    monkeypatch.setattr(encoder, "compute_dtype", torch.bfloat16)
+    bf16 = encoder._encode(texts)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # computed differently ...
+    assert (bf16 * fp32).sum(-1).min() > 0.999  # ... to the same embeddings (both are unit vectors)
+    few = texts[: AUTOCAST_MIN_ROWS - 1]
+    assert torch.allclose(encoder._encode(few), fp32[: len(few)], atol=1e-5)  # too few rows to pay for the casts
