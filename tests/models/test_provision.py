@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,3 +212,52 @@ def test_fetch_default_model_converts_smollm2():
     assert reply[-1] == EOS_TOKEN_ID and len(reply) <= 40  # the turn ends by itself
     text = tok.decode(reply, skip_special_tokens=True).strip()
     assert text.isascii() and len(text.split()) >= 3 and "Paris" in text, text
+
+
+# Spaces before punctuation (a BPE clean-up would delete them), a newline, accents and an emoji.
+KNOWN = "Hello world!\nHow are you? I'm fine , thanks. «ünïcode» 🙂"
+# What it must encode to: SmolLM2's byte-level BPE ids, the same under every transformers line.
+KNOWN_IDS_START = [19556, 905, 17, 198, 2020, 359, 346, 47, 339, 5248]
+
+
+def test_the_tokenizer_files_say_byte_level_bpe_and_round_trip_text_exactly(tiny_dir):
+    cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    assert (cfg["tokenizer_class"], cfg["add_prefix_space"], cfg["clean_up_tokenization_spaces"]) == (
+        "GPT2Tokenizer", False, False)
+    assert json.loads((tiny_dir / "tokenizer.json").read_text())["decoder"]["type"] == "ByteLevel"
+    _, tok = load_model(tiny_dir)
+    ids = tok.encode(KNOWN)
+    assert ids[: len(KNOWN_IDS_START)] == KNOWN_IDS_START and tok.decode(ids) == KNOWN
+
+
+def test_a_directory_with_the_old_tokenizer_files_is_built_again(real_dir, tiny_dir, tmp_path):
+    old = tmp_path / "tiny-old"
+    shutil.copytree(tiny_dir, old)
+    marker = json.loads((old / "provenance.json").read_text())
+    (old / "provenance.json").write_text(json.dumps({**marker, "tokenizer_format": 1}))
+    assert not provision._complete(old)
+    make_tiny_model(real_dir, old, seed=0)
+    assert provision._complete(old) and json.loads((old / "provenance.json").read_text())["tokenizer_format"] == 2
+
+
+OTHER = "RLHF_OTHER_TRANSFORMERS_PYTHON"
+
+
+@pytest.mark.skipif(not os.environ.get(OTHER), reason=f"{OTHER} names no second interpreter "
+                    "(a venv with another transformers line, e.g. .venv-vllm with transformers 5)")
+def test_the_other_transformers_line_tokenizes_the_provisioned_model_alike(real_dir, tiny_dir):
+    import transformers
+
+    script = ("import json, sys, transformers\nfrom transformers import AutoTokenizer\n"
+              "t = AutoTokenizer.from_pretrained(sys.argv[1])\nids = t.encode(sys.argv[2])\n"
+              "print(json.dumps({'version': transformers.__version__, 'ids': ids, 'text': t.decode(ids),"
+              " 'special': [t.eos_token_id, t.pad_token_id, t.bos_token_id]}))")
+    for directory in (real_dir, tiny_dir):
+        r = subprocess.run([os.environ[OTHER], "-c", script, str(directory), KNOWN], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        other = json.loads(r.stdout.strip().splitlines()[-1])
+        assert other["version"].split(".")[0] != transformers.__version__.split(".")[0], other["version"]
+        _, tok = load_model(directory)
+        assert other["ids"] == tok.encode(KNOWN) and other["text"] == KNOWN
+        assert other["special"] == [EOS_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID]
