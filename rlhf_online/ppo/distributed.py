@@ -80,11 +80,11 @@ class Ranks:
         if self.world == 1:
             return part
         per_rank = -(-rows // self.world)  # ceil: ranks past the end hold one row fewer
-        padded = torch.zeros((per_rank, *part.shape[1:]), dtype=part.dtype)
+        padded = torch.zeros((per_rank, *part.shape[1:]), dtype=part.dtype, device=part.device)  # nccl: on the GPU
         padded[: part.shape[0]] = part
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         _collective(lambda: dist.all_gather(parts, padded))
-        out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype)
+        out = torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
         for r, p in enumerate(parts):
             n = len(range(r, rows, self.world))
             out[r::self.world] = p[:n]
@@ -111,9 +111,13 @@ def from_environment(backend: str = "") -> Ranks:
     if world <= 1:
         return SINGLE
     if not dist.is_initialized():
+        if torch.cuda.is_available() and backend in ("", "nccl"):
+            # One GPU per local rank: "cuda" (the device setting) then means this rank's own, and nccl's
+            # collectives run there.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # The other ranks wait in a collective for rank 0's next round, as long as rounds are apart; a
-        # rank that dies does not leave them waiting: torchrun stops the group (and restarts it, with
-        # --max-restarts).
+        # rank that dies closes its connections, so the others' next collective fails (RanksLost) and
+        # they exit for their supervisor to start the group again.
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                 timeout=timedelta(days=7))
     return Ranks(dist.get_rank(), dist.get_world_size())
