@@ -49,7 +49,8 @@ ADAPTER_SWAP_SECONDS = Histogram("rlhf_adapter_swap_duration_seconds", "From see
 
 # --- canary controller (trainer) ---
 CANARY_DECISIONS = Counter("rlhf_canary_decisions_total", "Canary candidates decided, by outcome: promoted, "
-                           "rolled_back, timed_out, overridden (by an operator), superseded, discarded.", ["outcome"])
+                           "rolled_back, timed_out, truncated_promoted / truncated_rolled_back (canary_max_looks), "
+                           "overridden (by an operator), superseded, discarded.", ["outcome"])
 CANARY_EVIDENCE = Gauge("rlhf_canary_evidence", "The live canary's evidence: canary_rated, stable_rated, pairs, "
                         "delta (thumbs-up rate, canary minus stable), llr (the sequential test's statistic).", ["kind"])
 

@@ -9,7 +9,8 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
    and their preferences between the two (store.compare_versions), adds the
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
    (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
-   collecting — until `canary_timeout_seconds`, when it rolls back. With `canary_replace_after`, a
+   collecting — until `canary_timeout_seconds`, when it rolls back, or, with `canary_max_looks`,
+   until that many judged completions, when the test's lean decides (llr > 0 promotes). With `canary_replace_after`, a
    canary still undecided after that many judged completions and leaning to "not better" (llr <= 0)
    is superseded by the newest candidate trained from it, which starts its own test. Queued candidates trained on
    top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
@@ -199,6 +200,14 @@ class CanaryController:
                                                    f"completions judged and leaning to not better; the newest "
                                                    f"candidate trained from it replaces it ({decision.reason})", numbers,
                                label=SUPERSEDED)
+        looks = float(canary_looks(seen.a_rated, seen.pairs, self.test.pair_overlap))
+        if decision.outcome == "continue" and self.config.canary_max_looks and looks >= self.config.canary_max_looks:
+            why = f"undecided after {looks:.0f} judged canary completions (canary_max_looks " \
+                  f"{self.config.canary_max_looks}), decided by the test's lean: {decision.reason}"
+            if decision.llr > 0 and not decision.hacking and not decision.clearly_worse:
+                self.registry.promote()
+                return self._close(canary, PROMOTED, why, numbers, label="truncated_promoted")
+            return self._rollback(canary, why, numbers, label="truncated_rolled_back", rejects_line=rejects_line)
         if decision.outcome == "continue" and age >= self.config.canary_timeout_seconds:
             return self._rollback(canary, f"no decision after {age:.0f} s (timeout "
                                           f"{self.config.canary_timeout_seconds:g} s): {decision.reason}", numbers,
