@@ -5,15 +5,23 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL   := data/models/smollm2-135m-instruct/provenance.json
+# transformers 5 (vLLM's line; the text-generation client holds .venv at 4.57) beside .venv, for the test
+# that the provisioned model tokenizes alike under both (tests/models/test_provision.py); no torch.
+TF5     := .venv-tf5/.installed
 
 .PHONY: demo test lint protos bench bench-ppo install model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online demo
 
-test: $(STAMP) $(MODEL) deploy-tools
+test: $(STAMP) $(MODEL) $(TF5) deploy-tools
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -rs -p no:cacheprovider
+	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-tf5/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider
+
+$(TF5):
+	test -x .venv-tf5/bin/python || $(PY) -m venv .venv-tf5
+	.venv-tf5/bin/python -m pip install -q "transformers==5.19.*" jinja2
+	touch $@
 
 # promtool and prometheus for tests/deploy: the Debian package prometheus, installed once when
 # missing and we are root (its service is not left running); elsewhere those tests skip, saying why
@@ -60,4 +68,4 @@ protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/rlhf_online/v1/*.proto
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-tf5 build *.egg-info

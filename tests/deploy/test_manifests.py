@@ -375,12 +375,18 @@ def test_generation_scales_and_the_trainer_is_a_singleton(kit, rendered, overlay
         assert pod_spec(d)["terminationGracePeriodSeconds"] > grace
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+DISTRIBUTED = [o for o in OVERLAYS if "distributed" in o]  # each checked by the test below
+
+
+def test_there_is_an_overlay_with_the_distributed_trainer(rendered):
+    assert DISTRIBUTED and all(distributed(services(rendered[o])["trainer"]) for o in DISTRIBUTED)
+    assert not any(distributed(services(rendered[o])["trainer"]) for o in OVERLAYS if o not in DISTRIBUTED)
+
+
+@pytest.mark.parametrize("overlay", DISTRIBUTED)
 def test_a_distributed_trainer_runs_one_rank_per_pod_meeting_at_pod_0(kit, rendered, overlay):
     docs = rendered[overlay]
     trainer = services(docs)["trainer"]
-    if not distributed(trainer):
-        pytest.skip(f"{overlay} runs the single-process trainer")
     [c] = pod_spec(trainer)["containers"]
     spec, name = trainer["spec"], trainer["metadata"]["name"]
     run = torchrun_args(c)
