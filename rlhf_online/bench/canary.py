@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--canary-same-users, the canary's own users'")
     p.add_argument("--max-canary-ratings", type=int, default=1000,
                    help="timeout: roll back a canary undecided after this many canary ratings")
+    p.add_argument("--max-looks", type=int, default=0,
+                   help="the controller's canary_max_looks: undecided after this many judged canary completions, "
+                        "the test's lean decides (llr halfway to the promotion bound promotes); 0 = off")
     p.add_argument("--out", default="bench-results")
     test = p.add_argument_group("canary test (rlhf_online.canary.sequential.CanaryTestConfig)")
     for f in dataclasses.fields(CanaryTestConfig):
@@ -91,6 +94,7 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
     active = np.arange(trials)
     counts = np.zeros((trials, len(COUNTS) + 2), dtype=np.int64)  # cumulative, in COUNTS order, then SAME_*
     ratings = np.zeros(trials, dtype=np.int64)
+    truncated = np.zeros(trials, dtype=bool)  # decided by the lean at --max-looks
     while active.size:
         n = active.size
         canary = rng.random((n, BLOCK)) < share
@@ -116,7 +120,9 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
         judged = canary_looks(c[1], c[5], config.pair_overlap) >= config.min_canary_ratings
         decided = look & judged & ((llr >= config.promote_at) | (llr <= config.rollback_at))
         timeout = look & (c[1] >= args.max_canary_ratings)
-        stop = decided | timeout
+        lean = look & (canary_looks(c[1], c[5], config.pair_overlap) >= args.max_looks) if args.max_looks else \
+            np.zeros_like(look)
+        stop = decided | timeout | lean
         done = stop.any(axis=1)
         where = stop.argmax(axis=1)  # the first look that decided or timed out (0 where none did)
         for row in np.flatnonzero(done):
@@ -126,13 +132,19 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
             expected = "continue" if not decided[row, j] else PROMOTE if llr[row, j] > 0 else ROLLBACK
             if verdict != expected:  # the arrays and decide() are one statistic: a mismatch is a bug, not noise
                 raise RuntimeError(f"decide() said {verdict}, the simulation {expected}, on {evidence}")
-            outcome[trial] = verdict if decided[row, j] else "timeout"  # the controller's deadline
+            if decided[row, j]:
+                outcome[trial] = verdict
+            elif lean[row, j]:  # canary_max_looks: the lean decides as the controller does (no reward gain here,
+                # so no hacking signature)
+                outcome[trial], truncated[trial] = (PROMOTE if llr[row, j] >= config.promote_at / 2 else ROLLBACK), True
+            else:
+                outcome[trial] = "timeout"  # the controller's deadline
             at_canary[trial], at_total[trial] = cum[row, j, 1], total[row, j]
         counts[active] = cum[:, -1, :]
         ratings[active] = total[:, -1]
         active = active[~done]
     shares = {k: float(np.mean(outcome == k)) for k in (PROMOTE, ROLLBACK, "timeout")}
-    return {"effect": effect, "canary_rate": round(p_c, 6), **shares,
+    return {"effect": effect, "canary_rate": round(p_c, 6), **shares, "truncated": float(np.mean(truncated)),
             "promote_se": round(float(np.sqrt(shares[PROMOTE] * (1 - shares[PROMOTE]) / trials)), 4),
             **{f"{name}_{stat}": round(float(np.percentile(x, q)), 1) for name, x in
                (("canary_ratings", at_canary), ("total_ratings", at_total)) for stat, q in (("median", 50), ("p90", 90))}}
@@ -146,8 +158,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--stable-rate {args.stable_rate} plus each effect must lie in (0, 1): {bad}")
     if not 0 < args.canary_percent < 100 or not 0 <= args.pair_fraction <= 1:
         raise SystemExit("--canary-percent must be in (0, 100) and --pair-fraction in 0..1")
-    if args.trials < 1 or args.look_every < 1 or args.max_canary_ratings < 1:
-        raise SystemExit("--trials, --look-every and --max-canary-ratings must be >= 1")
+    if args.trials < 1 or args.look_every < 1 or args.max_canary_ratings < 1 or args.max_looks < 0:
+        raise SystemExit("--trials, --look-every and --max-canary-ratings must be >= 1, --max-looks >= 0")
     config = CanaryTestConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CanaryTestConfig)})
     t0 = time.time()
     seeds = np.random.SeedSequence(args.seed).spawn(len(effects))
@@ -169,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         "simulation": {"trials": args.trials, "seed": args.seed, "stable_rate": args.stable_rate,
                        "canary_percent": args.canary_percent, "pair_fraction": args.pair_fraction,
                        "look_every": args.look_every, "max_canary_ratings": args.max_canary_ratings,
+                       "max_looks": args.max_looks,
                        "stable_evidence": args.stable_evidence},
         "effects": rows,
     }
@@ -180,16 +193,17 @@ def table(result: dict[str, Any]) -> list[str]:
     """The Markdown report."""
     s, c = result["simulation"], result["config"]
     lines = [f"Canary test on simulated Bernoulli users — {result['machine']}, {result['date']}", "",
-             "| effect (points) | canary thumbs-up | promote | rollback | timeout | canary ratings median / p90 "
-             "| all ratings median / p90 |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| effect (points) | canary thumbs-up | promote | rollback | timeout | decided by the lean | canary "
+             "ratings median / p90 | all ratings median / p90 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["effects"]:
         lines.append(f"| {100 * r['effect']:+.0f} | {r['canary_rate']:.2f} | {r[PROMOTE]:.3f} | {r[ROLLBACK]:.3f} | "
-                     f"{r['timeout']:.3f} | {r['canary_ratings_median']:.0f} / {r['canary_ratings_p90']:.0f} | "
+                     f"{r['timeout']:.3f} | {r['truncated']:.3f} | {r['canary_ratings_median']:.0f} / {r['canary_ratings_p90']:.0f} | "
                      f"{r['total_ratings_median']:.0f} / {r['total_ratings_p90']:.0f} |")
     fp, power = result["false_promotion_rate"], result["power"]
     lines += ["", f"{s['trials']} trials per effect (seed {s['seed']}): stable thumbs-up {s['stable_rate']}, "
               f"{s['canary_percent']:g}% canary share, {s['pair_fraction']:g} of requests interleaved pairs, "
               f"decide() every {s['look_every']} ratings, rollback at {s['max_canary_ratings']} canary ratings, "
+              f"{'the lean decides at ' + str(s['max_looks']) + ' judged canary completions, ' if s['max_looks'] else ''}"
               f"stable evidence: {s['stable_evidence']}. "
               f"Test: worse_by {c['worse_by']}, better_by {c['better_by']}, alpha {c['alpha']}, beta {c['beta']}, "
               f"min_canary_ratings {c['min_canary_ratings']}, pair_overlap {c['pair_overlap']}.",

@@ -10,7 +10,7 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
    (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
    collecting — until `canary_timeout_seconds`, when it rolls back, or, with `canary_max_looks`,
-   until that many judged completions, when the test's lean decides (llr > 0 promotes). With `canary_replace_after`, a
+   until that many judged completions, when the test's lean decides (llr at least halfway to promotion promotes). With `canary_replace_after`, a
    canary still undecided after that many judged completions and leaning to "not better" (llr <= 0)
    is superseded by the newest candidate trained from it, which starts its own test. Queued candidates trained on
    top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
@@ -204,7 +204,7 @@ class CanaryController:
         if decision.outcome == "continue" and self.config.canary_max_looks and looks >= self.config.canary_max_looks:
             why = f"undecided after {looks:.0f} judged canary completions (canary_max_looks " \
                   f"{self.config.canary_max_looks}), decided by the test's lean: {decision.reason}"
-            if decision.llr > 0 and not decision.hacking and not decision.clearly_worse:
+            if decision.llr >= self.test.promote_at / 2 and not decision.hacking and not decision.clearly_worse:
                 self.registry.promote()
                 return self._close(canary, PROMOTED, why, numbers, label="truncated_promoted")
             return self._rollback(canary, why, numbers, label="truncated_rolled_back", rejects_line=rejects_line)

@@ -69,3 +69,16 @@ def test_same_users_evidence_is_thinner_so_it_needs_more_ratings(tmp_path):
     every, same = (json.loads((tmp_path / d / "canary.json").read_text()) for d in ("all", "same"))
     assert every["simulation"]["stable_evidence"] == "all" and same["simulation"]["stable_evidence"] == "same-users"
     assert same["effects"][0]["canary_ratings_median"] > every["effects"][0]["canary_ratings_median"]
+
+
+def test_max_looks_bounds_the_wait_and_decides_by_the_lean(tmp_path):
+    args = ("--trials", "300", "--effects=-0.05,0.05", "--seed", "3")
+    canary.main(parse(*args, "--out", str(tmp_path / "open")))
+    canary.main(parse(*args, "--max-looks", "60", "--out", str(tmp_path / "cut")))
+    before, after = (json.loads((tmp_path / d / "canary.json").read_text())["effects"] for d in ("open", "cut"))
+    for b, a in zip(before, after, strict=True):
+        assert b["truncated"] == 0 and a["truncated"] > 0 and a["timeout"] == 0  # the lean decided the rest
+        assert a["promote"] + a["rollback"] == pytest.approx(1.0)
+        assert a["canary_ratings_p90"] < b["canary_ratings_p90"]  # a bounded wait ...
+    worse, better = after
+    assert worse["promote"] < better["promote"]  # ... still promoting the better canary more often

@@ -224,7 +224,9 @@ def test_with_same_users_the_canary_is_compared_with_its_own_users_stable_rating
         assert (evidence["stable_up"], evidence["stable_rated"]) == (9, 10)
 
 
-@pytest.mark.parametrize("canary_ups, outcome", [(16, "promoted"), (13, "rolled_back")])
+# Against the stable 70%: 85% (llr 2.2, past halfway to 3.56), 80% (llr 1.1: leaning to better, not
+# halfway) and 65% (llr < 0), all undecided by the test itself below its 30 ratings.
+@pytest.mark.parametrize("canary_ups, outcome", [(17, "promoted"), (16, "rolled_back"), (13, "rolled_back")])
 def test_an_undecided_canary_is_decided_by_its_lean_at_canary_max_looks(tmp_path, canary_ups, outcome):
     registry = AdapterRegistry(tmp_path / "adapters")
     clock = Clock()
@@ -234,11 +236,11 @@ def test_an_undecided_canary_is_decided_by_its_lean_at_canary_max_looks(tmp_path
         rate(store, clock, stable, "u", 140, 60, "s")  # 70%
         rate(store, clock, canary, "u", canary_ups - 1, 20 - canary_ups, "a")  # 19 judged
         assert controller.step() is None and registry.canary() == canary  # below the limit: the test goes on
-        rate(store, clock, canary, "u", 1, 0, "b")  # 20 judged: 80% or 65% against the stable 70%
+        rate(store, clock, canary, "u", 1, 0, "b")  # 20 judged
         before = decisions(f"truncated_{outcome}")
         record = controller.step()
         assert record["test"]["outcome"] == "continue"  # the test itself had not decided ...
         assert record["outcome"] == outcome and "canary_max_looks 20" in record["reason"]  # ... its lean did
-        assert (record["test"]["llr"] > 0) is (outcome == "promoted")
+        assert (record["test"]["llr"] >= CanaryTestConfig().promote_at / 2) is (outcome == "promoted")
         assert registry.canary() == "" and registry.current() == (canary if outcome == "promoted" else stable)
         assert decisions(f"truncated_{outcome}") == before + 1
