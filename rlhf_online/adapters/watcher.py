@@ -103,8 +103,9 @@ class AdapterWatcher:
             except OSError:  # the volume is unreachable: the check will say so
                 seen = None
             if seen != stamp or time.monotonic() >= due:
-                stamp, due = seen, time.monotonic() + self.poll_seconds  # stamped before the check: a write
-                try:  # during it is a change the next stat sees
+                # Stamped before the check: a pointer written during it is a change the next stat sees.
+                stamp, due = seen, time.monotonic() + self.poll_seconds
+                try:
                     self.check()
                 except Exception:
                     log.exception("adapter watcher poll failed")

@@ -46,6 +46,7 @@ from rlhf_online.canary.sequential import (
     canary_looks,
     decide,
     estimate,
+    lean_promotes,
     log_likelihood_ratio,
 )
 
@@ -117,11 +118,11 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
             c[2], c[3] = np.where(same, cum[..., SAME_UP], c[2]), np.where(same, cum[..., SAME_RATED], c[3])
         delta, var = estimate(*c, config.pair_overlap)
         llr = log_likelihood_ratio(delta, var, config)
-        judged = canary_looks(c[1], c[5], config.pair_overlap) >= config.min_canary_ratings
+        looks_so_far = canary_looks(c[1], c[5], config.pair_overlap)
+        judged = looks_so_far >= config.min_canary_ratings
         decided = look & judged & ((llr >= config.promote_at) | (llr <= config.rollback_at))
         timeout = look & (c[1] >= args.max_canary_ratings)
-        lean = look & (canary_looks(c[1], c[5], config.pair_overlap) >= args.max_looks) if args.max_looks else \
-            np.zeros_like(look)
+        lean = look & (looks_so_far >= args.max_looks) if args.max_looks else np.zeros_like(look)
         stop = decided | timeout | lean
         done = stop.any(axis=1)
         where = stop.argmax(axis=1)  # the first look that decided or timed out (0 where none did)
@@ -136,7 +137,7 @@ def simulate(effect: float, args: argparse.Namespace, config: CanaryTestConfig,
                 outcome[trial] = verdict
             elif lean[row, j]:  # canary_max_looks: the lean decides as the controller does (no reward gain here,
                 # so no hacking signature)
-                outcome[trial], truncated[trial] = (PROMOTE if llr[row, j] >= config.promote_at / 2 else ROLLBACK), True
+                outcome[trial], truncated[trial] = (PROMOTE if lean_promotes(llr[row, j], config) else ROLLBACK), True
             else:
                 outcome[trial] = "timeout"  # the controller's deadline
             at_canary[trial], at_total[trial] = cum[row, j, 1], total[row, j]

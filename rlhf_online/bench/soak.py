@@ -269,8 +269,11 @@ def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit
     latencies, swaps = tally.latencies, tally.swaps
     # Requests in flight while a swap was under way (sent before it was served, answered after it was
     # activated) against the others, under the same load: what a swap costs the requests it meets.
-    during = [b - a for a, b in tally.spans if any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)]
-    outside = [b - a for a, b in tally.spans if not any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)]
+    during: list[float] = []
+    outside: list[float] = []
+    for a, b in tally.spans:
+        met_a_swap = any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)
+        (during if met_a_swap else outside).append(b - a)
     return {"latency_during_swaps": _summary(during), "latency_outside_swaps": _summary(outside),
             "seconds": round(wall, 1), **tally.counts, "failures_by_code": tally.failures, "feedback_lost": lost,
             "latency_p50_s": round(_percentile(latencies, 0.5), 3), "latency_p95_s": round(_percentile(latencies, 0.95), 3),

@@ -10,10 +10,10 @@ Every `poll_seconds` (and right after each publish) the controller in the Traine
    learned-reward gain the trainer's gate measured along its lineage, and asks the sequential test
    (canary.sequential.decide): promote (CURRENT := CANARY), roll back (CANARY := ""), or keep
    collecting — until `canary_timeout_seconds`, when it rolls back, or, with `canary_max_looks`,
-   until that many judged completions, when the test's lean decides (llr at least halfway to promotion promotes). With `canary_replace_after`, a
-   canary still undecided after that many judged completions and leaning to "not better" (llr <= 0)
-   is superseded by the newest candidate trained from it, which starts its own test. Queued candidates trained on
-   top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
+   until that many judged completions, when the test's lean decides (sequential.lean_promotes).
+   With `canary_replace_after`, a canary still undecided after that many judged completions and
+   leaning to "not better" (llr <= 0) is superseded by the newest candidate trained from it, which
+   starts its own test. Queued candidates trained on top of a rolled-back canary are discarded when the users found it worse beyond noise; after a
    canary merely not shown better, the newest of them, with more rounds of training in it, goes
    live next and is judged on its own.
 Each decision is written to the candidate's record (registry decisions/<version>.json) with its
@@ -46,9 +46,16 @@ from rlhf_online.adapters.registry import (
 )
 from rlhf_online.artifacts import json_safe
 from rlhf_online.canary.config import CanaryConfig
-from rlhf_online.canary.sequential import CanaryTestConfig, Decision, Evidence, canary_looks, decide
+from rlhf_online.canary.sequential import (
+    CanaryTestConfig,
+    Decision,
+    Evidence,
+    canary_looks,
+    decide,
+    lean_promotes,
+)
 from rlhf_online.errors import InvalidArgument, NotFound
-from rlhf_online.store import Store, VersionComparison
+from rlhf_online.store import Store
 
 log = logging.getLogger("rlhf_online.canary")
 EVIDENCE_KINDS = ("canary_rated", "stable_rated", "pairs", "delta", "llr")
@@ -194,17 +201,17 @@ class CanaryController:
         # learned-reward gain measured on a few dozen held-out replies against users' thumbs-up no
         # higher within noise) keeps its line, whose newest candidate is judged next on its own.
         rejects_line = decision.clearly_worse
-        if decision.outcome == "continue" and self._replaceable(canary, seen, decision):
+        looks = float(canary_looks(seen.a_rated, seen.pairs, self.test.pair_overlap))
+        if decision.outcome == "continue" and self._replaceable(canary, looks, decision):
             self.registry.set_canary("")
             return self._close(canary, SUPERSEDED, f"undecided after {self.config.canary_replace_after}+ canary "
                                                    f"completions judged and leaning to not better; the newest "
                                                    f"candidate trained from it replaces it ({decision.reason})", numbers,
                                label=SUPERSEDED)
-        looks = float(canary_looks(seen.a_rated, seen.pairs, self.test.pair_overlap))
         if decision.outcome == "continue" and self.config.canary_max_looks and looks >= self.config.canary_max_looks:
             why = f"undecided after {looks:.0f} judged canary completions (canary_max_looks " \
                   f"{self.config.canary_max_looks}), decided by the test's lean: {decision.reason}"
-            if decision.llr >= self.test.promote_at / 2 and not decision.hacking and not decision.clearly_worse:
+            if lean_promotes(decision.llr, self.test) and not decision.hacking and not decision.clearly_worse:
                 self.registry.promote()
                 return self._close(canary, PROMOTED, why, numbers, label="truncated_promoted")
             return self._rollback(canary, why, numbers, label="truncated_rolled_back", rejects_line=rejects_line)
@@ -220,9 +227,9 @@ class CanaryController:
         self.registry.record(canary, numbers)  # the evidence so far, for anyone watching
         return None
 
-    def _replaceable(self, canary: str, seen: VersionComparison, decision: Decision) -> bool:
-        """canary_replace_after: judged that often, undecided but leaning to "not better", and a newer candidate
-        trained from it queued.
+    def _replaceable(self, canary: str, looks: float, decision: Decision) -> bool:
+        """canary_replace_after: judged that often (`looks`), undecided but leaning to "not better", and a newer
+        candidate trained from it queued.
 
         Leaning to "not better" (llr <= 0: the effect estimate at or under the test's indifference point)
         means the test is heading for a rollback that would not discard the line, after which the newest
@@ -233,7 +240,7 @@ class CanaryController:
         after = self.config.canary_replace_after
         if not after or decision.llr > 0 or decision.clearly_worse:
             return False
-        if canary_looks(seen.a_rated, seen.pairs, self.test.pair_overlap) < after:
+        if looks < after:
             return False
         return any(self.registry.lineage(v, canary) for v in self.registry.with_outcome(QUEUED))
 

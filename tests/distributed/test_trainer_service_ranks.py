@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -63,12 +62,6 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_serve_one_trainer(tiny_model_dir: Path, tmp_path: Path) -> None:
     with flat_reward_server() as reward, launch.running("trainer", trainer_env(tiny_model_dir, tmp_path, reward),
@@ -89,7 +82,7 @@ def test_two_ranks_serve_one_trainer(tiny_model_dir: Path, tmp_path: Path) -> No
 def two_pods(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen], tuple[int, int]]]:
     """Two torchrun agents with a static rendezvous, one rank each, as the Kubernetes overlay runs them (one per
     pod, each with its own ports); yields the agents and the ranks' gRPC ports once both serve health."""
-    master, ports = free_port(), (free_port(), free_port())
+    master, ports = launch.free_port(), (launch.free_port(), launch.free_port())
     nodes: list[subprocess.Popen] = []
     try:
         for rank in (0, 1):
