@@ -127,7 +127,9 @@ class GenerationSettings(CommonSettings):
     port: int = setting(50051, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = setting(9091, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
     http_port: int = setting(-1, "TGI-compatible HTTP API port (-1 = off, 0 = pick a free one)")
-    max_batch_size: int = setting(16, "rows decoded together in one step")
+    max_batch_size: int = setting(32, "rows decoded together in one step")
+    max_batch_tokens: int = setting(65536, "KV-cache positions the running batch may hold (rows x the longest row's "
+                                           "prompt + max_new_tokens); requests wait for room when it is full")
     max_queue: int = setting(64, "requests waiting for a batch slot before RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = setting(2048, "longest prompt accepted, in tokens (after the chat template)")
     max_new_tokens: int = setting(512, "largest max_new_tokens a request may ask for")
@@ -155,6 +157,9 @@ class GenerationSettings(CommonSettings):
         _check("http_port", self.http_port, -1 <= self.http_port <= 65535, "-1 (off) or a port in 0..65535")
         for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_n"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        need = self.max_prompt_tokens + self.max_new_tokens
+        _check("max_batch_tokens", self.max_batch_tokens, self.max_batch_tokens >= need,
+               f">= max_prompt_tokens + max_new_tokens ({need}), so the longest request fits")
         _check("default_max_new_tokens", self.default_max_new_tokens,
                1 <= self.default_max_new_tokens <= self.max_new_tokens, f"in 1..max_new_tokens ({self.max_new_tokens})")
         _check("workers", self.workers, self.workers >= 0, ">= 0")

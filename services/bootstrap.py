@@ -29,7 +29,8 @@ def set_threads(settings: CommonSettings) -> None:
 
 def engine_config(settings: GenerationSettings) -> EngineConfig:
     """Engine capacity and request limits from the service settings."""
-    return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+    return EngineConfig(max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                        max_queue=settings.max_queue,
                         limits=Limits(max_prompt_tokens=settings.max_prompt_tokens,
                                       max_new_tokens=settings.max_new_tokens,
                                       max_n=min(settings.max_n, settings.max_batch_size)))

@@ -45,6 +45,7 @@ def test_flag_beats_env_and_env_beats_default():
     ((), {"RLHF_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
     ((), {"RLHF_STORE_URL": "mysql://x"}, "store_url"),
     (("--max-n", "0"), {}, "max_n"),
+    (("--max-batch-tokens", "2000"), {}, "max_batch_tokens"),  # below max_prompt_tokens + max_new_tokens
     (("--tls-cert", "/no/such.pem"), {}, "tls_cert"),
     (("--log-level", "LOUD"), {}, "log_level"),
 ])

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-requests", type=int, default=8, help="sequential model.generate calls")
     p.add_argument("--base-model", default=os.environ.get("RLHF_BASE_MODEL", "smollm2-135m-instruct"))
     p.add_argument("--data-dir", default=os.environ.get("RLHF_DATA_DIR", "data"))
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--dtype", default=os.environ.get("RLHF_DTYPE", "auto"),
                    help="weights of both the server and the sequential baseline (auto, float32, bfloat16)")
     p.add_argument("--out", default="bench-results", help="directory for serving.json and serving.md")

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_online import metrics
+from rlhf_online.engine import attention
 from rlhf_online.engine.batch import KVBatch
 from rlhf_online.engine.detok import IncrementalText
 from rlhf_online.engine.request import (
@@ -50,7 +51,10 @@ CHAT_ROLES = ("system", "user", "assistant")
 class EngineConfig:
     """Capacity and limits of one engine."""
 
-    max_batch_size: int = 16  # rows decoded together
+    max_batch_size: int = 32  # rows decoded together
+    # KV-cache positions the padded batch may hold: rows x the longest row's prompt + max_new_tokens.
+    # 65,536 is 1.5 GB of bf16 cache for SmolLM2-135M (23 KB a position); admission waits when it is full.
+    max_batch_tokens: int = 65536
     max_queue: int = 64  # requests waiting for a slot before RESOURCE_EXHAUSTED
     max_prefill_tokens: int = 4096  # prompt tokens admitted per step, so one burst cannot stall decoding
     limits: Limits = field(default_factory=Limits)
@@ -71,6 +75,11 @@ class _Row:
     sent: int = 0  # how many of `ids` earlier events carried
 
 
+def _reserved(req: GenerationRequest) -> int:
+    """Cache positions one row of the request may reach: its prompt and every token it may generate."""
+    return len(req.prompt_ids) + req.params.max_new_tokens
+
+
 class Engine:
     """Owns the model; a background thread runs the batched decode loop."""
 
@@ -84,6 +93,8 @@ class Engine:
         eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
         self.eos_ids = {e for e in eos if e is not None}
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        if attention.use_for_decoding(model):
+            log.info("decode attention", extra={"implementation": attention.NAME})
 
         self._lock = threading.Condition()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -400,11 +411,18 @@ class Engine:
         with self._lock:
             free = self.config.max_batch_size - len(self._rows)
             budget = self.config.max_prefill_tokens
+            rows, longest = len(self._rows), max((_reserved(r.request) for r in self._rows), default=0)
             while self._waiting and self._waiting[0].n <= free:
                 nxt = self._waiting[0]
                 cost = len(nxt.prompt_ids) * len(set(nxt.versions))  # an interleaved prompt is prefilled per version
                 if take and cost > budget:
                     break
+                # Rows are padded to the longest, so the cache costs rows x longest (a lone row always fits:
+                # the limits keep one request within the budget).
+                longest = max(longest, _reserved(nxt))
+                if rows and (rows + nxt.n) * longest > self.config.max_batch_tokens:
+                    break
+                rows += nxt.n
                 take.append(self._waiting.popleft())
                 free -= nxt.n
                 budget -= cost

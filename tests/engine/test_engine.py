@@ -202,6 +202,18 @@ def test_many_threads_all_answered(make_engine):
     assert engine.stats["max_rows"] == 4
 
 
+def test_rows_wait_while_the_padded_cache_would_pass_max_batch_tokens(make_engine):
+    """Four rows fit the batch but only two the cache budget: the others wait, and everyone is answered."""
+    probe = make_engine()
+    encoded = [probe.encode_prompt(PROMPTS[0])] * 4
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    per_row = len(encoded[0]) + params.max_new_tokens  # the cache positions one row reserves
+    engine = make_engine(max_batch_size=4, max_batch_tokens=2 * per_row)
+    handles = [engine.submit(ids, params) for ids in encoded]
+    assert all(h.result()[0].completion_tokens == 16 for h in handles)
+    assert engine.stats["max_rows"] == 2
+
+
 def test_running_the_loop_on_the_callers_thread_leaves_its_grad_mode_alone(tiny):
     from rlhf_online.engine.engine import Engine
 
