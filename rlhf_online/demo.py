@@ -53,7 +53,7 @@ class DemoConfig:
     # The trainer's PPO knobs: a larger lr than the service's (PPO's early stop on approx. KL bounds each
     # round's step) and a smaller starting KL penalty; response_length follows max_new_tokens.
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "num_ppo_epochs", "num_mini_batches", "learning_rate",
-                                       "init_kl_coef"),
+                                       "init_kl_coef", "compute_dtype"),
                            learning_rate=1e-3, init_kl_coef=0.02)
     # Rounds back to back on the trainer's own rollouts, the gate on fewer held-out prompts and replies.
     # Rounds from the users' traffic (--learn-from-traffic true --round-interval-seconds 60 --num-ppo-epochs 2
@@ -61,7 +61,8 @@ class DemoConfig:
     # 6 rounds of ~32 replies on one thread moved the policy less far (KL 5) than 16 back-to-back rounds of 8 (KL 11).
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
                                                    "round_interval_seconds", "learn_from_traffic",
-                                                   "logged_batch_size", "round_min_traffic", "min_logged_samples"),
+                                                   "logged_batch_size", "round_min_traffic", "min_logged_samples",
+                                                   "updates_per_round"),
                                    round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
                                    eval_samples_per_prompt=2, learn_from_traffic=False, logged_batch_size=64,
                                    round_min_traffic=32, min_logged_samples=32)

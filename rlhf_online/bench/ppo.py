@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=1,
                    help="N > 1: instead of TRL, ours on 1 rank vs N ranks (torchrun, gloo) on the same samples "
                         "(rlhf_online.bench.ppo_ranks)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="our side's PPOConfig.compute_dtype (TRL's side runs fp32 unless --trl-bf16); float32 keeps "
+                        "--world-size's 1-rank vs N-rank weights comparable to rounding")
+    p.add_argument("--trl-bf16", action="store_true", help="TRL's side under bf16 autocast (its bf16=True)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default="data")
@@ -124,7 +128,8 @@ def _bench_ours(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     # early_stop_approxkl=0: every step runs all epochs, as TRL's trainer always does
     cfg = PPOConfig(batch_size=args.batch_size, response_length=args.response_length,
                     num_ppo_epochs=args.num_ppo_epochs, num_mini_batches=args.num_mini_batches,
-                    learning_rate=args.learning_rate, early_stop_approxkl=0.0, seed=args.seed)
+                    learning_rate=args.learning_rate, early_stop_approxkl=0.0, seed=args.seed,
+                    compute_dtype=args.compute_dtype)
     policy = PolicyWithValue(model, cfg)
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     times, lengths, epochs = [], [], []
@@ -183,8 +188,8 @@ def _bench_trl(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         total_episodes=args.batch_size * (args.steps + 1), response_length=args.response_length,
         learning_rate=args.learning_rate, temperature=1.0, stop_token="eos", kl_coef=0.05,
         local_rollout_forward_batch_size=args.batch_size, num_sample_generations=0,
-        # fp32 and no checkpointing, as ours (PPOConfig defaults: bf16=True, gradient_checkpointing=True)
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        # fp32 (unless --trl-bf16) and no checkpointing, as ours (TRL's defaults: bf16=True, gradient_checkpointing=True)
+        bf16=args.trl_bf16, fp16=False, gradient_checkpointing=False, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=args.seed,
         dataloader_num_workers=0)
     trainer = PPOTrainer(
@@ -289,7 +294,8 @@ def _settings(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"model": str(path), "lora": "r16, alpha 32, dropout 0, q/k/v/o", "batch_size": args.batch_size,
             "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
             "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate,
-            "temperature": 1.0, "dtype": "float32", "threads": args.threads, "steps": args.steps,
+            "temperature": 1.0, "dtype": f"ours {args.compute_dtype}, TRL {'bf16 autocast' if args.trl_bf16 else 'float32'}",
+            "threads": args.threads, "steps": args.steps,
             "prompts": len(PROMPTS), "reward": "VADER compound sentiment of the decoded response (both sides)"}
 
 

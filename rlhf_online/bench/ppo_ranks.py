@@ -81,7 +81,8 @@ def _ppo_config(args: argparse.Namespace) -> Any:
     # early_stop_approxkl=0: every step runs all epochs on both sides (no data-dependent early stop)
     return PPOConfig(batch_size=args.batch_size, response_length=args.response_length,
                      num_ppo_epochs=args.num_ppo_epochs, num_mini_batches=args.num_mini_batches,
-                     learning_rate=args.learning_rate, early_stop_approxkl=0.0, seed=args.seed)
+                     learning_rate=args.learning_rate, early_stop_approxkl=0.0, seed=args.seed,
+                     compute_dtype=args.compute_dtype)
 
 
 def _run_world(world: int, threads: int, samples: Path, out: Path, path: Path, args: argparse.Namespace
@@ -89,7 +90,8 @@ def _run_world(world: int, threads: int, samples: Path, out: Path, path: Path, a
     """The timed steps on `world` ranks under torchrun: step seconds, samples/s and the trained weights."""
     spec = json.dumps({"model": str(path), "threads": threads, "seed": args.seed, "batch_size": args.batch_size,
                        "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
-                       "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate})
+                       "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate,
+                       "compute_dtype": args.compute_dtype})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
            "-m", "rlhf_online.bench.ppo_ranks", str(samples), str(out), spec]
     subprocess.run(cmd, check=True)
@@ -135,7 +137,7 @@ def _settings(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     return {"model": str(path), "lora": "r16, alpha 32, dropout 0, q/k/v/o", "batch_size": args.batch_size,
             "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
             "num_mini_batches": args.num_mini_batches, "threads_in_all": args.threads, "steps": args.steps,
-            "backend": "gloo", "dtype": "float32", "world_size": args.world_size}
+            "backend": "gloo", "dtype": args.compute_dtype, "world_size": args.world_size}
 
 
 def table(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:

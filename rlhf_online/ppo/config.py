@@ -60,6 +60,10 @@ class PPOConfig:
     lora_dropout: float = knob(0.0, "LoRA dropout")
     lora_target_modules: tuple[str, ...] = knob(("q_proj", "k_proj", "v_proj", "o_proj"), "modules LoRA adapts")
     seed: int = knob(0, "seed of the rollouts' prompt choice")
+    # --- precision ---
+    compute_dtype: str = knob("auto", "dtype of the body's matmuls in every forward/backward pass (autocast; the "
+                                         "weights, the vocabulary projection and the losses stay fp32): float32, "
+                                         "bfloat16, or auto (bfloat16 where the CPU or GPU computes it natively)")
 
     def __post_init__(self) -> None:
         """Reject values PPO cannot run with, naming the field."""
@@ -75,6 +79,7 @@ class PPOConfig:
             "learning_rate": (self.learning_rate > 0, "> 0"), "cliprange": (0 < self.cliprange < 1, "in (0, 1)"),
             "cliprange_value": (self.cliprange_value > 0, "> 0"), "vf_coef": (self.vf_coef >= 0, ">= 0"),
             "early_stop_approxkl": (self.early_stop_approxkl >= 0, ">= 0"), "lora_r": (self.lora_r >= 1, ">= 1"),
+            "compute_dtype": (self.compute_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         })
 
 
@@ -103,6 +108,9 @@ class TrainerConfig:
     prompt_window: int = knob(10000, "the trainer's own rollouts and the gate draw prompts from the newest this many "
                                      "logged completions (a bounded read: a round's store time does not grow "
                                      "with the history)")
+    updates_per_round: int = knob(1, "PPO updates a round makes before its one gate and publish: the first on the "
+                                     "round's batch, each further one on batch_size fresh rollouts of the policy "
+                                     "as it is by then (the gate costs as much as several updates)")
     kl_budget: float = knob(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
     eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
     eval_samples_per_prompt: int = knob(4, "sampled replies per held-out prompt in the gate's evaluation")
@@ -124,6 +132,7 @@ class TrainerConfig:
             "max_logged_response_tokens": (self.max_logged_response_tokens >= 1, ">= 1"),
             "gate_min_samples": (self.gate_min_samples >= 2, ">= 2"),
             "gate_min_ess": (0 < self.gate_min_ess <= 1, "in (0, 1]"), "kl_budget": (self.kl_budget > 0, "> 0"),
+            "updates_per_round": (self.updates_per_round >= 1, ">= 1"),
             "eval_prompts": (self.eval_prompts >= 1, ">= 1"),
             "eval_samples_per_prompt": (self.eval_samples_per_prompt >= 1, ">= 1"),
             "keep_versions": (self.keep_versions >= 1, ">= 1"),

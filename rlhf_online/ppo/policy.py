@@ -18,10 +18,21 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class PolicyWithValue(nn.Module):
-    """Logits and values of [query | response] sequences, and reference logits with the adapter disabled."""
+    """Logits and values of [query | response] sequences, and reference logits with the adapter disabled.
+
+    With `compute_dtype` bfloat16 the body's matmuls run under autocast (bf16 products, fp32
+    weights and gradients) while the vocabulary projection, the values and everything after them
+    stay fp32: log-probs of the policy and of the reference, and so the PPO ratio and the KL, are
+    read off fp32 logits of the same bf16 hidden states.
+    """
 
     def __init__(self, base: Any, cfg: PPOConfig, adapter_dir: Path | None = None) -> None:
         super().__init__()
+        from rlhf_online.models.provision import pick_dtype
+
+        device = next(base.parameters()).device
+        self.compute_dtype = pick_dtype(cfg.compute_dtype, device.type)
+        self._device_type = device.type
         if adapter_dir is not None:
             # Warm start: continue from the served adapter (and its value head, if it has one).
             self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
@@ -42,18 +53,35 @@ class PolicyWithValue(nn.Module):
         Keeping only the response's positions spares the vocabulary projection (a fifth of SmolLM2's
         compute per position) on the prompt, which is most of a short reply's sequence.
         """
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                         logits_to_keep=keep)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
-        return out.logits, values
+        hidden = self._last_hidden(ids, mask)  # [B, L, H] fp32
+        values = self.value_head(hidden).squeeze(-1)
+        return self._logits(hidden, keep), values
 
     @torch.no_grad()
     def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """Logits of the last `keep` positions (0 = all) under the frozen reference: the adapter disabled."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.model.disable_adapter():
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            return self._logits(self._last_hidden(ids, mask), keep)
+
+    def autocast(self) -> Any:
+        """The autocast context of the body's passes (a no-op in float32)."""
+        return torch.autocast(self._device_type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
+
+    def _last_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The final (normed) hidden states [B, L, H] of left-padded sequences, in fp32."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.autocast():
+            # logits_to_keep=1: the model's own projection covers one position; ours, in fp32, the ones wanted.
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                             logits_to_keep=1)
+        return out.hidden_states[-1].float()
+
+    def _logits(self, hidden: torch.Tensor, keep: int) -> torch.Tensor:
+        """fp32 logits [B, keep or L, V] of the last `keep` positions (0 = all)."""
+        head = self.model.get_output_embeddings()
+        return nn.functional.linear(hidden[:, -keep:] if keep else hidden, head.weight.float(),
+                                    None if head.bias is None else head.bias.float())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """LoRA weights and the value head; the base stays frozen."""

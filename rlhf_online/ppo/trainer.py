@@ -191,12 +191,14 @@ class Trainer:
         started = time.time()
         self._candidate_replies = None
         current = head(self.registry)  # CURRENT, or the newest candidate users are judging or will judge
-        times: dict[str, float] = {}
+        times = dict.fromkeys(("time/rollout_seconds", "time/forward_seconds", "time/score_seconds",
+                               "time/update_seconds"), 0.0)
         t = time.time()
         traffic = (logged.read(self.store, current, self.ppo, self.config, self.heldout_percent)
                    if self.config.learn_from_traffic else logged.LoggedBatch([], [], Counter()))
         own = len(traffic.train) < self.config.min_logged_samples  # thin traffic: sample rollouts too
-        train = split_prompts(self.store, self.heldout_percent, self.config.prompt_window)[0] if own else []
+        more = self.config.updates_per_round > 1  # the further updates sample rollouts of their own
+        train = split_prompts(self.store, self.heldout_percent, self.config.prompt_window)[0] if own or more else []
         if own and len(train) < self.config.min_prompts:
             return RoundResult("skipped", reason=f"{len(traffic.train)} logged on-policy completions < "
                                                  f"min_logged_samples {self.config.min_logged_samples} and {len(train)} "
@@ -207,32 +209,17 @@ class Trainer:
         policy = self._policy(current)
         served_weights = policy.trainable_state()  # the gate compares the candidate with these
         times["time/read_log_seconds"] = time.time() - t
-        t = time.time()
         samples = list(traffic.train)
         if own:
-            samples += steps.sample(policy, self.tokenizer, [self.rng.choice(train) for _ in range(self.ppo.batch_size)],
-                                    self.ppo)
-        times["time/rollout_seconds"] = time.time() - t
-        t = time.time()
-        if self.ranks.world > 1:  # the other ranks join the round here: the starting weights and the samples
-            self.ranks.broadcast((ROUND, policy.trainable_state(), samples))
-        rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo, self.ranks)
-        times["time/forward_seconds"] = time.time() - t
-        t = time.time()
-        try:
-            scores = steps.score(rollouts, self.reward_fn, self.ppo)
-        except BaseException:
-            self.ranks.broadcast(None)  # the other ranks leave this round; this one records why it failed
-            raise
-        scores, kl_coef = self.ranks.broadcast((scores, self.kl_ctl.value))
-        times["time/score_seconds"] = time.time() - t
-        adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, self.ppo)
-        t = time.time()
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
-        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo, self.ranks))
-        times["time/update_seconds"] = time.time() - t
-        self.kl_ctl.update(stats["objective/kl"], len(samples))
-        stats.update({"trainer/ranks": float(self.ranks.world), "samples/logged": float(len(traffic.train)), "samples/own": float(len(samples) - len(traffic.train)),
+            samples += self._rollouts(policy, train, times)
+        stats = self._update(policy, samples, times)
+        updates = 1
+        while updates < self.config.updates_per_round and len(train) >= self.config.min_prompts:
+            stats = self._update(policy, self._rollouts(policy, train, times), times)
+            updates += 1
+        stats.update({"trainer/ranks": float(self.ranks.world), "trainer/updates": float(updates),
+                      "samples/logged": float(len(traffic.train)),
+                      "samples/own": float(len(samples) - len(traffic.train) + (updates - 1) * self.ppo.batch_size),
                       "samples/not_on_policy": float(sum(traffic.left_out.values())),
                       # rewarded by their users' ratings (the Reward service combines them with its score)
                       "samples/rated": float(len(self.store.rating_evidence([s.completion_id for s in traffic.train])))})
@@ -256,6 +243,42 @@ class Trainer:
         if self._candidate_replies is not None:
             self._remember(version, *self._candidate_replies)
         return RoundResult("published", version=version, reason=reason, metrics=numbers)
+
+    def _rollouts(self, policy: PolicyWithValue, prompts: list[str], times: dict[str, float]) -> list[steps.Sample]:
+        """batch_size replies of the policy as it is now, to prompts drawn from `prompts`."""
+        t = time.time()
+        drawn = [self.rng.choice(prompts) for _ in range(self.ppo.batch_size)]
+        samples = steps.sample(policy, self.tokenizer, drawn, self.ppo)
+        times["time/rollout_seconds"] += time.time() - t
+        return samples
+
+    def _update(self, policy: PolicyWithValue, samples: list[steps.Sample], times: dict[str, float]
+                ) -> dict[str, float]:
+        """One PPO update on these samples (every rank takes part): measure, score, advantages, epochs."""
+
+        def timed(name: str, since: float) -> None:
+            times[name] += time.time() - since
+
+        t = time.time()
+        if self.ranks.world > 1:  # the other ranks join here: the starting weights and the samples
+            self.ranks.broadcast((ROUND, policy.trainable_state(), samples))
+        rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo, self.ranks)
+        timed("time/forward_seconds", t)
+        t = time.time()
+        try:
+            scores = steps.score(rollouts, self.reward_fn, self.ppo)
+        except BaseException:
+            self.ranks.broadcast(None)  # the other ranks leave this update; this one records why it failed
+            raise
+        scores, kl_coef = self.ranks.broadcast((scores, self.kl_ctl.value))
+        timed("time/score_seconds", t)
+        adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, self.ppo)
+        t = time.time()
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
+        stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo, self.ranks))
+        timed("time/update_seconds", t)
+        self.kl_ctl.update(stats["objective/kl"], len(samples))
+        return stats
 
     def release_followers(self) -> None:
         """Rank 0, on shutdown: the other ranks' `follow()` returns."""

@@ -145,6 +145,19 @@ def test_with_learning_from_traffic_off_a_round_uses_own_rollouts_only(tiny, tra
     assert not trainer.due(last_round_at=1e12, now=1e12)
 
 
+def test_a_round_of_three_updates_trains_on_the_traffic_then_on_fresh_rollouts_and_gates_once(tiny, traffic, tmp_path):
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, gate_min_samples=100,
+                           updates_per_round=3)
+    r = trainer.run_round()
+    assert r.metrics["trainer/updates"] == 3 and r.metrics["samples/own"] == 2 * PPO.batch_size, r
+    logged_rows = int(r.metrics["samples/logged"])
+    assert logged_rows > 0 and "" not in calls[0] and len(calls[0]) == logged_rows  # update 1: the traffic
+    assert calls[1] == calls[2] == [""] * PPO.batch_size  # updates 2 and 3: rollouts of the policy being trained
+    assert len(calls) == 3 + 2  # then one gate: the served version's replies, the candidate's
+    assert r.outcome in ("published", "rejected") and len(trainer.registry.versions()) == (r.outcome == "published")
+
+
 def test_the_gate_reads_the_served_weights_back_and_leaves_the_candidate_as_it_was(tiny):
     model, tok = tiny
     policy = PolicyWithValue(copy.deepcopy(model), PPO)

@@ -103,3 +103,30 @@ def test_replies_to_the_same_prompt_are_rewarded_against_each_other(tiny):
     adv_by_hand, ret_by_hand, _ = steps.advantages(ro, torch.tensor([1.0, -1.0, 5.0]), 0.05, off)
     assert torch.allclose(adv, adv_by_hand) and torch.allclose(ret, ret_by_hand)
     assert stats["objective/scores"] == pytest.approx(8 / 3) and stats["objective/baselined_share"] == pytest.approx(2 / 3)
+
+
+def test_bf16_compute_keeps_fp32_logits_values_and_gradients_close_to_fp32(tiny):
+    model, tok = tiny
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hello there, how are you?"}],
+                                                add_generation_prompt=True)] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype=dtype))
+        with torch.no_grad():
+            policy.value_head.weight.fill_(0.01)  # a value head that reads the hidden state
+        logits, values = policy(ids, mask, keep=5)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+        grad = torch.cat([p.grad.flatten() for p in policy.trainable_parameters()])
+        out[dtype] = (logits, values, grad, policy.reference_logits(ids, mask, keep=5))
+    logits, values, grad, ref = out["float32"]
+    with torch.no_grad():  # fp32: our projection of the last hidden state is the model's own logits
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert torch.allclose(logits, expected[:, -5:], atol=1e-5) and torch.allclose(ref, logits, atol=1e-5)
+    logits16, values16, grad16, ref16 = out["bfloat16"]
+    assert logits16.dtype == values16.dtype == torch.float32  # bf16 products, fp32 results
+    assert (logits16 - logits).abs().max() < 0.05 * logits.abs().max()
+    assert (values16 - values).abs().max() < 0.05 * values.abs().max()
+    assert torch.isfinite(grad16).all() and torch.nn.functional.cosine_similarity(grad, grad16, dim=0) > 0.99
