@@ -26,6 +26,7 @@ BENCHES = {
     "canary": "error rates and speed of the canary test on simulated users (no model)",
     "poisoning": "one user flooding opposite feedback: reward accuracy with the per-user cap vs without",
     "soak": "steady generation + feedback load with a swap every minute",
+    "ingest": "thumbs ratings per second through the gRPC API into the durable store, vs GetPolicy",
     "store-growth": "per-round store time of the trainer and the reward retraining at 10k, 100k, 1M completions",
     "all": "every benchmark above, collected into all.json / all.md",
 }

@@ -13,10 +13,10 @@ import hashlib
 import json
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rlhf_online.errors import ConfigError, InvalidArgument, NotFound
 from rlhf_online.store.base import (
@@ -45,6 +45,7 @@ from rlhf_online.store.rows import (
 )
 
 API_KEY_COLUMNS = "key_id, secret_sha256, tenant, role, created_at, revoked_at"
+T = TypeVar("T")
 # Ids per `IN (...)` query of get_completions: under SQLite's oldest bound-parameter limit (999).
 IDS_PER_QUERY = 500
 
@@ -86,6 +87,12 @@ class SqlStore(Store):
     def _migration_transaction(self) -> AbstractContextManager[Any]:
         """A write transaction that no other process migrates alongside (by default: `_transaction`)."""
         return self._transaction()
+
+    def _write(self, work: Callable[[Any], T]) -> T:
+        """`work(cursor)` in a write transaction; returns its result once committed (a backend may commit
+        several callers' work in one transaction, each isolated from the others' errors)."""
+        with self._transaction() as cur:
+            return work(cur)
 
     def _execute(self, cur: Any, query: str, args: Sequence[Any] = ()) -> Any:
         """Run a `?`-placeholder query on a cursor, in the dialect's placeholders."""
@@ -143,7 +150,8 @@ class SqlStore(Store):
                      rater: Rater = NO_RATER) -> bool:
         """Record a rating; False if (completion_id, user_id) already had one (the first is kept)."""
         check_rating(rating)
-        with self._transaction() as cur:
+
+        def insert(cur: Any) -> bool:
             self._require_completion(cur, completion_id)
             return self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at, "
                                  "tenant, rater_role) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -151,11 +159,14 @@ class SqlStore(Store):
                                  (completion_id, user_id, rating, comment, time.time(), rater.tenant,
                                   rater.role)).rowcount == 1
 
+        return self._write(insert)
+
     def add_preference(self, chosen_completion_id: str, rejected_completion_id: str, user_id: str,
                        rater: Rater = NO_RATER) -> bool:
         """Record a preference; False on a repeat of (chosen, rejected, user_id)."""
         check_preference_pair(chosen_completion_id, rejected_completion_id)
-        with self._transaction() as cur:
+
+        def insert(cur: Any) -> bool:
             self._require_completion(cur, chosen_completion_id)
             self._require_completion(cur, rejected_completion_id)
             return self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at, tenant, "
@@ -163,6 +174,8 @@ class SqlStore(Store):
                                  "ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
                                  (chosen_completion_id, rejected_completion_id, user_id, time.time(), rater.tenant,
                                   rater.role)).rowcount == 1
+
+        return self._write(insert)
 
     def add_ranking(self, completion_ids: Sequence[str], user_id: str, rater: Rater = NO_RATER) -> bool:
         """Record a ranking (best first) of completions of one prompt; False if this user already ranked
@@ -172,7 +185,8 @@ class SqlStore(Store):
         """
         ids = check_ranking(completion_ids)
         key = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
-        with self._transaction() as cur:
+
+        def insert(cur: Any) -> bool:
             rows = self._execute(cur, f"SELECT id, prompt, messages FROM completions "
                                       f"WHERE id IN ({', '.join(['?'] * len(ids))})", ids).fetchall()
             prompts = {cid: (prompt, messages) for cid, prompt, messages in rows}
@@ -193,6 +207,8 @@ class SqlStore(Store):
                 self._execute(cur, "INSERT INTO ranking_members (ranking_seq, place, completion_id) VALUES (?, ?, ?)",
                               (row[0], place, cid))
             return True
+
+        return self._write(insert)
 
     def _require_completion(self, cur: Any, completion_id: str) -> None:
         """NotFound unless the completion exists (rows are never deleted, so the check cannot go stale)."""

@@ -1,15 +1,35 @@
-"""The embedded SQLite backend: one WAL connection shared by every thread under a lock."""
+"""The embedded SQLite backend: one WAL connection shared by every thread under a lock.
+
+Ratings, preferences and rankings are group-committed: callers that arrive while a commit is on
+its way to disk queue their inserts, and the next of them to commit takes them all into one
+transaction — one fsync for many ratings, each acknowledged only after that commit, each in a
+savepoint of its own so one caller's error (an unknown completion) rolls back only its insert.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from rlhf_online.errors import ConfigError
 from rlhf_online.store.sql import SQLITE, SqlStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Work:
+    """One caller's part of a group commit: what to run, then its result or its error."""
+
+    run: Callable[[sqlite3.Cursor], Any]
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
 
 
 class SqliteStore(SqlStore):
@@ -25,6 +45,9 @@ class SqliteStore(SqlStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # One connection: SQLite allows a single writer anyway, and the lock makes every call atomic.
         self._lock = threading.Lock()
+        self._queue: list[_Work] = []  # inserts waiting for the next group commit
+        self._group = threading.Condition()  # guards _queue and _committing
+        self._committing = False
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
                                      check_same_thread=False)
         try:
@@ -62,6 +85,47 @@ class SqliteStore(SqlStore):
                 raise
             finally:
                 cur.close()
+
+    def _write(self, work: Callable[[sqlite3.Cursor], T]) -> T:
+        """`work(cursor)` committed with whatever other callers queued meanwhile; its result after the commit."""
+        mine = _Work(work)
+        with self._group:
+            self._queue.append(mine)
+            while self._committing and not mine.done:
+                self._group.wait()  # a commit is on its way to disk: ours goes in the next one
+            if not mine.done:
+                self._committing = True  # we lead the next commit, with every caller queued by now
+                batch, self._queue = self._queue, []
+        if not mine.done:
+            try:
+                self._commit_group(batch)
+            finally:
+                with self._group:
+                    self._committing = False
+                    self._group.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        return mine.value
+
+    def _commit_group(self, batch: list[_Work]) -> None:
+        """One transaction for the batch, a savepoint per work; every work is done when this returns."""
+        try:
+            with self._transaction() as cur:
+                for i, work in enumerate(batch):
+                    cur.execute(f"SAVEPOINT w{i}")
+                    try:
+                        work.value = work.run(cur)
+                    except Exception as e:  # this caller's error only: undo its statements, keep the rest
+                        cur.execute(f"ROLLBACK TO w{i}")
+                        work.error = e
+                    cur.execute(f"RELEASE w{i}")
+        except BaseException as e:  # the commit itself failed: nothing of the batch was written, all callers hear it
+            for work in batch:
+                work.value, work.error = None, work.error or e
+        finally:
+            with self._group:
+                for work in batch:
+                    work.done = True
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Cursor]:

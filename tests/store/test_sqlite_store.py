@@ -191,6 +191,43 @@ def test_concurrent_feedback_loses_nothing(store: Store) -> None:
     assert len(set(seqs)) == len(seqs) == threads_n * per_thread + 1
 
 
+def test_concurrent_ratings_share_commits_and_one_callers_error_stays_its_own(tmp_path: Path) -> None:
+    """SQLite group commit: fewer transactions than ratings, each caller gets its own answer."""
+    store = SqliteStore(tmp_path / "store.db")
+    store.add_completions([completion(f"c{i}") for i in range(20)])
+    transactions = []
+    begin = store._transaction
+
+    def counted():
+        transactions.append(1)
+        return begin()
+
+    store._transaction = counted  # type: ignore[method-assign]
+    threads_n, per_thread = 8, 50
+    outcomes: list[list[object]] = [[] for _ in range(threads_n)]
+    start = threading.Barrier(threads_n)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            cid = "missing" if i % 10 == 9 else f"c{i % 20}"  # every tenth names no completion
+            try:
+                outcomes[t].append(store.add_feedback(cid, f"user{t}-{i // 20}", "thumbs_up"))
+            except NotFound as e:
+                outcomes[t].append(e)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    flat = [o for os_ in outcomes for o in os_]
+    assert sum(isinstance(o, NotFound) for o in flat) == threads_n * per_thread // 10
+    assert flat.count(True) == store.count_feedback() == threads_n * per_thread * 9 // 10
+    assert len(transactions) < threads_n * per_thread  # several ratings went to disk in one commit
+    store.close()
+
+
 def test_context_manager_closes(store_url: str) -> None:
     with open_store(store_url) as s:
         pass
