@@ -63,7 +63,7 @@ class PolicyWithValue(nn.Module):
         with self.model.disable_adapter():
             return self._logits(self._last_hidden(ids, mask), keep)
 
-    def autocast(self) -> Any:
+    def _autocast(self) -> Any:
         """The autocast context of the body's passes (a no-op in float32)."""
         return torch.autocast(self._device_type, dtype=self.compute_dtype,
                               enabled=self.compute_dtype != torch.float32)
@@ -71,7 +71,7 @@ class PolicyWithValue(nn.Module):
     def _last_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The final (normed) hidden states [B, L, H] of left-padded sequences, in fp32."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self.autocast():
+        with self._autocast():
             # logits_to_keep=1: the model's own projection covers one position; ours, in fp32, the ones wanted.
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
                              logits_to_keep=1)

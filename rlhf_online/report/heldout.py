@@ -26,7 +26,7 @@ class HeldoutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 20261124
-    max_batch_size: int = 32
+    max_batch_size: int = 64  # rows decoded together: 64 gave 1.16x the tokens/s of 32 here (bf16, 2 threads)
 
 
 @dataclass
