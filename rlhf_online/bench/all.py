@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhf_online.bench.common import machine
 
-BENCHES = ("serving", "reward", "ppo-round", "ppo", "reward-accuracy", "canary")
+BENCHES = ("serving", "ingest", "reward", "ppo-round", "ppo", "reward-accuracy", "canary")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
