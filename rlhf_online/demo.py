@@ -199,6 +199,25 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     return monitor, pool.stats
 
 
+def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, data_dir: Path
+                     ) -> dict[str, list[str]]:
+    """The base's and the final policy's held-out replies; the base's from an earlier run when it left them."""
+    from rlhf_online.report import heldout
+
+    cache_dir = data_dir / "heldout-cache"
+    key = heldout.base_cache_key(model, prompts, hcfg, dtype="auto")
+    base = heldout.cached_base_replies(cache_dir, key, len(prompts) * hcfg.samples)
+    if base is not None:
+        print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
+    policies = {"final": final} if base is not None else {"base": None, "final": final}
+    if base is not None and final is None:  # the final policy is the bare base: nothing to generate
+        return {"base": base, "final": list(base)}
+    texts = heldout.generate(model, policies, prompts, hcfg)
+    if base is None:
+        heldout.store_base_replies(cache_dir, key, texts["base"])
+    return {"base": base if base is not None else texts["base"], "final": texts["final"]}
+
+
 def _round_in_progress(monitor) -> bool:
     """Whether the trainer is in a round, asked over the monitor's channel (one channel, not one per poll)."""
     from rlhf_online.v1 import trainer_pb2
@@ -255,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
                                  temperature=cfg.temperature, seed=cfg.seed + 20261124)
     print(f"\nJudging the base and the final policy ({final or 'bare base'}) on {len(prompts)} held-out prompts x "
           f"{hcfg.samples} replies, fixed seeds ...", flush=True)
-    texts = heldout.generate(model, {"base": None, "final": registry.path(final) if final else None}, prompts, hcfg)
+    texts = _heldout_replies(model, registry.path(final) if final else None, prompts, hcfg, Path(cfg.data_dir))
     personas = cfg.personas.split(",")
     judged = {label: heldout.judge(texts[label], personas) for label in texts}
     summary = {label: heldout.summarize(j, seed=cfg.seed) for label, j in judged.items()}

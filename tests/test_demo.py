@@ -119,3 +119,28 @@ def test_the_rank_n_flag_reaches_the_simulated_users():
     users = demo.user_pool_config(config.assemble(demo.DemoConfig, vars(parser.parse_args(
         ["--rank-n", "4", "--rated-fraction", "0.5", "--users", "3"]))))
     assert (users.rank_n, users.rated_fraction, users.users, users.pair_fraction) == (4, 0.5, 3, 1.0)
+
+
+def test_the_bare_bases_heldout_replies_are_generated_once_and_reused(tmp_path, monkeypatch):
+    from rlhf_online.report import heldout
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    calls = []
+
+    def fake_generate(model_path, adapters, prompts, cfg):
+        calls.append(sorted(adapters))
+        return {label: [f"{label} reply {i}" for i in range(len(prompts) * cfg.samples)] for label in adapters}
+
+    monkeypatch.setattr(heldout, "generate", fake_generate)
+    cfg, prompts, final = heldout.HeldoutConfig(samples=2), ["a?", "b?"], tmp_path / "v000003"
+    first = demo._heldout_replies(model, final, prompts, cfg, tmp_path / "data")
+    second = demo._heldout_replies(model, final, prompts, cfg, tmp_path / "data")
+    assert calls == [["base", "final"], ["final"]] and first == second and len(first["base"]) == 4
+    assert demo._heldout_replies(model, None, prompts, cfg, tmp_path / "data")["final"] == first["base"]
+    assert len(calls) == 2  # a final policy that is the bare base needs no generation at all
+    demo._heldout_replies(model, final, prompts, heldout.HeldoutConfig(samples=3), tmp_path / "data")
+    (model / "model.safetensors").write_bytes(b"other weights")  # another model: its own replies
+    demo._heldout_replies(model, final, prompts, cfg, tmp_path / "data")
+    assert calls[2:] == [["base", "final"], ["base", "final"]]

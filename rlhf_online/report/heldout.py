@@ -8,6 +8,9 @@ reward model plays no part here.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 import threading
 from collections.abc import Sequence
@@ -83,6 +86,42 @@ def generate(model_path: Path, adapters: dict[str, Path | None], prompts: Sequen
     if errors:
         raise RuntimeError(f"held-out generation failed: {errors[0]}") from errors[0]
     return out
+
+
+CACHE_FORMAT = 1  # bump when what a cached reply means changes
+
+
+def base_cache_key(model_path: Path, prompts: Sequence[str], cfg: HeldoutConfig, dtype: str) -> str:
+    """What the base's held-out replies depend on: the model's files, the prompts, the sampling settings."""
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_path).iterdir() if f.is_file())
+    blob = json.dumps({"format": CACHE_FORMAT, "files": files, "prompts": list(prompts),
+                       "config": dataclasses.asdict(cfg), "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_base_replies(cache_dir: Path, key: str, count: int) -> list[str] | None:
+    """The bare base's replies stored under `key` by an earlier run, or None.
+
+    The base and its seeds are the same in every run, so its replies are too (up to bf16 rounding in
+    a batch of another composition): judging them again would be the same few minutes each time.
+    """
+    path = cache_dir / f"base-{key[:16]}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    texts = data.get("texts")
+    if data.get("key") != key or not isinstance(texts, list) or len(texts) != count:
+        return None
+    return [str(t) for t in texts]
+
+
+def store_base_replies(cache_dir: Path, key: str, texts: list[str]) -> None:
+    """Keep the bare base's replies for the next run (written atomically)."""
+    from rlhf_online.artifacts import write_json_atomically
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(cache_dir / f"base-{key[:16]}.json", {"key": key, "texts": texts})
 
 
 def judge(texts: list[str], personas: Sequence[str]) -> Judged:
