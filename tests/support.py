@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from prometheus_client import REGISTRY
 
@@ -128,3 +130,10 @@ def flat_reward_server() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+def bench_args(module: ModuleType, *argv: str) -> argparse.Namespace:
+    """A benchmark module's flags parsed from argv, as `rlhf-online bench NAME argv...` would."""
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(list(argv))

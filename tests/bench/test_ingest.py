@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from support import bench_args
 
 from rlhf_online.bench import ingest
 
@@ -13,10 +13,8 @@ from rlhf_online.bench import ingest
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ingest_counts_ratings_and_finds_every_acknowledged_one_stored(tiny_model_dir, tmp_path):
-    p = argparse.ArgumentParser()
-    ingest.add_arguments(p)
-    args = p.parse_args(["--base-model", str(tiny_model_dir), "--clients", "4", "--ratings-per-client", "30",
-                         "--completions", "8", "--out", str(tmp_path)])
+    args = bench_args(ingest, "--base-model", str(tiny_model_dir), "--clients", "4", "--ratings-per-client", "30",
+                      "--completions", "8", "--out", str(tmp_path))
     assert ingest.main(args) == 0
     r = json.loads((tmp_path / "ingest.json").read_text())
     assert r["ingest"]["calls"] == r["acknowledged"] == r["stored"] == 120 and r["acknowledged_but_lost"] == 0
