@@ -207,15 +207,14 @@ def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, 
     cache_dir = data_dir / "heldout-cache"
     key = heldout.base_cache_key(model, prompts, hcfg, dtype="auto")
     base = heldout.cached_base_replies(cache_dir, key, len(prompts) * hcfg.samples)
-    if base is not None:
-        print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
-    policies = {"final": final} if base is not None else {"base": None, "final": final}
-    if base is not None and final is None:  # the final policy is the bare base: nothing to generate
-        return {"base": base, "final": list(base)}
-    texts = heldout.generate(model, policies, prompts, hcfg)
     if base is None:
+        texts = heldout.generate(model, {"base": None, "final": final}, prompts, hcfg)
         heldout.store_base_replies(cache_dir, key, texts["base"])
-    return {"base": base if base is not None else texts["base"], "final": texts["final"]}
+        return texts
+    print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
+    if final is None:  # the final policy is the bare base: nothing to generate
+        return {"base": base, "final": list(base)}
+    return {"base": base, "final": heldout.generate(model, {"final": final}, prompts, hcfg)["final"]}
 
 
 def _round_in_progress(monitor) -> bool:

@@ -37,7 +37,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generato
     # Inverse-CDF sampling, one uniform draw per row from that row's own generator (so a seeded row
     # is reproducible whatever else shares the batch): ~10x faster than a multinomial call per row.
     u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows])
-    picked = _inverse_cdf(torch.softmax(x.float(), dim=-1), u)
+    picked = _inverse_cdf(torch.softmax(x, dim=-1), u)  # x is fp32 (logits.float() above)
     for i, token in zip(rows, picked.tolist(), strict=True):
         out[i] = token
     return out

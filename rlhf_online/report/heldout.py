@@ -105,9 +105,8 @@ def cached_base_replies(cache_dir: Path, key: str, count: int) -> list[str] | No
     The base and its seeds are the same in every run, so its replies are too (up to bf16 rounding in
     a batch of another composition): judging them again would be the same few minutes each time.
     """
-    path = cache_dir / f"base-{key[:16]}.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_cache_path(cache_dir, key).read_text())
     except (OSError, ValueError):
         return None
     texts = data.get("texts")
@@ -121,7 +120,12 @@ def store_base_replies(cache_dir: Path, key: str, texts: list[str]) -> None:
     from rlhf_online.artifacts import write_json_atomically
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(cache_dir / f"base-{key[:16]}.json", {"key": key, "texts": texts})
+    write_json_atomically(_cache_path(cache_dir, key), {"key": key, "texts": texts})
+
+
+def _cache_path(cache_dir: Path, key: str) -> Path:
+    """Where the base's replies under `key` are kept (the full key is checked inside the file)."""
+    return cache_dir / f"base-{key[:16]}.json"
 
 
 def judge(texts: list[str], personas: Sequence[str]) -> Judged:

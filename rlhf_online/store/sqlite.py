@@ -101,6 +101,8 @@ class SqliteStore(SqlStore):
                 self._commit_group(batch)
             finally:
                 with self._group:
+                    for work in batch:
+                        work.done = True
                     self._committing = False
                     self._group.notify_all()
         if mine.error is not None:
@@ -108,7 +110,7 @@ class SqliteStore(SqlStore):
         return mine.value
 
     def _commit_group(self, batch: list[_Work]) -> None:
-        """One transaction for the batch, a savepoint per work; every work is done when this returns."""
+        """One transaction for the batch, a savepoint per work; each work holds its value or its error after."""
         try:
             with self._transaction() as cur:
                 for i, work in enumerate(batch):
@@ -122,10 +124,6 @@ class SqliteStore(SqlStore):
         except BaseException as e:  # the commit itself failed: nothing of the batch was written, all callers hear it
             for work in batch:
                 work.value, work.error = None, work.error or e
-        finally:
-            with self._group:
-                for work in batch:
-                    work.done = True
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Cursor]:
