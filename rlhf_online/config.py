@@ -27,6 +27,7 @@ from rlhf_online.registry import REWARD_PREFIX, is_version
 from rlhf_online.tls import CA, ClientTLS, check_file, check_pair
 
 T = TypeVar("T")
+ENGINES = ("embedded", "vllm")  # the --engine choices (rlhf_online/engine/interface.py)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -127,9 +128,12 @@ class GenerationSettings(CommonSettings):
     port: int = setting(50051, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = setting(9091, "Prometheus /metrics HTTP port (0 = pick a free one and log it)")
     http_port: int = setting(-1, "TGI-compatible HTTP API port (-1 = off, 0 = pick a free one)")
+    engine: str = setting("embedded", "serving engine: embedded (continuous batching over transformers, the default) "
+                                      "or vllm (vLLM's async engine in-process; install with make .venv-vllm)")
     max_batch_size: int = setting(32, "rows decoded together in one step")
     max_batch_tokens: int = setting(65536, "KV-cache positions the running batch may hold (rows x the longest row's "
-                                           "prompt + max_new_tokens); requests wait for room when it is full")
+                                           "prompt + max_new_tokens); requests wait for room when it is full. "
+                                           "engine vllm: the size of its paged KV cache, in positions")
     max_queue: int = setting(64, "requests waiting for a batch slot before RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = setting(2048, "longest prompt accepted, in tokens (after the chat template)")
     max_new_tokens: int = setting(512, "largest max_new_tokens a request may ask for")
@@ -150,6 +154,11 @@ class GenerationSettings(CommonSettings):
     feedback_burst_per_user: float = setting(100.0, "how many a user may send at once before the rate applies")
     feedback_rate_per_key: float = setting(0.0, "per second for all users of one API key together (0 = no limit)")
     feedback_burst_per_key: float = setting(1000.0, "how many one API key may send at once before its rate applies")
+    max_loras: int = setting(2, "engine vllm: adapters one batch may mix (>= 2: the stable version and a canary)")
+    max_lora_rank: int = setting(16, "engine vllm: the largest LoRA rank it accepts; vLLM pads every adapter to it, "
+                                     "so a larger value costs speed (4x at 64 on a CPU)")
+    tensor_parallel_size: int = setting(1, "engine vllm: GPUs one replica spans")
+    gpu_memory_utilization: float = setting(0.9, "engine vllm: share of each GPU's memory vLLM may take")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value."""
@@ -167,6 +176,11 @@ class GenerationSettings(CommonSettings):
         _check("adapter_notice_seconds", self.adapter_notice_seconds,
                0 <= self.adapter_notice_seconds <= self.adapter_poll_seconds, "in 0..adapter_poll_seconds")
         _check("canary_percent", self.canary_percent, 0 <= self.canary_percent <= 100, "in 0..100")
+        _check("engine", self.engine, self.engine in ENGINES, " or ".join(ENGINES))
+        _check("max_loras", self.max_loras, self.max_loras >= 2, ">= 2 (a stable version and a canary)")
+        _check("max_lora_rank", self.max_lora_rank, self.max_lora_rank >= 1, ">= 1")
+        _check("tensor_parallel_size", self.tensor_parallel_size, self.tensor_parallel_size >= 1, ">= 1")
+        _check("gpu_memory_utilization", self.gpu_memory_utilization, 0 < self.gpu_memory_utilization <= 1, "in (0, 1]")
         _check("api_key_cache_seconds", self.api_key_cache_seconds, self.api_key_cache_seconds >= 0, ">= 0")
         for name in ("feedback_rate_per_user", "feedback_rate_per_key"):
             _check(name, getattr(self, name), getattr(self, name) >= 0, ">= 0 (0 = no limit)")

@@ -19,7 +19,7 @@ from rlhf_online import metrics
 from rlhf_online.auth.guard import FeedbackGuard
 from rlhf_online.auth.keys import Identity, KeyAuthenticator
 from rlhf_online.canary.routing import CanaryRouter
-from rlhf_online.engine.engine import Engine
+from rlhf_online.engine.interface import ServingEngine
 from rlhf_online.engine.request import (
     CandidateResult,
     Limits,
@@ -153,7 +153,7 @@ class Job:
 class Frontend:
     """The engine plus the completion log: the generation lifecycle and the checks both APIs share."""
 
-    def __init__(self, engine: Engine, store: Store, router: CanaryRouter | None = None,
+    def __init__(self, engine: ServingEngine, store: Store, router: CanaryRouter | None = None,
                  guard: FeedbackGuard | None = None, authenticator: KeyAuthenticator | None = None) -> None:
         self.engine, self.store = engine, store
         self.router = router or CanaryRouter()  # which candidates a canary serves, while there is one
@@ -176,8 +176,7 @@ class Frontend:
     def info(self) -> ServingInfo:
         """The served model and the limits requests must fit in."""
         engine = self.engine
-        return ServingInfo(dtype=str(next(engine.model.parameters()).dtype).replace("torch.", ""),
-                           device_type=engine.device.type, max_batch_size=engine.config.max_batch_size,
+        return ServingInfo(dtype=engine.dtype_name, device_type=engine.device_type, max_batch_size=engine.config.max_batch_size,
                            max_queue=engine.config.max_queue, limits=engine.config.limits,
                            policy_version=engine.policy_version)
 

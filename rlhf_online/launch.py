@@ -40,8 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(name: str, flags: Sequence[str] = (), ranks: int = 1) -> list[str]:
-    """The command line of `rlhf-online serve NAME FLAGS...` in this interpreter (under torchrun with `ranks` > 1)."""
+def command(name: str, flags: Sequence[str] = (), ranks: int = 1, python: str | None = None) -> list[str]:
+    """The command line of `rlhf-online serve NAME FLAGS...` in this interpreter or `python` (another venv's).
+
+    With `ranks` > 1 it runs under torchrun (the trainer).
+    """
+    if python:
+        return [python, "-m", "services.cli", "serve", name, *flags]
     if ranks > 1:  # one machine, `ranks` processes: the trainer on torch.distributed
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         return [torchrun, "--standalone", "--nproc-per-node", str(ranks), "-m", "services.cli", "serve", name, *flags]
@@ -133,18 +138,19 @@ class Service:
 
 
 def start(name: str, env: dict[str, str], log_dir: Path, port: int | None = None, flags: Sequence[str] = (),
-          ready_timeout: float = READY_TIMEOUT_S, tls: ClientTLS | None = None, ranks: int = 1) -> Service:
+          ready_timeout: float = READY_TIMEOUT_S, tls: ClientTLS | None = None, ranks: int = 1,
+          python: str | None = None) -> Service:
     """Start `rlhf-online serve NAME` with `env` over os.environ, on `port` (a free one unless given), once SERVING.
 
     A service configured to serve TLS is health-checked over TLS with `tls`. A service that fails
     to come up is stopped before ServiceStartError is raised. `ranks` > 1 starts it under torchrun
-    (the trainer): rank 0 serves on `port`.
+    (the trainer): rank 0 serves on `port`. `python` runs it in another venv's interpreter.
     """
     port = port or free_port()
     env = {**os.environ, **env, "RLHF_PORT": str(port), "RLHF_METRICS_PORT": "0", "RLHF_HOST": "127.0.0.1"}
     log_path = Path(log_dir) / f"{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command(name, flags, ranks), env=env, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(command(name, flags, ranks, python), env=env, stdout=subprocess.DEVNULL, stderr=log)
     service = Service(name, proc, port, log_path, tls)
     try:
         service.wait_serving(ready_timeout)
@@ -157,9 +163,10 @@ def start(name: str, env: dict[str, str], log_dir: Path, port: int | None = None
 @contextlib.contextmanager
 def running(name: str, env: dict[str, str], log_dir: Path, port: int | None = None, flags: Sequence[str] = (),
             stop_timeout: float = STOP_TIMEOUT_S, ready_timeout: float = READY_TIMEOUT_S,
-            tls: ClientTLS | None = None, ranks: int = 1) -> Iterator[Service]:
+            tls: ClientTLS | None = None, ranks: int = 1, python: str | None = None) -> Iterator[Service]:
     """`start` as a context manager: on exit the service gets SIGTERM and `stop_timeout` s to drain, then SIGKILL."""
-    service = start(name, env, log_dir, port=port, flags=flags, ready_timeout=ready_timeout, tls=tls, ranks=ranks)
+    service = start(name, env, log_dir, port=port, flags=flags, ready_timeout=ready_timeout, tls=tls, ranks=ranks,
+                    python=python)
     try:
         yield service
     finally:

@@ -12,7 +12,8 @@ import torch
 
 from rlhf_online import config
 from rlhf_online.config import CommonSettings, GenerationSettings, RewardSettings, TrainerSettings
-from rlhf_online.engine.engine import Engine, EngineConfig
+from rlhf_online.engine.engine import Engine
+from rlhf_online.engine.interface import EngineConfig, ServingEngine
 from rlhf_online.engine.request import Limits
 from rlhf_online.models.provision import load_model, pick_dtype, resolve_base_model
 from rlhf_online.store import open_store
@@ -36,13 +37,28 @@ def engine_config(settings: GenerationSettings) -> EngineConfig:
                                       max_n=min(settings.max_n, settings.max_batch_size)))
 
 
-def build_engine(settings: GenerationSettings) -> Engine:
+def build_engine(settings: GenerationSettings) -> ServingEngine:
     """Resolve (fetching the default once) and load the base model; the caller starts or runs the engine."""
     path = resolve_base_model(settings.base_model, Path(settings.data_dir))
+    if settings.engine == "vllm":
+        return build_vllm_engine(settings, path)
     dtype = pick_dtype(settings.dtype, settings.device)
     model, tokenizer = load_model(path, device=settings.device, dtype=dtype)
     log.info("model loaded", extra={"path": str(path), "device": settings.device, "dtype": str(dtype)})
     return Engine(model, tokenizer, engine_config(settings))
+
+
+def build_vllm_engine(settings: GenerationSettings, path: Path) -> ServingEngine:
+    """vLLM's engine on the base model, started (it takes requests when this returns)."""
+    from rlhf_online.engine.vllm_engine import VllmEngine, VllmOptions
+    from rlhf_online.models.provision import load_tokenizer
+
+    options = VllmOptions(dtype=settings.dtype, max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+                          tensor_parallel_size=settings.tensor_parallel_size,
+                          gpu_memory_utilization=settings.gpu_memory_utilization)
+    log.info("starting vLLM", extra={"path": str(path), "dtype": settings.dtype, "max_loras": settings.max_loras,
+                                     "tensor_parallel_size": settings.tensor_parallel_size})
+    return VllmEngine(path, load_tokenizer(path), engine_config(settings), options).start()
 
 
 def run_generation(settings: GenerationSettings) -> int:

@@ -15,7 +15,7 @@ from rlhf_online.auth.keys import KeyAuthenticator
 from rlhf_online.auth.limits import RateLimiter
 from rlhf_online.canary.routing import CanaryRouter
 from rlhf_online.config import GenerationSettings
-from rlhf_online.engine.engine import Engine
+from rlhf_online.engine.interface import ServingEngine
 from rlhf_online.engine.request import SamplingParams
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.frontend import Frontend, Job
@@ -118,7 +118,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop))
 
 
-def start_generation_server(settings: GenerationSettings, engine: Engine, store: Store) -> RunningServer:
+def start_generation_server(settings: GenerationSettings, engine: ServingEngine, store: Store) -> RunningServer:
     """Start the service around an engine; draining stops the engine taking new requests."""
     guard = FeedbackGuard(store, RateLimiter(settings.feedback_rate_per_user, settings.feedback_burst_per_user),
                           RateLimiter(settings.feedback_rate_per_key, settings.feedback_burst_per_key))

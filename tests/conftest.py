@@ -68,7 +68,8 @@ def make_engine(tiny):
     import copy
     import time
 
-    from rlhf_online.engine.engine import Engine, EngineConfig
+    from rlhf_online.engine.engine import Engine
+    from rlhf_online.engine.interface import EngineConfig
 
     engines = []
 

@@ -19,7 +19,7 @@ import time
 from rlhf_online import metrics
 from rlhf_online.adapters.registry import AdapterRegistry
 from rlhf_online.adapters.validate import validate_adapter
-from rlhf_online.engine.engine import Engine
+from rlhf_online.engine.interface import ServingEngine
 from rlhf_online.errors import InvalidArgument
 
 log = logging.getLogger("rlhf_online.adapters")
@@ -34,7 +34,7 @@ class AdapterWatcher:
     would not see another node's writes on NFS). The poll stays, in case a filesystem's stat misses one.
     """
 
-    def __init__(self, registry: AdapterRegistry, engine: Engine, *, base_model: str, poll_seconds: float = 2.0,
+    def __init__(self, registry: AdapterRegistry, engine: ServingEngine, *, base_model: str, poll_seconds: float = 2.0,
                  notice_seconds: float = 0.0) -> None:
         self.registry, self.engine, self.base_model, self.poll_seconds = registry, engine, base_model, poll_seconds
         self.notice_seconds = notice_seconds
@@ -91,7 +91,7 @@ class AdapterWatcher:
     def _load(self, version: str) -> None:
         """Validate and load `version` unless it is resident (or the bare base)."""
         if version and version not in self.engine.loaded_versions():
-            validate_adapter(self.registry.path(version), base_model=self.base_model, model=self.engine.model)
+            validate_adapter(self.registry.path(version), base_model=self.base_model, model=self.engine.module_tree)
             self.engine.load_adapter(version, self.registry.path(version))
 
     def run(self) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from rlhf_online.bench.common import machine, write_report
+from rlhf_online.models.chat import chat_ids
 
 PROMPTS = [
     "Describe your ideal weekend.", "What do you think of Mondays?", "Tell me about rainy days.",
@@ -87,8 +88,8 @@ class ScriptedRewardModel(nn.Module):
     def __init__(self, tokenizer: Any) -> None:
         super().__init__()
         self.tokenizer = tokenizer
-        with_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
-        without = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=False)
+        with_prompt = chat_ids(tokenizer, [{"role": "user", "content": "x"}])
+        without = chat_ids(tokenizer, [{"role": "user", "content": "x"}], add_generation_prompt=False)
         self.header = list(with_prompt[len(without):])  # "<|im_start|>assistant\n": the query ends here
         self.response_tokens: list[int] = []
 
@@ -166,7 +167,7 @@ def _bench_trl(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     value_model.config.pad_token_id = tok.pad_token_id
     reward_model = ScriptedRewardModel(tok)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    ids = [chat_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
     dataset = Dataset.from_dict({"input_ids": ids})
 
     marks: list[float] = []

@@ -87,7 +87,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def generate_replies(args: argparse.Namespace, prompts: list[str], counts: list[int]) -> list[list[str]]:
     """counts[i] sampled replies to prompts[i] from the base policy (engine loop on the main thread)."""
-    from rlhf_online.engine.engine import Engine, EngineConfig
+    from rlhf_online.engine.engine import Engine
+    from rlhf_online.engine.interface import EngineConfig
     from rlhf_online.engine.request import Limits, SamplingParams
     from rlhf_online.models.provision import load_model, pick_dtype, resolve_base_model
 

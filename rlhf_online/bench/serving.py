@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--dtype", default=os.environ.get("RLHF_DTYPE", "auto"),
                    help="weights of both the server and the sequential baseline (auto, float32, bfloat16)")
+    p.add_argument("--engine", choices=("embedded", "vllm"), default="embedded",
+                   help="vllm: serve on vLLM too (run from .venv-vllm) and compare it with the embedded engine, "
+                        "each with and without a LoRA adapter, in the same run")
+    p.add_argument("--embedded-python", default=os.environ.get("RLHF_EMBEDDED_PYTHON", ""),
+                   help="with --engine vllm: the interpreter of the venv that runs the embedded engine (.venv's; "
+                        "vLLM's venv has no PEFT)")
     p.add_argument("--out", default="bench-results", help="directory for serving.json and serving.md")
 
 
@@ -40,8 +46,9 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
-    """Start `rlhf-online serve generation` and drive it with concurrent clients."""
+def run_served(args: argparse.Namespace, model_dir: Path, engine: str = "embedded", adapter: bool = False,
+               python: str | None = None) -> dict:
+    """Start `rlhf-online serve generation` on `engine` (serving a random LoRA when `adapter`) and drive it."""
     import grpc
 
     from rlhf_online.v1 import generation_pb2 as pb
@@ -49,10 +56,16 @@ def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     env = {"RLHF_BASE_MODEL": str(model_dir), "RLHF_DATA_DIR": str(tmp), "RLHF_STORE_URL": f"sqlite:///{tmp / 'bench.db'}",
-           "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_DTYPE": args.dtype}
-    with launch.running("generation", env, tmp) as service:
+           "RLHF_MAX_BATCH_SIZE": str(args.max_batch_size), "RLHF_DTYPE": args.dtype, "RLHF_ENGINE": engine}
+    version = _publish_adapter(tmp / "adapters", model_dir) if adapter else ""
+    with launch.running("generation", env, tmp, python=python) as service:
         channel = grpc.insecure_channel(service.address)
         stub = pb_grpc.GenerationStub(channel)
+        deadline = time.monotonic() + 120
+        while stub.GetPolicy(pb.GetPolicyRequest(), timeout=30).version != version:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not load adapter {version} in 120 s; see {service.log_path}")
+            time.sleep(0.2)
         params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
         stub.Generate(pb.GenerateRequest(prompt="warm up", params=params), timeout=300)
         tokens, latencies, errors = [], [], []
@@ -77,13 +90,25 @@ def run_served(args: argparse.Namespace, model_dir: Path) -> dict:
         wall = time.perf_counter() - t0
     return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
             "latency_p50_s": statistics.median(latencies), "latency_p95_s": _percentile(latencies, 0.95),
-            "requests": len(latencies), "errors": errors}
+            "requests": len(latencies), "errors": errors, "engine": engine, "adapter": version}
+
+
+def _publish_adapter(root: Path, model_dir: Path) -> str:
+    """A random rank-16 LoRA on q/k/v/o for the server's base model (its directory), published as CURRENT."""
+    from rlhf_online.adapters.registry import AdapterRegistry
+    from rlhf_online.adapters.synthetic import write_random_lora
+
+    registry = AdapterRegistry(root)
+    version = registry.publish(lambda d: write_random_lora(d, model_dir, rank=16), base_model=str(model_dir))
+    registry.activate(version)
+    return version
 
 
 def run_sequential(args: argparse.Namespace, model_dir: Path) -> dict:
     """The same kind of requests, one plain `model.generate` call after another."""
     import torch
 
+    from rlhf_online.models.chat import chat_ids
     from rlhf_online.models.provision import load_model, pick_dtype
 
     # The same dtype as the server, so the ratio measures batching and nothing else.
@@ -93,8 +118,7 @@ def run_sequential(args: argparse.Namespace, model_dir: Path) -> dict:
     with torch.inference_mode():
         for prompt in PROMPTS[: args.baseline_requests]:
             t = time.perf_counter()
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt")
+            ids = torch.tensor([chat_ids(tok, [{"role": "user", "content": prompt}])])
             out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0,
                                  top_p=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             n_tok += out.shape[1] - ids.shape[1]
@@ -120,7 +144,21 @@ def table(result: dict) -> str:
         f"{q['requests']} |",
         "",
         f"Throughput ratio (served / sequential): **{result['ratio']:.2f}x**",
+        *_engine_rows(result),
     ])
+
+
+def _engine_rows(result: dict) -> list[str]:
+    """With --engine vllm: both engines, with and without an adapter, in the same run."""
+    if "engines" not in result:
+        return []
+    rows = ["", "| engine | adapter | tokens/s | p50 latency (s) | p95 latency (s) | vs sequential |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in result["engines"]:
+        rows.append(f"| {r['engine']} | {'rank-16 LoRA' if r['adapter'] else 'none'} | {r['tokens_per_s']:.1f} | "
+                    f"{r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | "
+                    f"{r['tokens_per_s'] / result['sequential']['tokens_per_s']:.2f}x |")
+    return rows
 
 
 def main(args: argparse.Namespace) -> int:
@@ -128,8 +166,19 @@ def main(args: argparse.Namespace) -> int:
     from rlhf_online.models.provision import pick_dtype, resolve_base_model
 
     model_dir = resolve_base_model(args.base_model, Path(args.data_dir))
-    log.info("bench serving: served phase", extra={"clients": args.clients})
-    served = run_served(args, model_dir)
+    engines = []
+    if args.engine == "vllm":
+        if not args.embedded_python:
+            raise SystemExit("bench serving --engine vllm: set --embedded-python to .venv's interpreter "
+                             "(make bench-vllm does), the embedded engine needs PEFT for the adapter runs")
+        for engine, python in (("embedded", args.embedded_python), ("vllm", None)):
+            for adapter in (False, True):
+                log.info("bench serving: served phase", extra={"engine": engine, "adapter": adapter})
+                engines.append(run_served(args, model_dir, engine, adapter, python))
+        served = engines[2]  # vLLM without an adapter
+    else:
+        log.info("bench serving: served phase", extra={"clients": args.clients})
+        served = run_served(args, model_dir)
     log.info("bench serving: sequential phase", extra={"requests": args.baseline_requests})
     sequential = run_sequential(args, model_dir)
     result = {"benchmark": "serving", "model": args.base_model, "machine": machine(),
@@ -137,6 +186,6 @@ def main(args: argparse.Namespace) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "clients": args.clients,
               "requests_per_client": args.requests_per_client, "max_new_tokens": args.max_new_tokens,
               "served": served, "sequential": sequential,
-              "ratio": served["tokens_per_s"] / sequential["tokens_per_s"]}
+              "ratio": served["tokens_per_s"] / sequential["tokens_per_s"], **({"engines": engines} if engines else {})}
     write_report(args.out, "serving", result, table(result).splitlines())
-    return 1 if served["errors"] else 0
+    return 1 if any(r["errors"] for r in [served, *engines]) else 0

@@ -24,12 +24,12 @@ from rlhf_online import metrics
 from rlhf_online.engine import attention
 from rlhf_online.engine.batch import KVBatch
 from rlhf_online.engine.detok import IncrementalText
+from rlhf_online.engine.interface import EngineConfig, ServingEngine, eos_ids_of
 from rlhf_online.engine.request import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationRequest,
-    Limits,
     RequestHandle,
     SamplingParams,
     TextEvent,
@@ -44,20 +44,6 @@ log = logging.getLogger("rlhf_online.engine")
 # What a client is told when a forward pass fails: the cause (a torch message, maybe paths) stays in the log.
 GENERATION_FAILED = "generation failed on the server; the cause is in its log"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class EngineConfig:
-    """Capacity and limits of one engine."""
-
-    max_batch_size: int = 32  # rows decoded together
-    # KV-cache positions the padded batch may hold: rows x the longest row's prompt + max_new_tokens.
-    # 65,536 is 1.5 GB of bf16 cache for SmolLM2-135M (23 KB a position); admission waits when it is full.
-    max_batch_tokens: int = 65536
-    max_queue: int = 64  # requests waiting for a slot before RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step, so one burst cannot stall decoding
-    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -80,7 +66,7 @@ def _reserved(req: GenerationRequest) -> int:
     return len(req.prompt_ids) + req.params.max_new_tokens
 
 
-class Engine:
+class Engine(ServingEngine):
     """Owns the model; a background thread runs the batched decode loop."""
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
@@ -88,10 +74,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.device = next(model.parameters()).device
-        eos = {tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
-        self.eos_ids = {e for e in eos if e is not None}
+        self.eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         if attention.use_for_decoding(model):
             log.info("decode attention", extra={"implementation": attention.NAME})
@@ -153,28 +136,20 @@ class Engine:
         with self._lock:
             return len(self._waiting) + len({id(r.request) for r in self._rows})
 
-    def encode_prompt(self, prompt: str, field: str = "prompt") -> list[int]:
-        """A plain prompt is one user turn of the chat template (the policy is a chat model)."""
-        if not prompt.strip():
-            raise InvalidArgument(field, "must not be empty")
-        return self._encode([{"role": "user", "content": prompt}], field)
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as clients see it: "float32", "bfloat16", ..."""
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
 
-    def encode_raw(self, text: str, field: str = "inputs") -> list[int]:
-        """Text sent to the model as is (it carries its own chat markup, if any)."""
-        if not text.strip():
-            raise InvalidArgument(field, "must not be empty")
-        return self._within_limit(field, len(text), lambda: self.tokenizer.encode(text, add_special_tokens=False))
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda"."""
+        return self.device.type
 
-    def encode_messages(self, messages: list[tuple[str, str]]) -> list[int]:
-        """Chat messages through the tokenizer's chat template, ending with the assistant's turn."""
-        if not messages:
-            raise InvalidArgument("messages", "must not be empty")
-        for i, (role, content) in enumerate(messages):
-            if role not in CHAT_ROLES:
-                raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-            if not content.strip():
-                raise InvalidArgument(f"messages[{i}].content", "must not be empty")
-        return self._encode([{"role": r, "content": c} for r, c in messages], field="messages")
+    @property
+    def module_tree(self) -> Any:
+        """The served model itself (PEFT-wrapped once an adapter is loaded)."""
+        return self.model
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1,
                deadline: float | None = None, sink: Callable[[Any], None] | None = None,
@@ -238,27 +213,6 @@ class Engine:
                 self._canary = version
             metrics.POLICY_VERSION.labels(role).set(metrics.version_number(version))
             self._lock.notify_all()
-
-    def _encode(self, messages: list[dict], field: str) -> list[int]:
-        """Tokenize through the chat template and enforce the prompt-length limit."""
-
-        def tokenize() -> list[int]:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
-
-        return self._within_limit(field, sum(len(m["content"]) for m in messages), tokenize)
-
-    def _within_limit(self, field: str, chars: int, tokenize: Callable[[], list[int]]) -> list[int]:
-        """Token ids of a prompt, or InvalidArgument naming `field` when it is over the limit."""
-        limit = self.config.limits.max_prompt_tokens
-        # Characters bound tokens from above for this tokenizer (>= 1 char a token), so a huge
-        # prompt is refused without tokenizing megabytes; the exact check follows.
-        if chars > 16 * limit:
-            raise InvalidArgument(field, f"too long: {chars} characters; the limit is {limit} tokens")
-        ids = tokenize()
-        if len(ids) > limit:
-            raise InvalidArgument(field, f"too long: {len(ids)} tokens; the limit is {limit}")
-        return ids
 
     def _call(self, fn: Any, timeout: float) -> Any:
         """Run fn on the engine thread between steps (model surgery must not race a forward)."""

@@ -148,17 +148,28 @@ def pick_dtype(setting: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
-def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer padding on the left with pad and eos set)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path) -> Any:
+    """The model directory's tokenizer, padding on the left; ConfigError when it is missing or has no EOS."""
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"base_model: cannot load the tokenizer of {str(path)!r}: {e}") from e
+    if tok.eos_token_id is None:
+        raise ConfigError(f"base_model: the tokenizer of {str(path)!r} has no EOS token, so generation never stops")
+    return tok
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer padding on the left with pad and eos set)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path)
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"base_model: cannot load {str(path)!r} as a causal LM with its tokenizer: {e}") from e
-    if tok.eos_token_id is None:
-        raise ConfigError(f"base_model: the tokenizer of {str(path)!r} has no EOS token, so generation never stops")
     gen = model.generation_config
     if tok.eos_token == "<|im_start|>" and tok.convert_tokens_to_ids("<|im_end|>") == EOS_TOKEN_ID:
         # A raw GGUF conversion of a ChatML model: its EOS is the turn *start*, so replies would never end.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rlhf_online.models.chat import chat_ids
 from rlhf_online.ppo import core
 from rlhf_online.ppo.config import PPOConfig
 from rlhf_online.ppo.distributed import SINGLE, Ranks
@@ -65,7 +66,7 @@ class Rollouts:
 
 def encode_queries(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts through the chat template (as the serving engine does), left-padded."""
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+    ids = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return _left_padded(ids, tokenizer.pad_token_id)
 
 

@@ -45,7 +45,8 @@ class Judged:
 def generate(model_path: Path, adapters: dict[str, Path | None], prompts: Sequence[str], cfg: HeldoutConfig,
              dtype: str = "auto", progress: bool = True) -> dict[str, list[str]]:
     """Replies of each policy (label -> adapter dir, None = bare base) to every prompt, `cfg.samples` each."""
-    from rlhf_online.engine.engine import Engine, EngineConfig
+    from rlhf_online.engine.engine import Engine
+    from rlhf_online.engine.interface import EngineConfig
     from rlhf_online.engine.request import Limits, SamplingParams
     from rlhf_online.models.provision import load_model, pick_dtype
 

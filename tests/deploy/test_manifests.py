@@ -627,8 +627,33 @@ def test_images_are_pinned(kit, rendered, overlay):
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] or "@sha256:" in image, f"{image} has no tag"
             assert not image.endswith(":latest"), image
-    images = {c["image"] for w in services(rendered[overlay]).values() for c in containers(w)}
-    assert len(images) == 1, f"the three services run one image: {images}"
+    images = {name: c["image"] for name, w in services(rendered[overlay]).items() for c in containers(w)}
+    engine = {e["name"]: e.get("value") for e in containers(services(rendered[overlay])["generation"])[0].get("env", [])}
+    if engine.get("RLHF_ENGINE") == "vllm":  # generation runs the Dockerfile's vllm target of the same release
+        assert images.pop("generation") == images["reward"] + "-vllm", images
+    assert len(set(images.values())) == 1, f"the services run one image: {images}"
+
+
+def test_the_gpu_overlay_serves_on_vllm_with_a_gpu(rendered):
+    generation = services(rendered["gpu"])["generation"]
+    spec = generation["spec"]["template"]["spec"]
+    [c] = containers(generation)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["RLHF_ENGINE"] == "vllm" and c["image"].endswith("-vllm")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert int(env["RLHF_TENSOR_PARALLEL_SIZE"]) == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(env["RLHF_MAX_LORAS"]) >= 2
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    shm = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    # everything prod has is still there: the same mounts and probes
+    prod = containers(services(rendered["prod"])["generation"])[0]
+    assert {m["mountPath"] for m in prod["volumeMounts"]} < {m["mountPath"] for m in c["volumeMounts"]}
+    assert c["startupProbe"] == prod["startupProbe"]
+    others = [containers(services(rendered["gpu"])[s])[0] for s in ("reward", "trainer")]
+    assert all("nvidia.com/gpu" not in o.get("resources", {}).get("limits", {}) for o in others)
 
 
 def test_the_dockerfile_and_the_manifests_agree_on_paths(kit):
