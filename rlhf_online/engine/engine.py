@@ -24,7 +24,7 @@ from rlhf_online import metrics
 from rlhf_online.engine import attention
 from rlhf_online.engine.batch import KVBatch
 from rlhf_online.engine.detok import IncrementalText
-from rlhf_online.engine.interface import EngineConfig, ServingEngine, eos_ids_of
+from rlhf_online.engine.interface import GENERATION_FAILED, EngineConfig, ServingEngine, eos_ids_of
 from rlhf_online.engine.request import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -37,12 +37,10 @@ from rlhf_online.engine.request import (
     validate_params,
 )
 from rlhf_online.engine.sampling import make_generator, sample_rows
-from rlhf_online.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, RlhfError, Unavailable
+from rlhf_online.errors import DeadlineExceeded, ResourceExhausted, RlhfError, Unavailable
 
 log = logging.getLogger("rlhf_online.engine")
 
-# What a client is told when a forward pass fails: the cause (a torch message, maybe paths) stays in the log.
-GENERATION_FAILED = "generation failed on the server; the cause is in its log"
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
@@ -79,21 +77,14 @@ class Engine(ServingEngine):
         if attention.use_for_decoding(model):
             log.info("decode attention", extra={"implementation": attention.NAME})
 
+        super().__init__()
         self._lock = threading.Condition()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._rows: list[_Row] = []
         self._batch: KVBatch | None = None
         self._commands: collections.deque = collections.deque()
-        self._current = ""  # policy version new requests get; "" = bare base
-        self._canary = ""  # the version a share of requests gets instead (chosen by the caller); "" = none
-        self._adapters: dict[str, str] = {}  # version -> PEFT adapter name
-        self._retired: set[str] = set()  # versions no longer current or canary: unloaded once nothing uses them
-        self._stopping = False
-        self._draining = False
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0}  # for tests and benchmarks
-        for role in ("stable", "canary"):  # the bare base and no canary until the watcher says otherwise
-            metrics.POLICY_VERSION.labels(role).set(0)
 
     # ---------------------------------------------------------------- public API (any thread)
 
@@ -114,21 +105,6 @@ class Engine(ServingEngine):
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def drain(self) -> None:
-        """Refuse new requests (UNAVAILABLE) but finish the ones already admitted."""
-        with self._lock:
-            self._draining = True
-
-    @property
-    def policy_version(self) -> str:
-        """The version new requests are pinned to ("" = bare base)."""
-        return self._current
-
-    @property
-    def canary_version(self) -> str:
-        """The canary version callers may pin requests to besides the current one ("" = none)."""
-        return self._canary
 
     @property
     def busy(self) -> int:
@@ -169,11 +145,7 @@ class Engine(ServingEngine):
             if len(self._waiting) >= self.config.max_queue:
                 metrics.REQUESTS_FINISHED.labels("rejected").inc()
                 raise ResourceExhausted(f"queue full ({self.config.max_queue} requests waiting); retry later")
-            versions = tuple(route(self._current, self._canary)) if route else (self._current,) * n
-            if len(versions) != n or not set(versions) <= {self._current, self._canary}:
-                raise ValueError(f"route gave {versions} for {n} candidates; want current or canary versions")
-            req.versions = versions
-            req.canary = self._canary if self._canary and self._canary in versions else ""
+            self._route(req, route)
             self._waiting.append(req)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._lock.notify_all()
@@ -183,36 +155,11 @@ class Engine(ServingEngine):
         """Load a PEFT adapter as `version` beside the ones serving (validated by the caller)."""
         self._call(lambda: self._load_adapter(version, path), timeout)
 
-    def set_current(self, version: str) -> None:
-        """New requests go to `version` (loaded already, or "" for the bare base)."""
-        self._assign("stable", version)
-
-    def set_canary(self, version: str) -> None:
-        """Let callers pin requests to `version` (loaded already) besides the current one; "" = no canary."""
-        self._assign("canary", version)
-
-    def loaded_versions(self) -> list[str]:
-        """Adapter versions resident now."""
-        with self._lock:
-            return sorted(self._adapters)
-
     # ---------------------------------------------------------------- helpers
 
-    def _assign(self, role: str, version: str) -> None:
-        """Make `version` the stable or the canary version; the one it replaces is retired unless the other role has it."""
-        with self._lock:
-            if version and version not in self._adapters:
-                raise InvalidArgument("version", f"{version} is not loaded")
-            old, other = (self._current, self._canary) if role == "stable" else (self._canary, self._current)
-            if old and old not in (version, other):
-                self._retired.add(old)  # replaced or rolled back: unloaded once its requests finish
-            self._retired.discard(version)  # a rollback may bring a retired version back
-            if role == "stable":
-                self._current = version
-            else:
-                self._canary = version
-            metrics.POLICY_VERSION.labels(role).set(metrics.version_number(version))
-            self._lock.notify_all()
+    def _assigned(self) -> None:
+        """A role changed: wake the loop, which unloads retired versions between steps."""
+        self._lock.notify_all()
 
     def _call(self, fn: Any, timeout: float) -> Any:
         """Run fn on the engine thread between steps (model surgery must not race a forward)."""

@@ -12,16 +12,20 @@ do not depend on the engine that served it.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_online.engine.request import Limits, RequestHandle, SamplingParams
+from rlhf_online import metrics
+from rlhf_online.engine.request import GenerationRequest, Limits, RequestHandle, SamplingParams
 from rlhf_online.errors import InvalidArgument
 from rlhf_online.models.chat import chat_ids
 
 CHAT_ROLES = ("system", "user", "assistant")
+# What a client is told when a forward pass fails: the cause (a torch message, maybe paths) stays in the log.
+GENERATION_FAILED = "generation failed on the server; the cause is in its log"
 
 
 @dataclass
@@ -46,12 +50,27 @@ def eos_ids_of(tokenizer: Any, generation_config: Any) -> set[int]:
 
 
 class ServingEngine(abc.ABC):
-    """Generation from one base model and its resident LoRA versions, for many concurrent requests."""
+    """Generation from one base model and its resident LoRA versions, for many concurrent requests.
+
+    The version bookkeeping is shared: which version is stable, which is canary, which are loaded
+    and which are retired (replaced, unloaded by the engine once no request runs on them).
+    """
 
     tokenizer: Any
     config: EngineConfig
     eos_ids: set[int]  # token ids that end a candidate
     max_context: int  # prompt + generated tokens one row may hold
+
+    def __init__(self) -> None:
+        self._lock: threading.Lock | threading.Condition = threading.Lock()  # guards what follows
+        self._current = ""  # policy version new requests get; "" = bare base
+        self._canary = ""  # the version a share of requests gets instead (chosen by the caller); "" = none
+        self._adapters: dict[str, Any] = {}  # version -> the engine's handle on it (a PEFT name, a LoRARequest)
+        self._retired: set[str] = set()  # versions no longer current or canary: unloaded once nothing uses them
+        self._draining = False  # new requests refused, admitted ones finish
+        self._stopping = False  # everything refused, what runs is failed
+        for role in ("stable", "canary"):  # the bare base and no canary until the watcher says otherwise
+            metrics.POLICY_VERSION.labels(role).set(0)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -67,21 +86,22 @@ class ServingEngine(abc.ABC):
     def stop(self, timeout: float = 10.0) -> None:
         """Stop; requests still queued or running fail with UNAVAILABLE."""
 
-    @abc.abstractmethod
     def drain(self) -> None:
         """Refuse new requests (UNAVAILABLE) but finish the ones already admitted."""
+        with self._lock:
+            self._draining = True
 
     # ---------------------------------------------------------------- what it serves
 
     @property
-    @abc.abstractmethod
     def policy_version(self) -> str:
         """The version new requests are pinned to ("" = bare base)."""
+        return self._current
 
     @property
-    @abc.abstractmethod
     def canary_version(self) -> str:
         """The canary version callers may pin requests to besides the current one ("" = none)."""
+        return self._canary
 
     @property
     @abc.abstractmethod
@@ -122,17 +142,46 @@ class ServingEngine(abc.ABC):
     def load_adapter(self, version: str, path: Path, timeout: float = 120.0) -> None:
         """Load a PEFT adapter as `version` beside the ones serving (validated by the caller)."""
 
-    @abc.abstractmethod
     def set_current(self, version: str) -> None:
         """New requests go to `version` (loaded already, or "" for the bare base)."""
+        self._assign("stable", version)
 
-    @abc.abstractmethod
     def set_canary(self, version: str) -> None:
         """Let callers pin requests to `version` (loaded already) besides the current one; "" = no canary."""
+        self._assign("canary", version)
 
-    @abc.abstractmethod
     def loaded_versions(self) -> list[str]:
         """Adapter versions resident now."""
+        with self._lock:
+            return sorted(self._adapters)
+
+    def _assign(self, role: str, version: str) -> None:
+        """Make `version` the stable or the canary version; the one it replaces is retired unless the other role has it."""
+        with self._lock:
+            if version and version not in self._adapters:
+                raise InvalidArgument("version", f"{version} is not loaded")
+            old, other = (self._current, self._canary) if role == "stable" else (self._canary, self._current)
+            if old and old not in (version, other):
+                self._retired.add(old)  # replaced or rolled back: unloaded once its requests finish
+            self._retired.discard(version)  # a rollback may bring a retired version back
+            if role == "stable":
+                self._current = version
+            else:
+                self._canary = version
+            metrics.POLICY_VERSION.labels(role).set(metrics.version_number(version))
+            self._assigned()
+
+    @abc.abstractmethod
+    def _assigned(self) -> None:
+        """Called under the lock after a role changed: wake whatever unloads retired versions."""
+
+    def _route(self, req: GenerationRequest, route: Callable[[str, str], Sequence[str]] | None) -> None:
+        """Pin each candidate of `req` to the current version or to what `route` picks (the lock held)."""
+        versions = tuple(route(self._current, self._canary)) if route else (self._current,) * req.n
+        if len(versions) != req.n or not set(versions) <= {self._current, self._canary}:
+            raise ValueError(f"route gave {versions} for {req.n} candidates; want current or canary versions")
+        req.versions = versions
+        req.canary = self._canary if self._canary and self._canary in versions else ""
 
     # ---------------------------------------------------------------- prompts (shared)
 

@@ -15,6 +15,7 @@ never reused: a reused name would serve prefix-cache entries of the adapter it o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import Any
 
 from rlhf_online import metrics
 from rlhf_online.adapters.validate import AdapterRejected
-from rlhf_online.engine.interface import EngineConfig, ServingEngine, eos_ids_of
+from rlhf_online.engine.interface import GENERATION_FAILED, EngineConfig, ServingEngine, eos_ids_of
 from rlhf_online.engine.request import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -39,11 +40,10 @@ from rlhf_online.engine.request import (
     finish_request,
     validate_params,
 )
-from rlhf_online.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from rlhf_online.errors import DeadlineExceeded, ResourceExhausted, RlhfError, Unavailable
 
 log = logging.getLogger("rlhf_online.engine.vllm")
 
-GENERATION_FAILED = "generation failed on the server; the cause is in its log"
 WATCH_SECONDS = 0.02  # how often cancelled and expired requests are looked for (and aborted in vLLM)
 
 
@@ -113,6 +113,7 @@ class VllmEngine(ServingEngine):
                  options: VllmOptions | None = None) -> None:
         from transformers import AutoConfig, GenerationConfig
 
+        super().__init__()
         self.model_path = Path(model_path)
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
@@ -128,22 +129,15 @@ class VllmEngine(ServingEngine):
         self.max_context = int(getattr(self._model_config, "max_position_embeddings", 2048))
         self._module_tree: Any = None
 
-        self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}
-        self._current, self._canary = "", ""
-        self._adapters: dict[str, Any] = {}  # version -> its LoRARequest
         self._pins: dict[str, int] = {}  # version -> candidates running on it
-        self._retired: set[str] = set()  # no longer current or canary: removed from vLLM once unpinned
         self._lora_ids = itertools.count(1)
-        self._draining = self._stopping = False
         self._loop = asyncio.new_event_loop()
         self._llm: Any = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        for role in ("stable", "canary"):
-            metrics.POLICY_VERSION.labels(role).set(0)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -174,22 +168,7 @@ class VllmEngine(ServingEngine):
             self._thread.join(timeout)
         self._stopped.set()
 
-    def drain(self) -> None:
-        """Refuse new requests (UNAVAILABLE) but finish the ones already admitted."""
-        with self._lock:
-            self._draining = True
-
     # ---------------------------------------------------------------- what it serves
-
-    @property
-    def policy_version(self) -> str:
-        """The version new requests are pinned to ("" = bare base)."""
-        return self._current
-
-    @property
-    def canary_version(self) -> str:
-        """The canary version callers may pin requests to besides the current one ("" = none)."""
-        return self._canary
 
     @property
     def busy(self) -> int:
@@ -231,24 +210,22 @@ class VllmEngine(ServingEngine):
         validate_params(params, n, self.config.limits)
         req = GenerationRequest(prompt_ids=list(prompt_ids), params=params, n=n, deadline=deadline, sink=sink)
         with self._lock:
-            if self._draining or self._stopping or not self._ready.is_set():
+            if self._draining or self._stopping:
                 raise Unavailable("server is shutting down; retry on another replica")
+            if self._llm is None:
+                raise Unavailable("the vLLM engine is not running yet; retry shortly")
             # vLLM keeps its own queue; ours bounds what one replica accepts, as the embedded engine's does.
             if len(self._live) >= self.config.max_batch_size + self.config.max_queue:
                 metrics.REQUESTS_FINISHED.labels("rejected").inc()
                 raise ResourceExhausted(f"queue full ({self.config.max_queue} requests waiting); retry later")
-            versions = tuple(route(self._current, self._canary)) if route else (self._current,) * n
-            if len(versions) != n or not set(versions) <= {self._current, self._canary}:
-                raise ValueError(f"route gave {versions} for {n} candidates; want current or canary versions")
-            req.versions = versions
-            req.canary = self._canary if self._canary and self._canary in versions else ""
+            self._route(req, route)
             req.remaining = n
-            for v in versions:
+            for v in req.versions:
                 if v:
                     self._pins[v] = self._pins.get(v, 0) + 1
             live = _Live(req)
             self._live[req.request_id] = live
-            metrics.QUEUE_DEPTH.set(self._waiting_count())
+            self._update_gauges()
         asyncio.run_coroutine_threadsafe(self._generate(live), self._loop)
         return RequestHandle(req)
 
@@ -261,35 +238,10 @@ class VllmEngine(ServingEngine):
             raise AdapterRejected(f"{version}: LoRA rank {rank} is above --max-lora-rank {self.options.max_lora_rank}")
         self._call(self._add_lora(version, path), timeout)
 
-    def set_current(self, version: str) -> None:
-        """New requests go to `version` (loaded already, or "" for the bare base)."""
-        self._assign("stable", version)
-
-    def set_canary(self, version: str) -> None:
-        """Let callers pin requests to `version` (loaded already) besides the current one; "" = no canary."""
-        self._assign("canary", version)
-
-    def loaded_versions(self) -> list[str]:
-        """Adapter versions resident now."""
-        with self._lock:
-            return sorted(self._adapters)
-
     # ---------------------------------------------------------------- helpers (any thread)
 
-    def _assign(self, role: str, version: str) -> None:
-        """Make `version` the stable or the canary version; the one it replaces is retired unless the other role has it."""
-        with self._lock:
-            if version and version not in self._adapters:
-                raise InvalidArgument("version", f"{version} is not loaded")
-            old, other = (self._current, self._canary) if role == "stable" else (self._canary, self._current)
-            if old and old not in (version, other):
-                self._retired.add(old)
-            self._retired.discard(version)
-            if role == "stable":
-                self._current = version
-            else:
-                self._canary = version
-            metrics.POLICY_VERSION.labels(role).set(metrics.version_number(version))
+    def _assigned(self) -> None:
+        """A role changed: remove what became idle (on vLLM's loop)."""
         self._loop.call_soon_threadsafe(self._remove_idle)
 
     def _call(self, coro: Any, timeout: float) -> Any:
@@ -301,9 +253,10 @@ class VllmEngine(ServingEngine):
             future.cancel()
             raise Unavailable("vLLM did not finish the command in time") from None
 
-    def _waiting_count(self) -> int:
-        """Requests with no token yet (the lock held)."""
-        return sum(1 for live in self._live.values() if not live.started)
+    def _update_gauges(self) -> None:
+        """Queue depth (requests with no token yet) and running rows (candidates of the others); the lock held."""
+        metrics.QUEUE_DEPTH.set(sum(1 for live in self._live.values() if not live.started))
+        metrics.RUNNING_ROWS.set(sum(live.request.n for live in self._live.values() if live.started))
 
     # ---------------------------------------------------------------- the loop thread
 
@@ -370,28 +323,27 @@ class VllmEngine(ServingEngine):
     async def _generate(self, live: _Live) -> None:
         """Run every candidate of a request and close it: ok, cancelled, expired or failed."""
         req = live.request
+        outcomes = await asyncio.gather(*(self._candidate(live, k) for k in range(req.n)), return_exceptions=True)
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
         try:
-            await asyncio.gather(*(self._candidate(live, k) for k in range(req.n)))
             if self._stopping:
                 return  # _shutdown already failed it
-            if live.aborted or req.remaining > 0:
+            if errors:
+                log.error("generation failed", exc_info=errors[0], extra={"request_id": req.request_id})
+                metrics.REQUESTS_FINISHED.labels("failed").inc()
+                finish_request(req, RlhfError(GENERATION_FAILED))
+            elif req.remaining > 0:  # aborted: cancelled or past its deadline
                 self._end_aborted(req)
             else:
                 metrics.REQUESTS_FINISHED.labels("ok").inc()
                 finish_request(req)
-        except Exception:
-            log.exception("generation failed", extra={"request_id": req.request_id})
-            metrics.REQUESTS_FINISHED.labels("failed").inc()
-            await self._llm.abort(live.ids)
-            finish_request(req, Unavailable(GENERATION_FAILED))
         finally:
             with self._lock:
                 self._live.pop(req.request_id, None)
                 for v in req.versions:
                     if v:
                         self._pins[v] -= 1
-                metrics.QUEUE_DEPTH.set(self._waiting_count())
-                metrics.RUNNING_ROWS.set(sum(live.request.n for live in self._live.values() if live.started))
+                self._update_gauges()
             self._remove_idle()
 
     async def _candidate(self, live: _Live, index: int) -> None:
@@ -405,27 +357,41 @@ class VllmEngine(ServingEngine):
             raise RuntimeError(f"version {version} was pinned but is not loaded")
         params = sampling_params_for(req.params, index, self.eos_ids, self.max_context - len(req.prompt_ids))
         tokens = 0
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=req.prompt_ids), params,
-                                            live.ids[index], lora_request=lora):
-            c = out.outputs[0]
-            if c.token_ids and not live.started:
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=req.prompt_ids), params,
+                                                live.ids[index], lora_request=lora):
+                if self._take(live, index, out.outputs[0], tokens):
+                    return
+                tokens += len(out.outputs[0].token_ids)
+        except Exception:
+            with contextlib.suppress(Exception):  # a failed candidate does not keep generating
+                await self._llm.abort(live.ids[index])
+            raise
+
+    def _take(self, live: _Live, index: int, c: Any, tokens: int) -> bool:
+        """Hand one vLLM output of candidate `index` to the request; True once the candidate is done."""
+        req = live.request
+        if c.token_ids and not live.started:
+            now = time.monotonic()
+            with self._lock:
                 live.started = True
-                now = time.monotonic()
-                if req.first_token_at is None:
-                    req.first_token_at = now
-                    metrics.TIME_TO_FIRST_TOKEN.observe(now - req.submitted_at)
-                    if index == 0:
-                        metrics.PROMPT_TOKENS.inc(len(req.prompt_ids))
-            tokens += len(c.token_ids)
-            metrics.TOKENS_GENERATED.inc(len(c.token_ids))
-            if live.aborted:
-                return
-            finish = finish_reason_of(c)
-            if c.text or c.token_ids or finish:
-                req.emit(TextEvent(index, c.text, finish, tokens if finish else 0, tuple(c.token_ids)))
-            if finish:
-                req.remaining -= 1
-                return
+                self._update_gauges()
+            if req.first_token_at is None:
+                req.first_token_at = now
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - req.submitted_at)
+                metrics.PROMPT_TOKENS.inc(len(req.prompt_ids))
+        metrics.TOKENS_GENERATED.inc(len(c.token_ids))
+        if live.aborted:
+            return True
+        if c.finish_reason == "abort":  # not by us: vLLM gave up on it
+            raise RuntimeError(f"vLLM aborted candidate {index} of request {req.request_id}")
+        tokens += len(c.token_ids)
+        finish = finish_reason_of(c)
+        if c.text or c.token_ids or finish:
+            req.emit(TextEvent(index, c.text, finish, tokens if finish else 0, tuple(c.token_ids)))
+        if finish:
+            req.remaining -= 1
+        return finish is not None
 
     def _end_aborted(self, req: GenerationRequest) -> None:
         """Close an aborted request: nothing more for a cancelled one, DEADLINE_EXCEEDED for an expired one."""
@@ -474,6 +440,7 @@ class VllmEngine(ServingEngine):
             metrics.REQUESTS_FINISHED.labels("failed").inc()
             finish_request(live.request, Unavailable("server is shutting down; retry on another replica"))
         self._llm.shutdown()
-        metrics.RUNNING_ROWS.set(0)
-        metrics.QUEUE_DEPTH.set(0)
+        with self._lock:
+            self._live.clear()
+            self._update_gauges()
         self._loop.stop()

@@ -9,19 +9,17 @@ import threading
 import time
 
 import pytest
+from support import wait_for
+
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.adapters.synthetic import write_random_lora
+from rlhf_online.adapters.validate import AdapterRejected
+from rlhf_online.adapters.watcher import AdapterWatcher
+from rlhf_online.engine.interface import EngineConfig
+from rlhf_online.engine.request import Limits, SamplingParams
+from rlhf_online.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
-
-from support import wait_for  # noqa: E402
-
-from rlhf_online.adapters.registry import AdapterRegistry  # noqa: E402
-from rlhf_online.adapters.synthetic import write_random_lora  # noqa: E402
-from rlhf_online.adapters.validate import AdapterRejected  # noqa: E402
-from rlhf_online.adapters.watcher import AdapterWatcher  # noqa: E402
-from rlhf_online.engine.interface import EngineConfig  # noqa: E402
-from rlhf_online.engine.request import Limits, SamplingParams  # noqa: E402
-from rlhf_online.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable  # noqa: E402
 
 PROMPT = "Write one sentence about the sea."
 
@@ -72,6 +70,7 @@ def test_greedy_reply_equals_transformers_generate(base, smollm_dir):
     assert result.text == base.tokenizer.decode(want, skip_special_tokens=True)
     assert result.finish_reason == "length" and result.completion_tokens == 12
     assert handle.versions == ("",)
+    assert base.dtype_name == "float32" and base.device_type == "cpu"
 
 
 def test_stream_deltas_make_the_text_and_finish_reasons_map(base):
@@ -195,3 +194,21 @@ def test_concurrent_requests_all_finish(base):
     for t in threads:
         t.join(60)
     assert len(results) == 6 and all(r.completion_tokens >= 1 for r in results)
+
+
+def test_a_failing_generation_fails_its_request_only(base, monkeypatch):
+    from rlhf_online.engine.interface import GENERATION_FAILED
+    from rlhf_online.errors import RlhfError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /internal/path")
+
+    with monkeypatch.context() as m:
+        m.setattr(base._llm, "generate", broken)
+        handle = base.submit(base.encode_prompt(PROMPT), SamplingParams(max_new_tokens=8, temperature=0.0))
+        with pytest.raises(RlhfError) as e:
+            handle.result()
+    assert str(e.value) == GENERATION_FAILED  # the cause stays in the log
+    wait_for(lambda: base.busy == 0, 10, "the failed request to leave")
+    [after], _, _ = run(base, SamplingParams(max_new_tokens=8, temperature=0.0))
+    assert after.completion_tokens == 8

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import threading
 
+import grpc
 import pytest
+from support import wait_for
+
+from rlhf_online import launch
+from rlhf_online.adapters.registry import AdapterRegistry
+from rlhf_online.adapters.synthetic import write_random_lora
+from rlhf_online.v1 import generation_pb2 as pb
+from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-pytest.importorskip("vllm")
-
-import grpc  # noqa: E402
-from support import wait_for  # noqa: E402
-
-from rlhf_online import launch  # noqa: E402
-from rlhf_online.adapters.registry import AdapterRegistry  # noqa: E402
-from rlhf_online.adapters.synthetic import write_random_lora  # noqa: E402
-from rlhf_online.v1 import generation_pb2 as pb  # noqa: E402
-from rlhf_online.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 SWAPS, CLIENTS = 6, 4
 
@@ -73,6 +71,8 @@ def test_six_swaps_under_four_clients_fail_nothing(smollm_dir, tmp_path):
             stop.set()
             for t in threads:
                 t.join(120)
+    print(f"vllm hot-swap: {sum(done)} requests by {CLIENTS} clients over {SWAPS} swaps, {len(failures)} failed, "
+          f"{len(backwards)} on a version older than the one served at their start")
     assert failures == []
     assert backwards == []
     assert sum(done) >= SWAPS * CLIENTS
