@@ -130,7 +130,6 @@ class VllmEngine(ServingEngine):
         self._module_tree: Any = None
 
         self._live: dict[int, _Live] = {}
-        self._pins: dict[str, int] = {}  # version -> candidates running on it
         self._lora_ids = itertools.count(1)
         self._loop = asyncio.new_event_loop()
         self._llm: Any = None
@@ -220,9 +219,6 @@ class VllmEngine(ServingEngine):
                 raise ResourceExhausted(f"queue full ({self.config.max_queue} requests waiting); retry later")
             self._route(req, route)
             req.remaining = n
-            for v in req.versions:
-                if v:
-                    self._pins[v] = self._pins.get(v, 0) + 1
             live = _Live(req)
             self._live[req.request_id] = live
             self._update_gauges()
@@ -340,9 +336,6 @@ class VllmEngine(ServingEngine):
         finally:
             with self._lock:
                 self._live.pop(req.request_id, None)
-                for v in req.versions:
-                    if v:
-                        self._pins[v] -= 1
                 self._update_gauges()
             self._remove_idle()
 
@@ -419,9 +412,10 @@ class VllmEngine(ServingEngine):
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
 
     def _remove_idle(self) -> None:
-        """Remove retired versions nothing runs on from vLLM (on its loop)."""
+        """Remove retired versions no live request runs on from vLLM (on its loop)."""
         with self._lock:
-            idle = [v for v in self._retired if not self._pins.get(v)]
+            pinned = {v for live in self._live.values() for v in live.request.versions}
+            idle = [v for v in self._retired if v not in pinned]
             loras = [self._adapters.pop(v) for v in idle if v in self._adapters]
             self._retired -= set(idle)
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
