@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
@@ -20,3 +22,14 @@ def write_report(out: str | Path, name: str, result: dict, lines: list[str]) -> 
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def wait_until_served(stub: Any, version: str, timeout: float, where: str = "") -> None:
+    """Poll the generation service's GetPolicy until it serves `version`; RuntimeError after `timeout` s."""
+    from rlhf_online.v1 import generation_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while stub.GetPolicy(pb.GetPolicyRequest(), timeout=30).version != version:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the generation service did not switch to {version!r} within {timeout:.0f} s{where}")
+        time.sleep(0.2)

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rlhf_online import launch
-from rlhf_online.bench.common import machine, write_report
+from rlhf_online.bench.common import machine, wait_until_served, write_report
 
 SEED_PROMPTS = [
     "My neighbour keeps parking in my spot. Write him a note.", "Review the cafe that got my order wrong twice.",
@@ -108,11 +108,7 @@ class _Users:
         """`replies` replies (prompts in turn), once the generation service serves `version`."""
         from rlhf_online.v1 import generation_pb2 as gen
 
-        deadline = time.monotonic() + 60
-        while self.stub.GetPolicy(gen.GetPolicyRequest(), timeout=30).version != version:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the generation service did not switch to {version!r} within 60 s")
-            time.sleep(0.2)
+        wait_until_served(self.stub, version, 60)
         params = gen.SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0)
 
         def one(i: int) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from rlhf_online import launch
-from rlhf_online.bench.common import machine, write_report
+from rlhf_online.bench.common import machine, wait_until_served, write_report
 
 log = logging.getLogger("rlhf_online.bench")
 
@@ -61,11 +61,7 @@ def run_served(args: argparse.Namespace, model_dir: Path, engine: str = "embedde
     with launch.running("generation", env, tmp, python=python) as service:
         channel = grpc.insecure_channel(service.address)
         stub = pb_grpc.GenerationStub(channel)
-        deadline = time.monotonic() + 120
-        while stub.GetPolicy(pb.GetPolicyRequest(), timeout=30).version != version:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not load adapter {version} in 120 s; see {service.log_path}")
-            time.sleep(0.2)
+        wait_until_served(stub, version, 120, where=f"; see {service.log_path}")
         params = pb.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
         stub.Generate(pb.GenerateRequest(prompt="warm up", params=params), timeout=300)
         tokens, latencies, errors = [], [], []
