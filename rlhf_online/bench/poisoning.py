@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the attacker asks and rates this many times one honest user's requests")
     p.add_argument("--persona", default="polite")
     p.add_argument("--heldout-prompts", type=int, default=0, help="0 = all held-out prompts")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="requests in flight at once (0 = one per honest user, 8 for the attacker); 1 makes a run "
+                        "repeatable: batches of another composition shift sampling slightly")
     add_generation_arguments(p)  # sampling, model, the held-out replies' cache, --out: as bench reward-accuracy
 
 
@@ -106,12 +109,12 @@ def feedback_through_the_api(args: argparse.Namespace, persona: Any, prompts: li
         jobs = [(f"honest-{u}", honest_key, persona, order[(u * args.requests_per_user + i) % len(order)])
                 for u in range(args.users) for i in range(args.requests_per_user)]
         print(f"{args.users} honest users: {len(jobs)} requests", flush=True)
-        client.run(jobs, workers=args.users)
+        client.run(jobs, workers=args.concurrency or args.users)
         with sqlite3.connect(db) as src, sqlite3.connect(tmp / "honest.db") as dst:
             src.backup(dst)  # the honest phase's store, consistent: nothing is in flight between the phases
         attack = [("attacker", attacker_key, anti, rng.choice(prompts)) for _ in range(attacker_requests)]
         print(f"one attacker: {len(attack)} requests", flush=True)
-        client.run(attack, workers=8)  # one user, several connections: as fast as the service answers
+        client.run(attack, workers=args.concurrency or 8)  # one user, several connections: as fast as answered
         client.close()
     return {"honest_requests": len(jobs), "attacker_requests": len(attack), "honest_ratings": client.ratings["app"],
             "attacker_ratings": client.ratings["attacker"]}
@@ -130,23 +133,22 @@ class Client:
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self.ratings = {"app": 0, "attacker": 0}  # thumbs and preferences sent, by tenant
         self.lock = threading.Lock()
-        self.seq = 0
+        self.jobs_run = 0  # across both phases: each request's seed is its job's position, not its thread's turn
 
     def run(self, jobs: list[tuple[str, str, Any, str]], workers: int) -> None:
         """Every (user, key, persona, prompt) job once, `workers` at a time; progress every 50."""
         with ThreadPoolExecutor(workers) as pool:
-            for done, _ in enumerate(pool.map(lambda job: self.one(*job), jobs), 1):
+            first, self.jobs_run = self.jobs_run, self.jobs_run + len(jobs)
+            seeds = [self.args.seed * 1_000_000 + first + i for i in range(len(jobs))]
+            for done, _ in enumerate(pool.map(lambda job, seed: self.one(*job, seed), jobs, seeds), 1):
                 if done % 50 == 0:
                     print(f"  {done}/{len(jobs)} requests rated", flush=True)
 
-    def one(self, user: str, key: str, persona: Any, prompt: str) -> None:
+    def one(self, user: str, key: str, persona: Any, prompt: str, seed: int) -> None:
         """One request, two thumbs and one preference (raises on any refused call: the run is void)."""
         from rlhf_online.v1 import generation_pb2 as pb
 
         md = [("x-api-key", key)]
-        with self.lock:
-            self.seq += 1
-            seed = self.args.seed * 1_000_000 + self.seq
         r = self.stub.Generate(pb.GenerateRequest(prompt=prompt, n=2, user_id=user, params=pb.SamplingParams(
             max_new_tokens=self.args.max_new_tokens, temperature=self.args.temperature, seed=seed)),
             metadata=md, timeout=600)
