@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_online import metrics
-from rlhf_online.engine import attention
+from rlhf_online.engine import attention, lora_slots
 from rlhf_online.engine.batch import KVBatch
 from rlhf_online.engine.detok import IncrementalText
 from rlhf_online.engine.interface import GENERATION_FAILED, EngineConfig, ServingEngine, eos_ids_of
@@ -84,7 +84,12 @@ class Engine(ServingEngine):
         self._batch: KVBatch | None = None
         self._commands: collections.deque = collections.deque()
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0}  # for tests and benchmarks
+        # LoRA layer slots: a version's PEFT adapter name is "slot<k>"; a retired version's slot is kept
+        # (one at most) so that the next version of the same signature is copied into it.
+        self._slot_signatures: dict[str, lora_slots.Signature | None] = {}
+        self._free_slot: str | None = None
+        self._slots_made = 0
+        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "slot_reuses": 0}  # for tests and benchmarks
 
     # ---------------------------------------------------------------- public API (any thread)
 
@@ -152,8 +157,13 @@ class Engine(ServingEngine):
         return RequestHandle(req)
 
     def load_adapter(self, version: str, path: Path, timeout: float = 120.0) -> None:
-        """Load a PEFT adapter as `version` beside the ones serving (validated by the caller)."""
-        self._call(lambda: self._load_adapter(version, path), timeout)
+        """Load a PEFT adapter as `version` beside the ones serving (validated by the caller).
+
+        Its files are read and cast here, on the caller's thread; the engine thread, between steps,
+        only copies them into a retired version's layers, or has PEFT build new ones.
+        """
+        prepared = lora_slots.prepare(Path(path), next(self.model.parameters()).dtype, self.device)
+        self._call(lambda: self._load_adapter(version, prepared), timeout)
 
     # ---------------------------------------------------------------- helpers
 
@@ -182,24 +192,37 @@ class Engine(ServingEngine):
             raise box["error"]
         return box.get("value")
 
-    def _load_adapter(self, version: str, path: Path) -> None:
-        """Attach an adapter under the name `version`; wraps the base in PEFT on first use."""
+    def _load_adapter(self, version: str, adapter: lora_slots.PreparedAdapter) -> None:
+        """Attach an adapter as `version`: into the free slot if its signature fits, else a new PEFT slot."""
         from peft import PeftModel
 
         if version in self._adapters:
             return
-        try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version, is_trainable=False)
-        except BaseException:
-            self._discard_partial(version)
-            raise
-        self.model.eval()
+        t0 = time.perf_counter()
+        slot = self._free_slot
+        reused = slot is not None and adapter.signature is not None and self._slot_signatures[slot] == adapter.signature
+        if reused:
+            lora_slots.copy_into(lora_slots.lora_layers(self.model, slot), slot, adapter)
+            self._free_slot = None
+            self.stats["slot_reuses"] += 1
+        else:
+            slot, self._slots_made = f"slot{self._slots_made}", self._slots_made + 1
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(adapter.path), adapter_name=slot, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=slot,
+                                                           is_trainable=False)
+            except BaseException:
+                self._discard_partial(slot)
+                raise
+            self._slot_signatures[slot] = adapter.signature
+            self.model.eval()
         with self._lock:
-            self._adapters[version] = version
+            self._adapters[version] = slot
         metrics.ADAPTERS_LOADED.set(len(self._adapters))
+        log.info("adapter loaded", extra={"version": version, "slot": slot, "reused": reused,
+                                          "seconds": round(time.perf_counter() - t0, 4)})
 
     def _discard_partial(self, version: str) -> None:
         """Take a half-loaded adapter out of every layer, so a failed load leaves the served versions intact.
@@ -217,25 +240,32 @@ class Engine(ServingEngine):
             peft_config.pop(version, None)
 
     def _unload_unused(self) -> None:
-        """Delete retired adapters that no queued or running request uses any more.
+        """Release retired adapters that no queued or running request uses any more.
 
-        Checked and deleted under the lock: set_current / set_canary may bring a retired version
-        back at any moment, and one deleted after that would leave its requests on the bare base.
-        Deleting an adapter takes milliseconds, and this runs between steps, on the engine thread.
+        Checked and released under the lock: set_current / set_canary may bring a retired version
+        back at any moment, and one released after that would leave its requests on the bare base.
+        A released version's layers stay as the free slot (one at most) while other versions are
+        loaded; otherwise they are deleted, and with no version left the model is the plain base
+        again. Either takes milliseconds, and this runs between steps, on the engine thread.
         """
         with self._lock:
             used = ({self._current, self._canary} | {v for r in self._rows for v in r.request.versions}
                     | {v for q in self._waiting for v in q.versions})
             idle = [v for v in self._retired if v not in used]
             for v in idle:
-                if len(self._adapters) == 1:
+                slot = self._adapters.pop(v)
+                self._retired.discard(v)
+                if not self._adapters:
                     # PEFT cannot run with zero adapters: take the LoRA layers out, back to the plain base.
                     self.model = self.model.unload()
+                    self._slot_signatures.clear()
+                    self._free_slot = None
+                elif self._free_slot is None and self._slot_signatures[slot] is not None:
+                    self._free_slot = slot
                 else:
-                    self.model.delete_adapter(v)
-                del self._adapters[v]
-                self._retired.discard(v)
-                log.info("adapter unloaded", extra={"version": v})
+                    self.model.delete_adapter(slot)
+                    del self._slot_signatures[slot]
+                log.info("adapter unloaded", extra={"version": v, "slot": slot})
         if idle:
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
 
