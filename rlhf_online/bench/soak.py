@@ -258,6 +258,30 @@ def _summary(xs: list[float]) -> dict[str, float]:
     return {"count": len(xs), "p50_s": round(_percentile(xs, 0.5), 3), "p99_s": round(_percentile(xs, 0.99), 3)}
 
 
+def latency_by_window(spans: list[tuple[float, float]], windows: list[tuple[float, float]], shift: float
+                      ) -> tuple[list[float], list[float], list[float]]:
+    """Latencies of the requests in flight during a swap, during a placebo window, and of the rest.
+
+    A request is in flight during a swap when it was sent before the swap was served and answered
+    after it was activated. A long request meets more windows than a short one, so that group is
+    slower even if a swap cost nothing; the placebo windows (each swap's window moved `shift`
+    seconds later, half-way to the next swap, when nothing is swapped) select requests the same
+    way, and the difference between the two groups is what a swap costs the requests it meets.
+    """
+    placebo_windows = [(s0 + shift, s1 + shift) for s0, s1 in windows]
+    during: list[float] = []
+    placebo: list[float] = []
+    outside: list[float] = []
+    for a, b in spans:
+        if any(a < s1 and b > s0 for s0, s1 in windows):
+            during.append(b - a)
+        elif any(a < s1 and b > s0 for s0, s1 in placebo_windows):
+            placebo.append(b - a)
+        else:
+            outside.append(b - a)
+    return during, placebo, outside
+
+
 def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit_code: int) -> dict[str, Any]:
     """The run's figures: counts, latency and schedule percentiles, swaps, and memory growth after the ramp-up."""
     values = [m for _, m in tally.rss]
@@ -267,14 +291,9 @@ def figures(args: argparse.Namespace, tally: Tally, wall: float, lost: int, exit
     ramp = min(args.swap_every, args.seconds / 4)
     steady_mb = next((m for t, m in tally.rss if t >= ramp), start_mb)
     latencies, swaps = tally.latencies, tally.swaps
-    # Requests in flight while a swap was under way (sent before it was served, answered after it was
-    # activated) against the others, under the same load: what a swap costs the requests it meets.
-    during: list[float] = []
-    outside: list[float] = []
-    for a, b in tally.spans:
-        met_a_swap = any(a < s1 and b > s0 for s0, s1 in tally.swap_windows)
-        (during if met_a_swap else outside).append(b - a)
-    return {"latency_during_swaps": _summary(during), "latency_outside_swaps": _summary(outside),
+    during, placebo, outside = latency_by_window(tally.spans, tally.swap_windows, args.swap_every / 2)
+    return {"latency_during_swaps": _summary(during), "latency_during_placebo": _summary(placebo),
+            "latency_outside_swaps": _summary(outside),
             "seconds": round(wall, 1), **tally.counts, "failures_by_code": tally.failures, "feedback_lost": lost,
             "latency_p50_s": round(_percentile(latencies, 0.5), 3), "latency_p95_s": round(_percentile(latencies, 0.95), 3),
             "latency_max_s": round(max(latencies, default=float("nan")), 3),
@@ -311,7 +330,7 @@ def table(result: dict) -> list[str]:
     """The Markdown report."""
     r = result["run"]
     swap_times = [s["took_s"] for s in r["swaps"] if s["took_s"] is not None]
-    during, outside = r["latency_during_swaps"], r["latency_outside_swaps"]
+    during, placebo, outside = r["latency_during_swaps"], r["latency_during_placebo"], r["latency_outside_swaps"]
     verdict = "PASS" if result["passed"] else "FAIL"
     return [
         f"Soak benchmark — {result['model']}, {r['seconds']:.0f} s at {result['rate']} req/s "
@@ -331,6 +350,8 @@ def table(result: dict) -> list[str]:
         f"| swap: activate → served (s), each | {', '.join(f'{t:.2f}' for t in swap_times) or '-'} |",
         f"| latency p50 / p99 (s) of requests in flight during a swap (n) | {during['p50_s']} / {during['p99_s']} "
         f"({during['count']}) |",
+        f"| latency p50 / p99 (s) of requests in flight during a placebo window, half-way between swaps (n) | "
+        f"{placebo['p50_s']} / {placebo['p99_s']} ({placebo['count']}) |",
         f"| latency p50 / p99 (s) of the others (n) | {outside['p50_s']} / {outside['p99_s']} ({outside['count']}) |",
         f"| server RSS at load start / after ramp-up ({r['rss_steady_start_at_s']:.0f} s) / peak / end (MiB) | "
         f"{r['rss_start_mb']} / {r['rss_steady_start_mb']} / {r['rss_peak_mb']} / {r['rss_end_mb']} |",

@@ -89,6 +89,7 @@ class Engine(ServingEngine):
         self._slot_signatures: dict[str, lora_slots.Signature | None] = {}
         self._free_slot: str | None = None
         self._slots_made = 0
+        self._lora_layers: list[Any] | None = None  # the model's LoRA layers (for mixed batches), None = not yet found
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "slot_reuses": 0}  # for tests and benchmarks
 
     # ---------------------------------------------------------------- public API (any thread)
@@ -217,6 +218,7 @@ class Engine(ServingEngine):
                 self._discard_partial(slot)
                 raise
             self._slot_signatures[slot] = adapter.signature
+            self._lora_layers = None
             self.model.eval()
         with self._lock:
             self._adapters[version] = slot
@@ -265,6 +267,7 @@ class Engine(ServingEngine):
                 else:
                     self.model.delete_adapter(slot)
                     del self._slot_signatures[slot]
+                self._lora_layers = None
                 log.info("adapter unloaded", extra={"version": v, "slot": slot})
         if idle:
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
@@ -380,13 +383,40 @@ class Engine(ServingEngine):
         if not self._adapters:
             return self.model(**kw).logits[:, -1, :]
         if len(set(adapters)) > 1:
-            return self.model(**kw, adapter_names=adapters).logits[:, -1, :]
+            return self._mixed_forward(adapters, **kw)
         if adapters[0] == BASE:
             with self.model.disable_adapter():
                 return self.model(**kw).logits[:, -1, :]
         if self.model.active_adapter != adapters[0]:
             self.model.set_adapter(adapters[0])
         return self.model(**kw).logits[:, -1, :]
+
+    def _mixed_forward(self, adapters: list[str], **kw: Any) -> torch.Tensor:
+        """A batch of several versions: every one of them active, each LoRA's output masked to its own rows.
+
+        PEFT's own mixed batch (`adapter_names=`) registers hooks on every LoRA layer per call and
+        gathers and scatters each adapter's rows in every layer: a decode step of 16 rows on two
+        versions took 97 ms against 70 ms on one (SmolLM2 bf16, 2 threads). Here each LoRA layer runs
+        its plain multi-adapter path, result + B(A(x)) * scaling for each active adapter, with the
+        scaling made a [rows, 1, 1] tensor that is the adapter's scaling on its rows and 0 elsewhere;
+        the floats are put back afterwards. A row of the bare base gets every mask 0.
+        """
+        names = sorted(set(adapters) - {BASE})
+        dtype = next(self.model.parameters()).dtype
+        masks = {n: torch.tensor([float(a == n) for a in adapters], dtype=dtype, device=self.device).view(-1, 1, 1)
+                 for n in names}
+        if self.model.active_adapters != names:
+            self.model.base_model.set_adapter(names, inference_mode=True)
+        if self._lora_layers is None:  # found once per change of the adapters loaded, not every step
+            self._lora_layers = [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+        saved = [(layer, n, layer.scaling[n]) for layer in self._lora_layers for n in names if n in layer.scaling]
+        try:
+            for layer, n, scale in saved:
+                layer.scaling[n] = masks[n] * scale
+            return self.model(**kw).logits[:, -1, :]
+        finally:
+            for layer, n, scale in saved:
+                layer.scaling[n] = scale
 
     def _prefill(self, reqs: list[GenerationRequest]) -> None:
         """Run the prompts of new requests (left-padded together), sample each candidate's first token."""
