@@ -43,6 +43,8 @@ def check_shapes(directory: Path, model: Any) -> None:
         raise AdapterRejected(f"{directory.name}: unreadable adapter files ({e})") from None
     if config.get("peft_type") != "LORA":
         raise AdapterRejected(f"{directory.name}: not a LoRA adapter ({config.get('peft_type')!r})")
+    if config.get("use_dora"):  # PEFT refuses to batch DoRA with other versions, as every swap and canary does
+        raise AdapterRejected(f"{directory.name}: a DoRA adapter (use_dora); replicas serve plain LoRA only")
     modules = _base_modules(model)
     checked = 0
     for key in tensors.keys():  # noqa: SIM118 (a safetensors handle, not a dict)

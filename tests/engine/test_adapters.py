@@ -195,3 +195,4 @@ def test_a_new_version_is_copied_into_a_retired_versions_layers(make_engine, tin
     assert engine.stats["slot_reuses"] == 1
     engine.set_current("v000004")
     assert engine.submit(ids, PARAMS).result()[0].text == texts[rank4]
+
