@@ -43,6 +43,11 @@ def check_shapes(directory: Path, model: Any) -> None:
         raise AdapterRejected(f"{directory.name}: unreadable adapter files ({e})") from None
     if config.get("peft_type") != "LORA":
         raise AdapterRejected(f"{directory.name}: not a LoRA adapter ({config.get('peft_type')!r})")
+    rank, alpha = config.get("r"), config.get("lora_alpha", 8)  # PEFT's default alpha
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterRejected(f"{directory.name}: adapter_config.json r must be a positive integer, got {rank!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise AdapterRejected(f"{directory.name}: adapter_config.json lora_alpha must be a number, got {alpha!r}")
     if config.get("use_dora"):  # PEFT refuses to batch DoRA with other versions, as every swap and canary does
         raise AdapterRejected(f"{directory.name}: a DoRA adapter (use_dora); replicas serve plain LoRA only")
     modules = _base_modules(model)
@@ -57,7 +62,6 @@ def check_shapes(directory: Path, model: Any) -> None:
         if module is None or not hasattr(module, "in_features"):
             raise AdapterRejected(f"{directory.name}: adapts {path!r}, which this model does not have")
         shape = tuple(tensors.get_slice(key).get_shape())
-        rank = int(config.get("r", 0))
         want = (rank, module.in_features) if ".lora_A." in key else (module.out_features, rank)
         if shape != want:
             raise AdapterRejected(f"{directory.name}: {key} has shape {shape}, the model needs {want}")

@@ -39,8 +39,9 @@ def signature(config: dict[str, Any], modules: frozenset[str]) -> Signature | No
     """What two adapters must share for one's layers to hold the other; None if PEFT builds more than A and B."""
     if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("lora_bias")
             or config.get("bias", "none") != "none" or config.get("rank_pattern") or config.get("alpha_pattern")
-            or config.get("modules_to_save")):
-        return None
+            or config.get("modules_to_save") or type(config.get("r")) is not int
+            or type(config.get("lora_alpha")) not in (int, float)):
+        return None  # (a malformed r or alpha is PEFT's to refuse, never copied into layers)
     return (int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False)),
             bool(config.get("fan_in_fan_out", False)), modules)
 

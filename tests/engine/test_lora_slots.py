@@ -38,3 +38,8 @@ def test_prepare_casts_pairs_and_leaves_unpaired_tensors_to_peft(tmp_path):
     assert prepared.signature == lora_slots.signature(PLAIN, MODULES)
     save_file({f"{name}.lora_A.weight": torch.ones(8, 4)}, str(tmp_path / "adapter_model.safetensors"))
     assert lora_slots.prepare(tmp_path, torch.float32, torch.device("cpu")).signature is None
+
+
+def test_a_rank_or_alpha_of_the_wrong_type_has_no_signature():
+    for change in ({"r": "8"}, {"lora_alpha": "16"}, {"r": 8.0}):
+        assert lora_slots.signature(dict(PLAIN, **change), MODULES) is None, change
