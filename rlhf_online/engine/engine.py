@@ -89,7 +89,7 @@ class Engine(ServingEngine):
         self._slot_signatures: dict[str, lora_slots.Signature | None] = {}
         self._free_slot: str | None = None
         self._slots_made = 0
-        self._lora_layers: list[Any] | None = None  # the model's LoRA layers, None = not yet found
+        self._lora_layers: dict[str, Any] | None = None  # PEFT module name -> LoRA layer, None = not yet found
         self._active: list[str] | None = None  # the adapters active in every LoRA layer, None = unknown
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "slot_reuses": 0}  # for tests and benchmarks
 
@@ -161,10 +161,10 @@ class Engine(ServingEngine):
     def load_adapter(self, version: str, path: Path, timeout: float = 120.0) -> None:
         """Load a PEFT adapter as `version` beside the ones serving (validated by the caller).
 
-        Its files are read and cast here, on the caller's thread; the engine thread, between steps,
-        only copies them into a retired version's layers, or has PEFT build new ones.
+        Its files are read here, on the caller's thread; the engine thread, between steps, only
+        copies them into a retired version's layers, or has PEFT build new ones.
         """
-        prepared = lora_slots.prepare(Path(path), next(self.model.parameters()).dtype, self.device)
+        prepared = lora_slots.prepare(Path(path), self.device)
         self._call(lambda: self._load_adapter(version, prepared), timeout)
 
     # ---------------------------------------------------------------- helpers
@@ -204,7 +204,7 @@ class Engine(ServingEngine):
         slot = self._free_slot
         reused = slot is not None and adapter.signature is not None and self._slot_signatures[slot] == adapter.signature
         if reused:
-            lora_slots.copy_into(lora_slots.lora_layers(self.model, slot), slot, adapter)
+            lora_slots.copy_into(self._layers(), slot, adapter)
             self._free_slot = None
             self.stats["slot_reuses"] += 1
         else:
@@ -263,12 +263,13 @@ class Engine(ServingEngine):
                     self.model = self.model.unload()
                     self._slot_signatures.clear()
                     self._free_slot = None
+                    self._lora_layers = self._active = None
                 elif self._free_slot is None and self._slot_signatures[slot] is not None:
-                    self._free_slot = slot
+                    self._free_slot = slot  # its layers stay as they are: the caches hold
                 else:
-                    self.model.delete_adapter(slot)
+                    self.model.delete_adapter(slot)  # PEFT may make another adapter active
                     del self._slot_signatures[slot]
-                self._lora_layers = self._active = None
+                    self._lora_layers = self._active = None
                 log.info("adapter unloaded", extra={"version": v, "slot": slot})
         if idle:
             metrics.ADAPTERS_LOADED.set(len(self._adapters))
@@ -391,16 +392,16 @@ class Engine(ServingEngine):
         self._activate([adapters[0]])
         return self.model(**kw).logits[:, -1, :]
 
-    def _layers(self) -> list[Any]:
-        """The model's LoRA layers, found once per change of the adapters loaded rather than every step."""
+    def _layers(self) -> dict[str, Any]:
+        """The model's LoRA layers by module name, found once per change of the layers rather than every step."""
         if self._lora_layers is None:
-            self._lora_layers = [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+            self._lora_layers = lora_slots.lora_layers(self.model)
         return self._lora_layers
 
     def _activate(self, names: list[str]) -> None:
         """Make `names` the active adapters of every LoRA layer (PEFT's set_adapter walks every module: ~7 ms)."""
         if self._active != names:
-            for layer in self._layers():
+            for layer in self._layers().values():
                 layer.set_adapter(names, inference_mode=True)
             self._active = names
 
@@ -422,7 +423,7 @@ class Engine(ServingEngine):
         masks = {n: torch.tensor([float(a == n) for a in adapters], dtype=dtype, device=self.device).view(-1, 1, 1)
                  for n in names}
         self._activate(names)
-        saved = [(layer, n, layer.scaling[n]) for layer in self._layers() for n in names if n in layer.scaling]
+        saved = [(layer, n, layer.scaling[n]) for layer in self._layers().values() for n in names if n in layer.scaling]
         try:
             for layer, n, scale in saved:
                 layer.scaling[n] = masks[n] * scale

@@ -3,9 +3,10 @@
 PEFT's `load_adapter` walks every module of the model, builds new (randomly initialised) LoRA
 layers and then loads the state dict: 0.15-0.25 s for SmolLM2's 120 attention projections on an
 idle 2-core machine, all of it on the engine thread, where every running row waits. A new version
-with the same adapter config needs none of that: its tensors are read and cast on the caller's
-thread (`prepare`), and the engine thread copies them into the layers a retired version left
-behind (`copy_into`), which takes milliseconds.
+with the same adapter config needs none of that: its tensors are read on the caller's thread
+(`prepare`), and the engine thread copies them into the layers a retired version left behind
+(`copy_into`), which takes milliseconds. The copy converts to the layers' own dtype, as PEFT's
+load does: PEFT keeps LoRA weights in fp32 under a bf16 base, so the file's fp32 values are kept.
 
 Layers can be reused when the config that shapes them and their scaling is the same (`signature`):
 rank, alpha, rsLoRA, fan-in/fan-out, and the exact set of adapted modules. Anything PEFT builds
@@ -28,7 +29,7 @@ Signature = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class PreparedAdapter:
-    """An adapter read from disk and cast for the model, ready to be copied into reusable layers."""
+    """An adapter read from disk onto the model's device, ready to be copied into reusable layers."""
 
     path: Path
     signature: Signature | None  # None: PEFT must build its layers
@@ -46,26 +47,27 @@ def signature(config: dict[str, Any], modules: frozenset[str]) -> Signature | No
             bool(config.get("fan_in_fan_out", False)), modules)
 
 
-def prepare(path: Path, dtype: torch.dtype, device: torch.device) -> PreparedAdapter:
-    """Read the adapter's config and tensors (on the caller's thread: file reads and casts off the engine)."""
+def prepare(path: Path, device: torch.device) -> PreparedAdapter:
+    """Read the adapter's config and tensors (on the caller's thread: file reads off the engine), dtype as saved."""
     config = json.loads((path / "adapter_config.json").read_text())
     tensors = load_file(str(path / "adapter_model.safetensors"))
     a = {k.removesuffix(".lora_A.weight"): v for k, v in tensors.items() if k.endswith(".lora_A.weight")}
     b = {k.removesuffix(".lora_B.weight"): v for k, v in tensors.items() if k.endswith(".lora_B.weight")}
     if a.keys() != b.keys() or len(a) + len(b) != len(tensors):
         return PreparedAdapter(path, None, {})  # unpaired or extra tensors: PEFT decides what they mean
-    weights = {name: (a[name].to(device=device, dtype=dtype), b[name].to(device=device, dtype=dtype)) for name in a}
+    weights = {name: (a[name].to(device), b[name].to(device)) for name in a}
     return PreparedAdapter(path, signature(config, frozenset(weights)), weights)
 
 
-def lora_layers(model: Any, slot: str) -> dict[str, Any]:
-    """PEFT module name -> LoRA layer, for every layer that holds adapter `slot`."""
-    return {name: m for name, m in model.named_modules() if slot in getattr(m, "lora_A", {})}
+def lora_layers(model: Any) -> dict[str, Any]:
+    """PEFT module name -> LoRA layer, for every LoRA layer of the model (whatever adapters it holds)."""
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "scaling", None), dict)}
 
 
 @torch.no_grad()
 def copy_into(layers: dict[str, Any], slot: str, adapter: PreparedAdapter) -> None:
-    """Overwrite slot's A and B in every layer with the adapter's (same signature: same layers, same scaling)."""
+    """Overwrite slot's A and B with the adapter's in every layer that holds slot (same signature: same layers)."""
+    layers = {name: layer for name, layer in layers.items() if slot in layer.lora_A}
     if layers.keys() != adapter.weights.keys():
         raise ValueError(f"adapter {adapter.path.name} adapts other modules than layer slot {slot!r} holds")
     for name, (a, b) in adapter.weights.items():

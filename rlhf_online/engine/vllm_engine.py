@@ -353,16 +353,16 @@ class VllmEngine(ServingEngine):
         try:
             async for out in self._llm.generate(TokensPrompt(prompt_token_ids=req.prompt_ids), params,
                                                 live.ids[index], lora_request=lora):
+                tokens += len(out.outputs[0].token_ids)
                 if self._take(live, index, out.outputs[0], tokens):
                     return
-                tokens += len(out.outputs[0].token_ids)
         except Exception:
             with contextlib.suppress(Exception):  # a failed candidate does not keep generating
                 await self._llm.abort(live.ids[index])
             raise
 
     def _take(self, live: _Live, index: int, c: Any, tokens: int) -> bool:
-        """Hand one vLLM output of candidate `index` to the request; True once the candidate is done."""
+        """Hand one vLLM output of candidate `index` (`tokens` so far, its own included) to the request; True once done."""
         req = live.request
         if c.token_ids and not live.started:
             now = time.monotonic()
@@ -378,7 +378,6 @@ class VllmEngine(ServingEngine):
             return True
         if c.finish_reason == "abort":  # not by us: vLLM gave up on it
             raise RuntimeError(f"vLLM aborted candidate {index} of request {req.request_id}")
-        tokens += len(c.token_ids)
         finish = finish_reason_of(c)
         if c.text or c.token_ids or finish:
             req.emit(TextEvent(index, c.text, finish, tokens if finish else 0, tuple(c.token_ids)))

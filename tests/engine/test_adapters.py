@@ -196,3 +196,29 @@ def test_a_new_version_is_copied_into_a_retired_versions_layers(make_engine, tin
     engine.set_current("v000004")
     assert engine.submit(ids, PARAMS).result()[0].text == texts[rank4]
 
+
+
+def test_a_copied_version_has_the_weights_peft_would_load_under_a_bf16_base(make_engine, tiny, adapter_dir, tmp_path):
+    """PEFT keeps LoRA weights in fp32 under a bf16 base; a copy into reused layers keeps the file's values too."""
+    from safetensors.torch import load_file
+
+    first = random_lora(tiny, tmp_path / "first", seed=3)
+    engine = make_engine(model=copy.deepcopy(tiny[0]).to(torch.bfloat16)).start()
+    ids = engine.encode_prompt(PROMPT)
+    for k, d in enumerate((first, random_lora(tiny, tmp_path / "other", seed=1)), 1):
+        engine.load_adapter(f"v00000{k}", d)
+        engine.set_current(f"v00000{k}")
+    deadline = time.monotonic() + 30
+    while engine.loaded_versions() != ["v000002"]:  # v000001's layers become the free slot
+        assert time.monotonic() < deadline, engine.loaded_versions()
+        engine.submit(ids, SamplingParams(max_new_tokens=1)).result()
+    engine.load_adapter("v000003", adapter_dir)
+    assert engine.stats["slot_reuses"] == 1
+    slot = engine._adapters["v000003"]
+    layers = {n: m for n, m in engine.model.named_modules() if slot in getattr(m, "lora_A", {})}
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert len(layers) * 2 == len(saved)
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part)[slot].weight
+            assert weight.dtype == torch.float32 and torch.equal(weight, saved[f"{name}.{part}.weight"]), name

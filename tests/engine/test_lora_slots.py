@@ -27,17 +27,17 @@ def test_what_peft_builds_beyond_a_and_b_is_never_reused():
         assert lora_slots.signature(dict(PLAIN, **extra), MODULES) is None, extra
 
 
-def test_prepare_casts_pairs_and_leaves_unpaired_tensors_to_peft(tmp_path):
+def test_prepare_reads_pairs_and_leaves_unpaired_tensors_to_peft(tmp_path):
     name = next(iter(MODULES))
     (tmp_path / "adapter_config.json").write_text(json.dumps(PLAIN))
     save_file({f"{name}.lora_A.weight": torch.ones(8, 4), f"{name}.lora_B.weight": torch.ones(6, 8)},
               str(tmp_path / "adapter_model.safetensors"))
-    prepared = lora_slots.prepare(tmp_path, torch.bfloat16, torch.device("cpu"))
+    prepared = lora_slots.prepare(tmp_path, torch.device("cpu"))
     a, b = prepared.weights[name]
-    assert (a.shape, b.shape, a.dtype) == ((8, 4), (6, 8), torch.bfloat16)
+    assert (a.shape, b.shape, a.dtype) == ((8, 4), (6, 8), torch.float32)  # as saved: the copy converts, as PEFT
     assert prepared.signature == lora_slots.signature(PLAIN, MODULES)
     save_file({f"{name}.lora_A.weight": torch.ones(8, 4)}, str(tmp_path / "adapter_model.safetensors"))
-    assert lora_slots.prepare(tmp_path, torch.float32, torch.device("cpu")).signature is None
+    assert lora_slots.prepare(tmp_path, torch.device("cpu")).signature is None
 
 
 def test_a_rank_or_alpha_of_the_wrong_type_has_no_signature():
