@@ -60,7 +60,7 @@ bench-ppo: $(MODEL)
 	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q torch==2.13.0
 	.venv-bench/bin/python -m pip install -q -e ".[bench]"
-	.venv-bench/bin/rlhf-online bench ppo
+	.venv-bench/bin/rlhf-online bench ppo --compute-dtype auto  # ours as the trainer runs by default
 
 install: $(STAMP)
 

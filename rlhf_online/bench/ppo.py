@@ -305,7 +305,8 @@ def table(args: argparse.Namespace, versions: dict[str, str], sides: dict[str, d
     """The Markdown report: one row per side, the ratio, the notes."""
     lines = [f"# PPO update throughput ({machine()}, {args.threads} torch threads)", "",
              f"SmolLM2-135M-Instruct + LoRA r16 q/k/v/o, batch {args.batch_size}, {args.response_length}-token "
-             f"responses, {args.num_ppo_epochs} PPO epochs x {args.num_mini_batches} minibatch, fp32; "
+             f"responses, {args.num_ppo_epochs} PPO epochs x {args.num_mini_batches} minibatch; ours "
+             f"{args.compute_dtype}, TRL {'bf16 autocast' if args.trl_bf16 else 'float32'}; "
              f"median of {args.steps} steps after 1 warm-up. "
              + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
              "| side | samples/s | median step (s) | steps (s) | warm-up (s) | mean response tokens | trainable params |",

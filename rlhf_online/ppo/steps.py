@@ -107,10 +107,11 @@ def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg:
     query, query_mask = encode_queries(tokenizer, prompts)
     if seed is not None:
         torch.manual_seed(seed)
-    # Not under autocast: decoding one token at a time, it would cast every fp32 weight to bf16 at every step.
-    out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=True,
-                                temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.response_length,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with policy.sampling():
+        out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=True,
+                                    temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                    max_new_tokens=cfg.response_length,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     response = out[:, query.shape[1]:]
     mask, ended = response_mask(response, tokenizer.eos_token_id)
     samples = []

@@ -130,3 +130,57 @@ def test_bf16_compute_keeps_fp32_logits_values_and_gradients_close_to_fp32(tiny)
     assert (logits16 - logits).abs().max() < 0.05 * logits.abs().max()
     assert (values16 - values).abs().max() < 0.05 * values.abs().max()
     assert torch.isfinite(grad16).all() and torch.nn.functional.cosine_similarity(grad, grad16, dim=0) > 0.99
+
+
+def test_a_bf16_policy_stores_its_frozen_linears_in_bf16_and_computes_what_autocast_over_fp32_weights_does(tiny):
+    model, tok = tiny
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hello there, how are you?"}],
+                                                add_generation_prompt=True)] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    torch.manual_seed(0)
+    stored = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype="bfloat16"))
+    head = stored.model.get_output_embeddings()
+    frozen = {n: m for n, m in stored.model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad}
+    assert frozen and all(m.weight.dtype == torch.bfloat16 for m in frozen.values())
+    assert all(p.dtype == torch.float32 for p in stored.trainable_parameters())  # LoRA and value head
+    assert head.weight.dtype == torch.float32 and stored.model.get_input_embeddings().weight.dtype == torch.float32
+    # The same policy with the original fp32 weights put back: autocast rounds them at every pass instead.
+    cast = copy.deepcopy(stored)
+    originals = dict(model.named_modules())
+    for name, module in cast.model.named_modules():
+        if name in frozen:
+            original = originals[name.removeprefix("base_model.model.").replace(".base_layer", "")]
+            module.weight = torch.nn.Parameter(original.weight.detach().clone(), requires_grad=False)
+    for policy in (stored, cast):
+        with torch.no_grad():
+            policy.value_head.weight.fill_(0.01)
+    out = []
+    for policy in (stored, cast):
+        logits, values = policy(ids, mask, keep=5)
+        (logits.logsumexp(-1).mean() + values.mean()).backward()
+        out.append((logits, values, [p.grad for p in policy.trainable_parameters()],
+                    policy.reference_logits(ids, mask, keep=5)))
+    (l1, v1, g1, r1), (l2, v2, g2, r2) = out
+    assert torch.equal(l1, l2) and torch.equal(v1, v2) and torch.equal(r1, r2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_sampling_a_bf16_policy_reads_fp32_logits_and_puts_the_output_projection_back(tiny):
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype="bfloat16"))
+    head = policy.model.get_output_embeddings()
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with policy.sampling():
+            logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, -3:]
+        expected, _ = policy(ids, mask, keep=3)
+    assert logits.dtype == torch.float32
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()  # same weights; kernels may differ
+    assert policy.model.get_output_embeddings() is head
+    cfg = PPOConfig(batch_size=2, response_length=5, compute_dtype="bfloat16")
+    first = steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
+    assert first == steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
+    assert all(0 < len(s.response_ids) <= 5 for s in first) and policy.model.get_output_embeddings() is head
