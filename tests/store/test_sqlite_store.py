@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,45 @@ def test_concurrent_ratings_share_commits_and_one_callers_error_stays_its_own(tm
     assert sum(isinstance(o, NotFound) for o in flat) == threads_n * per_thread // 10
     assert flat.count(True) == store.count_feedback() == threads_n * per_thread * 9 // 10
     assert len(transactions) < threads_n * per_thread  # several ratings went to disk in one commit
+    store.close()
+
+
+def test_a_failed_group_commit_fails_its_callers_and_hands_the_next_commit_on(tmp_path: Path) -> None:
+    """A commit that fails as a whole answers its callers with the error; the callers queued behind it commit next."""
+    store = SqliteStore(tmp_path / "store.db")
+    store.add_completions([completion("c0")])
+    begin = store._transaction
+    inside, others = threading.Event(), 7
+
+    def failing_first():
+        if not inside.is_set():
+            inside.set()
+            deadline = time.monotonic() + 60
+            while len(store._queue) < others and time.monotonic() < deadline:  # the others queue behind this one
+                time.sleep(0.001)
+            raise sqlite3.OperationalError("disk I/O error")
+        return begin()
+
+    store._transaction = failing_first  # type: ignore[method-assign]
+    outcomes: dict[int, object] = {}
+
+    def work(t: int) -> None:
+        try:
+            outcomes[t] = store.add_feedback("c0", f"user{t}", "thumbs_up")
+        except sqlite3.OperationalError as e:
+            outcomes[t] = e
+
+    workers = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(1 + others)]
+    workers[0].start()
+    assert inside.wait(timeout=60)  # caller 0 leads a commit on its way to disk ...
+    for w in workers[1:]:
+        w.start()  # ... and the others queue behind it
+    for w in workers:
+        w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers)  # nobody was left waiting for a wake-up
+    assert isinstance(outcomes[0], sqlite3.OperationalError)
+    assert [outcomes[t] for t in range(1, 1 + others)] == [True] * others
+    assert store.count_feedback() == others  # the failed commit wrote nothing
     store.close()
 
 
