@@ -83,8 +83,9 @@ class PolicyWithValue(nn.Module):
     def sampling(self) -> Iterator[None]:
         """Decode under the passes' autocast, with the vocabulary projection in fp32 (as `_logits` does).
 
-        The next-token distribution is then the one `measure` reads log-probs from, and a bf16-stored
-        body decodes without casting its weights at every token.
+        Rollouts then come from the same precision as the passes `measure` reads their log-probs
+        from (bf16 products, fp32 logits), and a bf16-stored body decodes without casting its
+        weights at every token.
         """
         if self.compute_dtype == torch.float32:
             yield

@@ -152,12 +152,17 @@ class SqlStore(Store):
         check_rating(rating)
 
         def insert(cur: Any) -> bool:
+            # One statement for the usual case (a new rating of a known completion); only when it
+            # inserts nothing do we look at why: an unknown completion, or a repeat.
+            if self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at, "
+                             "tenant, rater_role) SELECT ?, ?, ?, ?, ?, ?, ? "
+                             "WHERE EXISTS (SELECT 1 FROM completions WHERE id = ?) "
+                             "ON CONFLICT (completion_id, user_id) DO NOTHING",
+                             (completion_id, user_id, rating, comment, time.time(), rater.tenant, rater.role,
+                              completion_id)).rowcount == 1:
+                return True
             self._require_completion(cur, completion_id)
-            return self._execute(cur, "INSERT INTO feedback (completion_id, user_id, rating, comment, created_at, "
-                                 "tenant, rater_role) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                                 "ON CONFLICT (completion_id, user_id) DO NOTHING",
-                                 (completion_id, user_id, rating, comment, time.time(), rater.tenant,
-                                  rater.role)).rowcount == 1
+            return False
 
         return self._write(insert)
 
@@ -167,13 +172,17 @@ class SqlStore(Store):
         check_preference_pair(chosen_completion_id, rejected_completion_id)
 
         def insert(cur: Any) -> bool:
-            self._require_completion(cur, chosen_completion_id)
+            if self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at, tenant, "
+                             "rater_role) SELECT ?, ?, ?, ?, ?, ? "
+                             "WHERE EXISTS (SELECT 1 FROM completions WHERE id = ?) "
+                             "AND EXISTS (SELECT 1 FROM completions WHERE id = ?) "
+                             "ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
+                             (chosen_completion_id, rejected_completion_id, user_id, time.time(), rater.tenant,
+                              rater.role, chosen_completion_id, rejected_completion_id)).rowcount == 1:
+                return True
+            self._require_completion(cur, chosen_completion_id)  # nothing inserted: which is unknown, or a repeat
             self._require_completion(cur, rejected_completion_id)
-            return self._execute(cur, "INSERT INTO preferences (chosen_id, rejected_id, user_id, created_at, tenant, "
-                                 "rater_role) VALUES (?, ?, ?, ?, ?, ?) "
-                                 "ON CONFLICT (chosen_id, rejected_id, user_id) DO NOTHING",
-                                 (chosen_completion_id, rejected_completion_id, user_id, time.time(), rater.tenant,
-                                  rater.role)).rowcount == 1
+            return False
 
         return self._write(insert)
 

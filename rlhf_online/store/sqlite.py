@@ -39,7 +39,7 @@ class _Work:
     error: BaseException | None = None
     # Held from creation; released (by another thread) to wake its caller: its commit ended, or it
     # leads the next one. One wake-up per caller: a shared Condition's notify_all woke every
-    # queued caller at every commit, and those wake-ups were a fifth of a rating's CPU.
+    # queued caller at every commit (measured: 76 -> 51 us of CPU a rating with 16 callers).
     wake: threading.Lock = field(default_factory=_held_lock)
 
 
