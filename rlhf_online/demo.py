@@ -208,9 +208,10 @@ def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, 
     key = heldout.base_cache_key(model, prompts, hcfg, dtype="auto")
     base = heldout.cached_base_replies(cache_dir, key, len(prompts) * hcfg.samples)
     if base is None:
-        texts = heldout.generate(model, {"base": None, "final": final}, prompts, hcfg)
+        # A final policy that is the bare base (nothing promoted) is judged on the base's own replies.
+        texts = heldout.generate(model, {"base": None, **({"final": final} if final else {})}, prompts, hcfg)
         heldout.store_base_replies(cache_dir, key, texts["base"])
-        return texts
+        return {"base": texts["base"], "final": texts["final"] if final else list(texts["base"])}
     print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
     if final is None:  # the final policy is the bare base: nothing to generate
         return {"base": base, "final": list(base)}

@@ -144,3 +144,6 @@ def test_the_bare_bases_heldout_replies_are_generated_once_and_reused(tmp_path, 
     (model / "model.safetensors").write_bytes(b"other weights")  # another model: its own replies
     demo._heldout_replies(model, final, prompts, cfg, tmp_path / "data")
     assert calls[2:] == [["base", "final"], ["base", "final"]]
+    (model / "model.safetensors").write_bytes(b"a third model")  # and nothing promoted: the base once, not twice
+    bare = demo._heldout_replies(model, None, prompts, cfg, tmp_path / "data")
+    assert calls[4:] == [["base"]] and bare["final"] == bare["base"] == [f"base reply {i}" for i in range(4)]

@@ -88,16 +88,47 @@ class PolicyWithValue(nn.Module):
         weights at every token.
         """
         if self.compute_dtype == torch.float32:
-            yield
+            with self._lora_merged():
+                yield
             return
         base = self.model.get_base_model()
         head = base.get_output_embeddings()
         base.set_output_embeddings(_Fp32Projection(head))
         try:
-            with self._autocast():
+            with self._autocast(), self._lora_merged():
                 yield
         finally:
             base.set_output_embeddings(head)
+
+    @contextmanager
+    def _lora_merged(self) -> Iterator[None]:
+        """Each LoRA's delta folded into a copy of its frozen weight (in the weight's dtype), the adapter layers off.
+
+        A decoded token then costs one matmul per adapted projection instead of three (base, A, B) and
+        PEFT's per-layer Python: at 8 rows x 32 tokens, half of sampling's `linear` calls were LoRA's
+        rank-16 A and B. The frozen weights themselves are never touched (a merged copy stands in, the
+        original tensor is put back), so the passes after it read exactly what they read before.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if not isinstance(module, LoraLayer) or not isinstance(module.base_layer, nn.Linear):
+                        continue
+                    weight = module.base_layer.weight
+                    merged = weight.detach().float()
+                    for name in module.active_adapters:
+                        if name in module.lora_A:
+                            merged = merged + module.get_delta_weight(name).float()
+                    swapped.append((weight, weight.data))
+                    weight.data = merged.to(weight.dtype)
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for weight, original in swapped:
+                weight.data = original
 
     def _autocast(self) -> Any:
         """The autocast context of the body's passes (a no-op in float32)."""

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from rlhf_online.ppo import steps
 from rlhf_online.ppo.config import PPOConfig
@@ -184,3 +185,35 @@ def test_sampling_a_bf16_policy_reads_fp32_logits_and_puts_the_output_projection
     first = steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
     assert first == steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
     assert all(0 < len(s.response_ids) <= 5 for s in first) and policy.model.get_output_embeddings() is head
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampling_folds_the_lora_into_a_copy_of_the_weights_and_puts_the_frozen_weights_back(tiny, dtype):
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype=dtype))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:  # a trained adapter: B starts at zero, which would make the fold a no-op
+                p.normal_(0, 0.05)
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    mask = torch.ones_like(ids)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        before, _ = policy(ids, mask, keep=3)
+        with policy.sampling():
+            changed = [n for n, m in policy.named_modules() if isinstance(m, LoraLayer)
+                       and not torch.equal(m.base_layer.weight, frozen[f"{n}.base_layer.weight"])]
+            merged = policy.model(input_ids=ids, attention_mask=mask).logits[:, -3:].float()
+        after, _ = policy(ids, mask, keep=3)
+    # Inside: every adapted projection (q, k, v, o of each layer) reads W + scale * B @ A, the adapter layers off.
+    assert len(changed) == 4 * model.config.num_hidden_layers
+    if dtype == "float32":  # the fold is exact up to fp32 rounding
+        torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)
+    else:  # bf16 rounds W + delta once instead of W alone: within the bf16 passes' own spread
+        assert (merged - before).abs().max() < 0.05 * before.abs().max()
+    # After: the original frozen tensors, bit for bit, and the adapter on again.
+    params = dict(policy.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in frozen.items())
+    assert all(p.requires_grad for n, p in params.items() if "lora_" in n)  # still trainable
+    assert torch.equal(before, after)
