@@ -81,7 +81,7 @@ class PolicyWithValue(nn.Module):
 
     @contextmanager
     def sampling(self) -> Iterator[None]:
-        """Decode under the passes' autocast, with the vocabulary projection in fp32 (as `_logits` does).
+        """Decode under the passes' autocast, the vocabulary projection in fp32 (as `_logits` does), LoRA folded in.
 
         Rollouts then come from the same precision as the passes `measure` reads their log-probs
         from (bf16 products, fp32 logits), and a bf16-stored body decodes without casting its

@@ -20,6 +20,7 @@ from rlhf_online.v1 import generation_pb2_grpc as pb_grpc
 
 CLIENTS = 4
 NEW_TOKENS = 400  # the long requests; client 0 sends short ones, so feedback flows from the start
+RACE_S = 2.0  # a call sent this shortly before SIGTERM may arrive after draining began (and be refused)
 
 
 def metric(port: int, name: str) -> float:
@@ -99,8 +100,14 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
         exited = time.monotonic()
 
     in_flight = [c for c in calls if c[0] < sigterm < c[1]]
-    assert in_flight, "no request was in flight at SIGTERM"
-    assert all(c[2] == grpc.StatusCode.OK for c in in_flight), in_flight
+    # A call sent a moment before SIGTERM may reach the server only after draining began: refused at admission
+    # (the engine's "retry on another replica"), never started, so nothing of it is lost. Seen on a loaded
+    # machine: sent 1 ms before SIGTERM, refused 1 ms later. Every other call in flight must finish.
+    raced = [c for c in in_flight if sigterm - c[0] < RACE_S and c[2] == grpc.StatusCode.UNAVAILABLE
+             and "retry on another replica" in c[3]]
+    admitted = [c for c in in_flight if c not in raced]
+    assert admitted, "no request was in flight at SIGTERM"
+    assert all(c[2] == grpc.StatusCode.OK for c in admitted), in_flight
     late = [c for c in calls if c[0] > not_serving]
     assert late and all(c[2] == grpc.StatusCode.UNAVAILABLE for c in late), late
     assert all(c[2] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE) for c in calls), calls
