@@ -207,15 +207,15 @@ def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, 
     cache_dir = data_dir / "heldout-cache"
     key = heldout.base_cache_key(model, prompts, hcfg, dtype="auto")
     base = heldout.cached_base_replies(cache_dir, key, len(prompts) * hcfg.samples)
-    if base is None:
-        # A final policy that is the bare base (nothing promoted) is judged on the base's own replies.
+    if base is None:  # the base's replies, and the final policy's in the same batches
         texts = heldout.generate(model, {"base": None, **({"final": final} if final else {})}, prompts, hcfg)
-        heldout.store_base_replies(cache_dir, key, texts["base"])
-        return {"base": texts["base"], "final": texts["final"] if final else list(texts["base"])}
-    print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
-    if final is None:  # the final policy is the bare base: nothing to generate
-        return {"base": base, "final": list(base)}
-    return {"base": base, "final": heldout.generate(model, {"final": final}, prompts, hcfg)["final"]}
+        base = texts["base"]
+        heldout.store_base_replies(cache_dir, key, base)
+    else:
+        print(f"  the bare base's {len(base)} replies: from an earlier run ({cache_dir})", flush=True)
+        texts = heldout.generate(model, {"final": final}, prompts, hcfg) if final else {}
+    # A final policy that is the bare base (nothing promoted) is judged on the base's own replies.
+    return {"base": base, "final": texts["final"] if final else list(base)}
 
 
 def _round_in_progress(monitor) -> bool:

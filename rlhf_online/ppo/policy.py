@@ -107,7 +107,9 @@ class PolicyWithValue(nn.Module):
         A decoded token then costs one matmul per adapted projection instead of three (base, A, B) and
         PEFT's per-layer Python: at 8 rows x 32 tokens, half of sampling's `linear` calls were LoRA's
         rank-16 A and B. The frozen weights themselves are never touched (a merged copy stands in, the
-        original tensor is put back), so the passes after it read exactly what they read before.
+        original tensor is put back), so the passes after it read exactly what they read before. PEFT's
+        merge_adapter/unmerge_adapter would subtract the delta again, which in bf16 does not give back
+        the stored weights bit for bit.
         """
         from peft.tuners.lora import LoraLayer
 
