@@ -103,6 +103,23 @@ def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: t
 def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
            seed: int | None = None) -> list[Sample]:
     """Sample one response per prompt from the policy (temperature cfg.temperature, no top-p/top-k)."""
+    return _sample(policy, tokenizer, prompts, cfg, seed, with_logprobs=False)[0]
+
+
+def sample_scored(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
+                  seed: int | None = None) -> tuple[list[Sample], torch.Tensor]:
+    """`sample`, and each sampled token's log-prob under the policy [B, T] (masked), read off the decode's logits.
+
+    The logits the tokens were drawn from are the policy's already, so a second forward pass over
+    the replies (as `measure` makes for training, where values are needed too) is not: for the
+    gate's 24 replies that pass was a quarter of its time. Same precision as the passes: fp32
+    logits (see PolicyWithValue.sampling), divided by the temperature as in `measure`.
+    """
+    return _sample(policy, tokenizer, prompts, cfg, seed, with_logprobs=True)
+
+
+def _sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig, seed: int | None,
+            with_logprobs: bool) -> tuple[list[Sample], torch.Tensor]:
     policy.eval()
     query, query_mask = encode_queries(tokenizer, prompts)
     if seed is not None:
@@ -111,15 +128,45 @@ def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg:
         out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=True,
                                     temperature=cfg.temperature, top_k=0, top_p=1.0,
                                     max_new_tokens=cfg.response_length,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    response = out[:, query.shape[1]:]
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                    output_logits=with_logprobs, return_dict_in_generate=True)
+    response = out.sequences[:, query.shape[1]:]
     mask, ended = response_mask(response, tokenizer.eos_token_id)
+    logprobs = torch.zeros(0)
+    if with_logprobs:  # out.logits: one [B, V] per generated position
+        logits = torch.stack(out.logits, 1).float() / cfg.temperature  # [B, T, V]
+        logprobs = core.logprobs_of(logits, response) * mask
     samples = []
     for i, prompt in enumerate(prompts):
         ids = response[i, : int(mask[i].sum())].tolist()
         samples.append(Sample(prompt, tuple(query[i, query_mask[i].bool()].tolist()), tuple(ids), bool(ended[i]),
                               tokenizer.decode(ids, skip_special_tokens=True)))
-    return samples
+    return samples, logprobs
+
+
+def _pack(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query [B, Lq] left-padded, its mask, response [B, T] right-padded, its float mask) of samples."""
+    query, query_mask = _left_padded([s.prompt_ids for s in samples], pad_id)
+    t = max(len(s.response_ids) for s in samples)
+    response = torch.full((len(samples), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), t)
+    for i, s in enumerate(samples):
+        response[i, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
+        mask[i, : len(s.response_ids)] = 1.0
+    return query, query_mask, response, mask
+
+
+@torch.no_grad()
+def reference_logprobs(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg: PPOConfig
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, T] of the samples' responses under the frozen reference (masked), the response mask [B, T])."""
+    query, query_mask, response, mask = _pack(samples, pad_id)
+    ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
+    t = response.shape[1]
+    parts = [core.logprobs_of(policy.reference_logits(ids[rows], attn[rows], keep=t + 1)[:, :t] / cfg.temperature,
+                              response[rows])
+             for rows in torch.arange(len(samples)).split(cfg.local_rollout_forward_batch_size)]
+    return torch.cat(parts).float() * mask, mask
 
 
 @torch.no_grad()
@@ -132,13 +179,8 @@ def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg
     each computes its share of the rows and every rank gets them all back (ppo.distributed).
     """
     policy.eval()
-    query, query_mask = _left_padded([s.prompt_ids for s in samples], pad_id)
-    t = max(len(s.response_ids) for s in samples)
-    response = torch.full((len(samples), t), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(samples), t)
-    for i, s in enumerate(samples):
-        response[i, : len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
-        mask[i, : len(s.response_ids)] = 1.0
+    query, query_mask, response, mask = _pack(samples, pad_id)
+    t = response.shape[1]
     ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
     lq = query.shape[1]
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(torch.zeros(0, t),) * 3]  # a rank may get none
@@ -279,10 +321,11 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], re
     numbers), so their difference is far less noisy than two independent draws.
     """
     batch = [p for p in prompts for _ in range(samples_per_prompt)]
-    rollouts = collect(policy, tokenizer, batch, cfg, seed=seed)
+    samples, logprobs = sample_scored(policy, tokenizer, batch, cfg, seed=seed)
+    ref_logprobs, mask = reference_logprobs(policy, samples, tokenizer.pad_token_id, cfg)
     # k3: never negative and lower variance than k1 on a dozen samples, so a budget check reads it as a KL
-    kl = float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1).mean())
-    return score_evaluation(batch, rollouts.texts, kl, reward_fn)
+    kl = float((core.kl_per_token(logprobs[:, : mask.shape[1]], ref_logprobs, "k3") * mask).sum(1).mean())
+    return score_evaluation(batch, [s.text for s in samples], kl, reward_fn)
 
 
 def score_evaluation(prompts: Sequence[str], texts: Sequence[str], kl: float, reward_fn: RewardFn) -> dict[str, Any]:

@@ -217,3 +217,34 @@ def test_sampling_folds_the_lora_into_a_copy_of_the_weights_and_puts_the_frozen_
     assert all(torch.equal(params[n], w) for n, w in frozen.items())
     assert all(p.requires_grad for n, p in params.items() if "lora_" in n)  # still trainable
     assert torch.equal(before, after)
+
+
+def test_the_gate_reads_the_candidates_log_probs_off_its_decode_and_runs_only_the_reference_pass(tiny, monkeypatch):
+    model, tok = tiny
+    cfg = PPOConfig(response_length=6, compute_dtype="float32")
+    policy = PolicyWithValue(copy.deepcopy(model), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:  # a trained adapter, so the policy and the reference differ
+                p.normal_(0, 0.05)
+    samples, logprobs = steps.sample_scored(policy, tok, PROMPTS[:4], cfg, seed=5)
+    assert samples == steps.sample(policy, tok, PROMPTS[:4], cfg, seed=5)  # the same draw as plain sampling
+    measured = steps.measure(policy, samples, tok.pad_token_id, cfg)
+    t = measured.mask.shape[1]
+    # The decode's own log-probs are the ones a forward pass over the replies computes (fp32: to rounding).
+    torch.testing.assert_close(logprobs[:, :t], measured.logprobs, rtol=0, atol=1e-4)
+    assert measured.mask.sum() > 0 and (measured.logprobs != measured.ref_logprobs).any()
+    ref, mask = steps.reference_logprobs(policy, samples, tok.pad_token_id, cfg)
+    assert torch.equal(ref, measured.ref_logprobs) and torch.equal(mask, measured.mask)
+    # evaluate: no forward pass of the policy itself (only the reference's), and the same KL as before.
+    calls = []
+    forward = PolicyWithValue.forward
+    monkeypatch.setattr(PolicyWithValue, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    result = steps.evaluate(policy, tok, PROMPTS[:2], lambda p, texts, ids: [0.0] * len(texts), cfg, seed=5,
+                            samples_per_prompt=2)
+    assert calls == []
+    monkeypatch.undo()
+    rollouts = steps.collect(policy, tok, [p for p in PROMPTS[:2] for _ in range(2)], cfg, seed=5)
+    k3 = (steps.core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1).mean()
+    assert result["eval/kl"] > 0 and result["eval/kl"] == pytest.approx(float(k3), rel=1e-3, abs=1e-5)
