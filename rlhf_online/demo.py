@@ -33,7 +33,10 @@ class DemoConfig:
     # Past --minutes, keep the users going until they rated a reply of a published version, for at most this
     # many more minutes (0 = stop at --minutes): a short run then always shows the whole loop, however slow the machine.
     until_served_minutes: float = 0.0
-    users: int = 6  # concurrent simulated users
+    # Concurrent simulated users. 12, not 6: users wait for their replies, so the serving engine sets the pace, and
+    # it decodes 24 rows for little more than 12 (its cost is streaming the weights): twice the users gave 1.5x the
+    # rated replies a minute, so canaries are decided sooner and rounds have more to learn from (docs/benchmarks.md).
+    users: int = 12
     personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
     # K in 2..8: those requests ask for K candidates and send one ranking of all K instead (0: n=2 and a preference).
@@ -68,9 +71,9 @@ class DemoConfig:
                                    round_min_traffic=32, min_logged_samples=32)
     # Canaries, on here (the service leaves them off unless --canary true): each candidate serves this share of the
     # users, sticky per user, until their ratings promote or roll it back. 50, not the service's 20: of the demo's
-    # 6 users, 20% would be one user.
+    # 12 users, 20% would be two users.
     canary_percent: float = 50.0
-    # canary_same_users: 3 users of two personas in the share are no random sample of the 6 (canary.config).
+    # canary_same_users: 6 users of two personas in the share are no random sample of the 12 (canary.config).
     # canary_replace_after: the first candidates differ little from the base and would hold the canary slot
     # for minutes undecided while better-trained ones queue; 60 judged completions is about a minute here.
     # canary_max_looks: one leaning to "better" is not replaced, and held the slot for 9 of the 10 minutes
