@@ -34,8 +34,8 @@ class DemoConfig:
     # many more minutes (0 = stop at --minutes): a short run then always shows the whole loop, however slow the machine.
     until_served_minutes: float = 0.0
     # Concurrent simulated users. 12, not 6: users wait for their replies, so the serving engine sets the pace, and
-    # it decodes 24 rows for little more than 12 (its cost is streaming the weights): twice the users gave 1.5x the
-    # rated replies a minute, so canaries are decided sooner and rounds have more to learn from (docs/benchmarks.md).
+    # it decodes 24 rows for little more than 12 (its cost is streaming the weights: on one thread a step of 24 rows
+    # took 57 ms, of 12 rows 44 ms, 1.5x the tokens a second), so canaries are decided sooner (docs/benchmarks.md).
     users: int = 12
     personas: str = "polite,positive"  # their kinds, assigned round-robin (see simulate.judges.PERSONAS)
     pair_fraction: float = 1.0  # share of requests with n=2 (one prefill, two candidates) and a preference
