@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf_online.models.chat import chat_ids
 from rlhf_online.ppo import core
@@ -110,10 +111,10 @@ def sample_scored(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str
                   seed: int | None = None) -> tuple[list[Sample], torch.Tensor]:
     """`sample`, and each sampled token's log-prob under the policy [B, T] (masked), read off the decode's logits.
 
-    The logits the tokens were drawn from are the policy's already, so a second forward pass over
+    The scores the tokens were drawn from are the policy's already, so a second forward pass over
     the replies (as `measure` makes for training, where values are needed too) is not: for the
     gate's 24 replies that pass was a quarter of its time. Same precision as the passes: fp32
-    logits (see PolicyWithValue.sampling), divided by the temperature as in `measure`.
+    logits (see PolicyWithValue.sampling) over the temperature, as `measure` reads them.
     """
     return _sample(policy, tokenizer, prompts, cfg, seed, with_logprobs=True)
 
@@ -124,24 +125,50 @@ def _sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg
     query, query_mask = encode_queries(tokenizer, prompts)
     if seed is not None:
         torch.manual_seed(seed)
+    recorder = _SampledLogprobs() if with_logprobs else None
     with policy.sampling():
         out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=True,
                                     temperature=cfg.temperature, top_k=0, top_p=1.0,
                                     max_new_tokens=cfg.response_length,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                    output_logits=with_logprobs, return_dict_in_generate=True)
-    response = out.sequences[:, query.shape[1]:]
+                                    logits_processor=LogitsProcessorList([recorder] if recorder else []))
+    response = out[:, query.shape[1]:]
     mask, ended = response_mask(response, tokenizer.eos_token_id)
-    logprobs = torch.zeros(0)
-    if with_logprobs:  # out.logits: one [B, V] per generated position
-        logits = torch.stack(out.logits, 1).float() / cfg.temperature  # [B, T, V]
-        logprobs = core.logprobs_of(logits, response) * mask
+    logprobs = recorder.result(response) * mask if recorder else torch.zeros(0)
     samples = []
     for i, prompt in enumerate(prompts):
         ids = response[i, : int(mask[i].sum())].tolist()
         samples.append(Sample(prompt, tuple(query[i, query_mask[i].bool()].tolist()), tuple(ids), bool(ended[i]),
                               tokenizer.decode(ids, skip_special_tokens=True)))
     return samples, logprobs
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """A logits processor that keeps each sampled token's log-prob under the scores it was drawn from.
+
+    generate calls it with each step's scores after its own processors (the temperature), right
+    before it samples from them; the token drawn is known at the next call (the last input id) or,
+    for the last step, in the output. Holding one step's [B, V] at a time, not every step's logits
+    (generate's output_logits would keep B x T x V floats: 400 MB for the service's default gate).
+    """
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None  # [B, V] log-probs of the step whose token is not known yet
+        self.picked: list[torch.Tensor] = []  # [B] per finished step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Record the previous step's token log-prob and this step's distribution; the scores pass unchanged."""
+        if self.pending is not None:
+            self.picked.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, response: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of the generated tokens `response` [B, T]."""
+        if self.pending is not None:
+            self.picked.append(self.pending.gather(1, response[:, -1:]).squeeze(1))
+            self.pending = None
+        return torch.stack(self.picked, 1)
 
 
 def _pack(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
