@@ -100,6 +100,12 @@ def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: t
     return core.logprobs_of(logits, response), values[:, lq - 1: lq + t - 1]
 
 
+def _reference_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, t: int,
+                      response: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs [B, T] of the response tokens under the frozen reference (the positions as in `_response_slices`)."""
+    return core.logprobs_of(policy.reference_logits(rollout_ids, attn, keep=t + 1)[:, :t] / temperature, response)
+
+
 @torch.no_grad()
 def sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg: PPOConfig,
            seed: int | None = None) -> list[Sample]:
@@ -190,8 +196,7 @@ def reference_logprobs(policy: PolicyWithValue, samples: Sequence[Sample], pad_i
     query, query_mask, response, mask = _pack(samples, pad_id)
     ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
     t = response.shape[1]
-    parts = [core.logprobs_of(policy.reference_logits(ids[rows], attn[rows], keep=t + 1)[:, :t] / cfg.temperature,
-                              response[rows])
+    parts = [_reference_slices(policy, ids[rows], attn[rows], t, response[rows], cfg.temperature)
              for rows in torch.arange(len(samples)).split(cfg.local_rollout_forward_batch_size)]
     return torch.cat(parts).float() * mask, mask
 
@@ -213,8 +218,8 @@ def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(torch.zeros(0, t),) * 3]  # a rank may get none
     for rows in ranks.share(torch.arange(len(samples))).split(cfg.local_rollout_forward_batch_size):
         logprobs, values = _response_slices(policy, ids[rows], attn[rows], lq, t, response[rows], cfg.temperature)
-        ref_logits = policy.reference_logits(ids[rows], attn[rows], keep=t + 1)[:, :t] / cfg.temperature
-        parts.append((logprobs, core.logprobs_of(ref_logits, response[rows]), values))
+        ref = _reference_slices(policy, ids[rows], attn[rows], t, response[rows], cfg.temperature)
+        parts.append((logprobs, ref, values))
     logprobs, ref_logprobs, values = (ranks.gather_rows(torch.cat(x).float(), len(samples))
                                       for x in zip(*parts, strict=True))
     return Rollouts([s.prompt for s in samples], query, query_mask, response, mask, [s.text for s in samples],
