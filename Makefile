@@ -13,7 +13,7 @@ VLLM    := .venv-vllm/.installed
 .PHONY: demo test test-vllm lint protos bench bench-ppo bench-vllm install model clean
 
 demo: $(STAMP) $(MODEL)
-	$(BIN)/rlhf-online demo
+	$(BIN)/rlhf-online demo --until-promoted-minutes 10
 
 test: $(STAMP) $(MODEL) $(VLLM) deploy-tools
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ BENCHES = {
     "reward": "Score throughput at batch sizes 1, 16, 64",
     "ppo": "PPO update throughput, ours vs TRL 1.12 (needs .venv-bench)",
     "ppo-round": "one RunRound through the three services, timed",
+    "ppo-learning": "held-out reward and KL after PPO rounds on a scripted reward, fresh vs kept optimizer",
     "reward-accuracy": "learned reward vs simulated users' hidden preference",
     "canary": "error rates and speed of the canary test on simulated users (no model)",
     "poisoning": "one user flooding opposite feedback: reward accuracy with the per-user cap vs without",

@@ -33,6 +33,11 @@ class DemoConfig:
     # Past --minutes, keep the users going until they rated a reply of a published version, for at most this
     # many more minutes (0 = stop at --minutes): a short run then always shows the whole loop, however slow the machine.
     until_served_minutes: float = 0.0
+    # Past --minutes, keep the users going until their ratings promoted a version (CURRENT is a trained adapter), for at
+    # most this many more minutes (0 = stop at --minutes). Users' ratings decide canaries, and a slower machine serves
+    # fewer of them a minute (an AVX2-only EPYC served 216 requests in 5 minutes where an AVX-512 one served 536-613):
+    # `make demo` sets 10, so that there too the run ends on a version its users chose. The report says how long.
+    until_promoted_minutes: float = 0.0
     # Concurrent simulated users. 12, not 6: users wait for their replies, so the serving engine sets the pace, and
     # it decodes 24 rows for little more than 12 (its cost is streaming the weights: on one thread a step of 24 rows
     # took 57 ms, of 12 rows 44 ms, 1.5x the tokens a second), so canaries are decided sooner (docs/benchmarks.md).
@@ -92,7 +97,7 @@ class DemoConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want > 0); set --{_flag(name)}")
-        for name in ("heldout_prompts", "until_served_minutes"):
+        for name in ("heldout_prompts", "until_served_minutes", "until_promoted_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: invalid value {getattr(self, name)!r} (want >= 0); set --{_flag(name)}")
         if not 0 <= self.canary_percent <= 100:
@@ -148,9 +153,20 @@ def user_pool_config(cfg: DemoConfig):
                           temperature=cfg.temperature, seed=cfg.seed)
 
 
+def users_go_on(cfg: DemoConfig, minutes: float, *, served: bool, promoted: bool) -> bool:
+    """Whether the users keep going `minutes` into the run: to --minutes, then while an until_* wait is on and its
+    event has not happened (served: users rated a reply of a published version; promoted: one serves everyone)."""
+    past = minutes - cfg.minutes
+    if past < 0:
+        return True
+    return (past < cfg.until_served_minutes and not served) or (past < cfg.until_promoted_minutes and not promoted)
+
+
 def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
-    """Start the services and the users, show progress for cfg.minutes, stop; returns (monitor, pool stats)."""
+    """Start the services and the users, show progress for cfg.minutes (or longer: until_*), stop; returns
+    (monitor, pool stats, the minutes the users ran)."""
     from rlhf_online import launch
+    from rlhf_online.adapters.registry import AdapterRegistry
     from rlhf_online.data.prompts import load_prompts
     from rlhf_online.report.timeline import Monitor
     from rlhf_online.simulate.users import UserPool
@@ -174,24 +190,32 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
         pool = UserPool(f"127.0.0.1:{ports['generation']}", prompts, users, run_dir / "ratings.jsonl").start()
         monitor = Monitor(*(f"127.0.0.1:{ports[s]}" for s in ("generation", "reward", "trainer")), pool, run_dir)
         deadline = monitor.t0 + cfg.minutes * 60
-        give_up = deadline + cfg.until_served_minutes * 60
+        registry = AdapterRegistry(state / "adapters")
 
-        def users_go_on() -> bool:
-            now = time.time()
-            if now < deadline:
+        def go_on() -> bool:
+            minutes = (time.time() - monitor.t0) / 60
+            if minutes < cfg.minutes:
                 return True
-            return now < give_up and not any(pool.versions_rated())  # "" alone: nothing published served yet
+            # "" alone in versions_rated: nothing published was served yet; current() "": the bare base serves everyone
+            return users_go_on(cfg, minutes, served=any(pool.versions_rated()), promoted=bool(registry.current()))
 
-        next_line = 0.0
+        next_line, said = 0.0, False
         try:
-            while users_go_on():
+            while go_on():
                 now = time.time()
+                if now >= deadline and not said:
+                    waits = [f"{what} (at most {m:g} more minutes)" for what, m in (
+                        ("they rated a reply of a published version", cfg.until_served_minutes),
+                        ("their ratings promoted a version", cfg.until_promoted_minutes)) if m]
+                    print(f"\n{cfg.minutes:g} minutes passed; the users go on until {' or '.join(waits)}.\n", flush=True)
+                    said = True
                 time.sleep(min(5.0, deadline - now) if now < deadline else 1.0)
                 snap = monitor.poll()
                 if snap.t >= next_line:
                     print(monitor.line(snap), flush=True)
                     next_line = snap.t + 15
         finally:
+            users_minutes = (time.time() - monitor.t0) / 60
             pool.stop()
             print("\nUsers stopped; waiting for the round in progress to finish ...", flush=True)
         with contextlib.suppress(Exception):  # record a round that finished after the last poll
@@ -199,7 +223,7 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
             while _round_in_progress(monitor) and time.time() < give_up:
                 time.sleep(0.2)  # the scheduler pauses a second between rounds: stop the trainer in that gap
             print(monitor.line(monitor.poll()), flush=True)
-    return monitor, pool.stats
+    return monitor, pool.stats, users_minutes
 
 
 def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, data_dir: Path
@@ -266,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
     model = resolve_base_model(cfg.base_model, Path(cfg.data_dir))
     run_dir = Path(cfg.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     print(f"rlhf-online demo: {model.name}, run directory {run_dir}", flush=True)
-    monitor, stats = run_loop(cfg, model, run_dir)
+    monitor, stats, users_minutes = run_loop(cfg, model, run_dir)
     loop_seconds = time.time() - t0
 
     registry = AdapterRegistry(run_dir / "state" / "adapters")
@@ -282,7 +306,8 @@ def main(args: argparse.Namespace) -> int:
     judged = {label: heldout.judge(texts[label], personas) for label in texts}
     summary = {label: heldout.summarize(j, seed=cfg.seed) for label, j in judged.items()}
     extra = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-             "minutes": cfg.minutes, "users": cfg.users, "personas": personas, "loop_seconds": round(loop_seconds, 1),
+             "minutes": cfg.minutes, "users_minutes": round(users_minutes, 2), "users": cfg.users, "personas": personas,
+             "loop_seconds": round(loop_seconds, 1),
              "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": config.flatten(cfg),
              "requests": stats.requests, "completions": stats.completions, "ratings": stats.ratings,
              "preferences": stats.preferences, "rankings": stats.rankings, "failed_requests": sum(stats.errors.values()),

@@ -147,3 +147,26 @@ def test_the_bare_bases_heldout_replies_are_generated_once_and_reused(tmp_path, 
     (model / "model.safetensors").write_bytes(b"a third model")  # and nothing promoted: the base once, not twice
     bare = demo._heldout_replies(model, None, prompts, cfg, tmp_path / "data")
     assert calls[4:] == [["base"]] and bare["final"] == bare["base"] == [f"base reply {i}" for i in range(4)]
+
+
+def test_past_its_minutes_the_demo_waits_only_for_what_it_was_told_to_and_only_so_long():
+    plain = demo.DemoConfig(minutes=10)
+    assert demo.users_go_on(plain, 9.9, served=False, promoted=False)
+    assert not demo.users_go_on(plain, 10.0, served=False, promoted=False)  # 0 = stop at --minutes
+    until = demo.DemoConfig(minutes=10, until_promoted_minutes=5)
+    assert demo.users_go_on(until, 12.0, served=True, promoted=False)  # a canary is served, none promoted yet
+    assert not demo.users_go_on(until, 12.0, served=True, promoted=True)
+    assert not demo.users_go_on(until, 15.0, served=True, promoted=False)  # at most 5 more minutes
+    served = demo.DemoConfig(minutes=10, until_served_minutes=3)
+    assert demo.users_go_on(served, 11.0, served=False, promoted=False)
+    assert not demo.users_go_on(served, 11.0, served=True, promoted=False)
+    with pytest.raises(ConfigError, match="until_promoted_minutes.*--until-promoted-minutes"):
+        demo.DemoConfig(until_promoted_minutes=-1)
+
+
+def test_the_report_says_when_users_ran_past_the_minutes_asked_for():
+    from rlhf_online.report.write import _users_minutes
+
+    assert _users_minutes({"minutes": 10, "users_minutes": 10.05}) == "10 minutes"
+    assert _users_minutes({"minutes": 10}) == "10 minutes"  # reports written before users_minutes was recorded
+    assert _users_minutes({"minutes": 10, "users_minutes": 13.42}).startswith("13.4 minutes (10 asked for")

@@ -274,6 +274,8 @@ class Trainer:
         timed("time/score_seconds", t)
         adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, self.ppo)
         t = time.time()
+        # A fresh AdamW every update, not TRL's one for the whole run: carried from round to round, its moments made
+        # the policy drift further from the reference for no more reward (bench ppo-learning, docs/benchmarks.md).
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.ppo.learning_rate)
         stats.update(steps.update(policy, optimizer, rollouts, adv, returns, self.ppo, self.ranks))
         timed("time/update_seconds", t)

@@ -32,11 +32,19 @@ def build_report(heldout: dict[str, dict[str, dict]], *, kl: float, kl_budget: f
     }
 
 
+def _users_minutes(report: dict) -> str:
+    """'10 minutes', or '13.4 minutes (10 asked for, then until ...)' when an until_* wait kept the users going."""
+    ran, asked = report.get("users_minutes", report["minutes"]), report["minutes"]
+    if ran <= asked + 0.1:  # the loop's last poll overshoots by a moment
+        return f"{asked:g} minutes"
+    return f"{ran:.1f} minutes ({asked:g} asked for, then until users were served a published version or promoted one)"
+
+
 def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list[int]]) -> str:
     """A human-readable report: verdict table, rounds table, thumbs per version."""
     b, f, ci = report["base"], report["final"], report["ci95"]
     lines = [f"# rlhf-online demo — {report['date']}", "",
-             f"{report['machine']}; {report['minutes']:g} minutes of simulated users ({report['users']} users, "
+             f"{report['machine']}; {_users_minutes(report)} of simulated users ({report['users']} users, "
              f"personas {', '.join(report['personas'])}); wall time {report['wall_seconds']:.0f} s; "
              f"{report['rounds']} PPO rounds ({report['rounds_published']} published, {report['rounds_rejected']} "
              f"rejected); final policy {report['final_version'] or '(bare base)'}.", "",

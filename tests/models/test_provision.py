@@ -261,3 +261,20 @@ def test_the_other_transformers_line_tokenizes_the_provisioned_model_alike(real_
         _, tok = load_model(directory)
         assert other["ids"] == tok.encode(KNOWN) and other["text"] == KNOWN
         assert other["special"] == [EOS_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID]
+
+
+def test_an_explicit_bfloat16_without_native_bf16_is_kept_and_warned_about_once(monkeypatch, caplog):
+    provision._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(provision, "native_bf16", lambda device: False)
+    with caplog.at_level("WARNING", logger="rlhf_online.models"):
+        assert provision.pick_dtype("bfloat16", "cpu") is torch.bfloat16  # asked for by name: kept
+        assert provision.pick_dtype("bfloat16", "cpu") is torch.bfloat16
+        assert provision.pick_dtype("auto", "cpu") is torch.float32
+    warned = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    provision._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(provision, "native_bf16", lambda device: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf_online.models"):
+        assert provision.pick_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert not [r for r in caplog.records if "emulated" in r.getMessage()]
