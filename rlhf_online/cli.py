@@ -29,7 +29,7 @@ BENCHES = {
     "soak": "steady generation + feedback load with a swap every minute",
     "ingest": "thumbs ratings per second through the gRPC API into the durable store, vs GetPolicy",
     "store-growth": "per-round store time of the trainer and the reward retraining at 10k, 100k, 1M completions",
-    "all": "every benchmark above, collected into all.json / all.md",
+    "all": "serving, ingest, reward, ppo-round, ppo, reward-accuracy and canary, collected into all.json / all.md",
 }
 
 

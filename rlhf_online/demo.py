@@ -35,7 +35,7 @@ class DemoConfig:
     until_served_minutes: float = 0.0
     # Past --minutes, keep the users going until their ratings promoted a version (CURRENT is a trained adapter), for at
     # most this many more minutes (0 = stop at --minutes). Users' ratings decide canaries, and a slower machine serves
-    # fewer of them a minute (an AVX2-only EPYC served 216 requests in 5 minutes where an AVX-512 one served 536-613):
+    # fewer of them a minute (an AVX2-only EPYC served 249 requests in 5 minutes where an AVX-512 one served 536-613):
     # `make demo` sets 10, so that there too the run ends on a version its users chose. The report says how long.
     until_promoted_minutes: float = 0.0
     # Concurrent simulated users. 12, not 6: users wait for their replies, so the serving engine sets the pace, and
@@ -204,11 +204,16 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
             while go_on():
                 now = time.time()
                 if now >= deadline and not said:
-                    waits = [f"{what} (at most {m:g} more minutes)" for what, m in (
-                        ("they rated a reply of a published version", cfg.until_served_minutes),
-                        ("their ratings promoted a version", cfg.until_promoted_minutes)) if m]
-                    print(f"\n{cfg.minutes:g} minutes passed; the users go on until {' or '.join(waits)}.\n", flush=True)
                     said = True
+                    # the waits still open, as users_go_on reads them: the users stop once none is
+                    waits = [f"{what} (at most {m:g} more minutes)" for what, m, done in (
+                        ("they rated a reply of a published version", cfg.until_served_minutes,
+                         any(pool.versions_rated())),
+                        ("their ratings promoted a version", cfg.until_promoted_minutes, bool(registry.current())))
+                        if m and not done]
+                    if waits:
+                        print(f"\n{cfg.minutes:g} minutes passed; the users go on until {' and '.join(waits)}.\n",
+                              flush=True)
                 time.sleep(min(5.0, deadline - now) if now < deadline else 1.0)
                 snap = monitor.poll()
                 if snap.t >= next_line:

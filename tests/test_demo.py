@@ -160,6 +160,9 @@ def test_past_its_minutes_the_demo_waits_only_for_what_it_was_told_to_and_only_s
     served = demo.DemoConfig(minutes=10, until_served_minutes=3)
     assert demo.users_go_on(served, 11.0, served=False, promoted=False)
     assert not demo.users_go_on(served, 11.0, served=True, promoted=False)
+    both = demo.DemoConfig(minutes=10, until_served_minutes=3, until_promoted_minutes=10)
+    assert demo.users_go_on(both, 11.0, served=True, promoted=False)  # each wait holds until its own event
+    assert not demo.users_go_on(both, 11.0, served=True, promoted=True)
     with pytest.raises(ConfigError, match="until_promoted_minutes.*--until-promoted-minutes"):
         demo.DemoConfig(until_promoted_minutes=-1)
 
@@ -167,6 +170,11 @@ def test_past_its_minutes_the_demo_waits_only_for_what_it_was_told_to_and_only_s
 def test_the_report_says_when_users_ran_past_the_minutes_asked_for():
     from rlhf_online.report.write import _users_minutes
 
-    assert _users_minutes({"minutes": 10, "users_minutes": 10.05}) == "10 minutes"
+    waiting = {"until_served_minutes": 0.0, "until_promoted_minutes": 10.0}
+    assert _users_minutes({"minutes": 10, "users_minutes": 10.05, "config": waiting}) == "10 minutes"
     assert _users_minutes({"minutes": 10}) == "10 minutes"  # reports written before users_minutes was recorded
-    assert _users_minutes({"minutes": 10, "users_minutes": 13.42}).startswith("13.4 minutes (10 asked for")
+    assert _users_minutes({"minutes": 10, "users_minutes": 13.42, "config": waiting}) == \
+        "13.4 minutes (10 asked for, then until a version was promoted)"
+    # no wait set: a late last poll is not a wait
+    assert _users_minutes({"minutes": 10, "users_minutes": 10.9, "config": {"until_promoted_minutes": 0.0}}) == \
+        "10 minutes"

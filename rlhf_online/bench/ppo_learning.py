@@ -2,7 +2,7 @@
 
 Throughput (`bench ppo`) says how fast a round runs; this says how much a round teaches. Each
 variant trains SmolLM2 + a fresh LoRA from the bare base for --rounds rounds the way the trainer
-does (batch_size own rollouts of train prompts, one forward for log-probs and values, scores,
+does (batch_size own rollouts of `bench ppo`'s fixed prompts, one forward for log-probs and values, scores,
 advantages, num_ppo_epochs of minibatch PPO), against a scripted reward (VADER sentiment of the
 reply, the shape of the demo's users' taste), and every --eval-every rounds judges the policy as
 the trainer's gate does: eval prompts x samples replies with a fixed seed, their mean reward and
@@ -24,6 +24,7 @@ import argparse
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results")
 
 
-def run_variant(variant: str, seed: int, args: argparse.Namespace, model_dir: Any) -> dict[str, Any]:
+def run_variant(variant: str, seed: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """--rounds rounds of one variant from the bare base; the evaluations along the way."""
     from rlhf_online.models.provision import load_model
     from rlhf_online.ppo import steps
@@ -125,8 +126,6 @@ def table(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Run every variant for every seed; write ppo_learning.json and .md."""
-    from pathlib import Path
-
     from rlhf_online.models.provision import resolve_base_model
 
     variants = [v for v in args.variants.split(",") if v]

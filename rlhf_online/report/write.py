@@ -35,9 +35,13 @@ def build_report(heldout: dict[str, dict[str, dict]], *, kl: float, kl_budget: f
 def _users_minutes(report: dict) -> str:
     """'10 minutes', or '13.4 minutes (10 asked for, then until ...)' when an until_* wait kept the users going."""
     ran, asked = report.get("users_minutes", report["minutes"]), report["minutes"]
-    if ran <= asked + 0.1:  # the loop's last poll overshoots by a moment
+    config = report.get("config", {})
+    waits = [what for what, knob in (("a published version's reply was rated", "until_served_minutes"),
+                                     ("a version was promoted", "until_promoted_minutes")) if config.get(knob)]
+    # Without a wait the users stop at --minutes; the loop's last poll may overshoot by up to its timeouts.
+    if not waits or ran <= asked + 0.1:
         return f"{asked:g} minutes"
-    return f"{ran:.1f} minutes ({asked:g} asked for, then until users were served a published version or promoted one)"
+    return f"{ran:.1f} minutes ({asked:g} asked for, then until {' and '.join(waits)})"
 
 
 def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list[int]]) -> str:

@@ -45,4 +45,7 @@ def test_both_variants_train_alike_until_the_kept_moments_carry_into_a_second_ro
 def test_an_unknown_variant_is_refused_naming_the_flag(tmp_path):
     with pytest.raises(SystemExit, match="--variants: unknown adam"):
         ppo_learning.main(parse("--variants", "fresh,adam", "--out", str(tmp_path)))
+
+
+def test_the_benchmark_is_a_subcommand_of_bench():
     assert "ppo-learning" in cli.BENCHES
