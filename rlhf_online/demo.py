@@ -153,18 +153,21 @@ def user_pool_config(cfg: DemoConfig):
                           temperature=cfg.temperature, seed=cfg.seed)
 
 
-def users_go_on(cfg: DemoConfig, minutes: float, *, served: bool, promoted: bool) -> bool:
-    """Whether the users keep going `minutes` into the run: to --minutes, then while an until_* wait is on and its
-    event has not happened (served: users rated a reply of a published version; promoted: one serves everyone)."""
+def users_go_on(cfg: DemoConfig, minutes: float, *, served: bool, promoted: bool) -> list[str]:
+    """What keeps the users going `minutes` into the run (empty: they stop): the minutes asked for, then the until_*
+    waits whose time is not up and whose event has not happened (served: users rated a reply of a published
+    version; promoted: one serves everyone)."""
     past = minutes - cfg.minutes
     if past < 0:
-        return True
-    return (past < cfg.until_served_minutes and not served) or (past < cfg.until_promoted_minutes and not promoted)
+        return [f"the {cfg.minutes:g} minutes asked for"]
+    return [f"{what}, for at most {limit:g} more minutes" for what, limit, happened in (
+        ("they rated a reply of a published version", cfg.until_served_minutes, served),
+        ("their ratings promoted a version", cfg.until_promoted_minutes, promoted)) if past < limit and not happened]
 
 
 def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
     """Start the services and the users, show progress for cfg.minutes (or longer: until_*), stop; returns
-    (monitor, pool stats, the minutes the users ran)."""
+    (monitor, pool stats, how long the users ran: users_minutes, and users_waited_for past --minutes)."""
     from rlhf_online import launch
     from rlhf_online.adapters.registry import AdapterRegistry
     from rlhf_online.data.prompts import load_prompts
@@ -192,35 +195,23 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
         deadline = monitor.t0 + cfg.minutes * 60
         registry = AdapterRegistry(state / "adapters")
 
-        def go_on() -> bool:
-            minutes = (time.time() - monitor.t0) / 60
-            if minutes < cfg.minutes:
-                return True
-            # "" alone in versions_rated: nothing published was served yet; current() "": the bare base serves everyone
-            return users_go_on(cfg, minutes, served=any(pool.versions_rated()), promoted=bool(registry.current()))
-
-        next_line, said = 0.0, False
+        next_line, waited_for = 0.0, []
         try:
-            while go_on():
+            # "" alone in versions_rated: nothing published was served yet; current() "": the bare base serves everyone
+            while waits := users_go_on(cfg, minutes := (time.time() - monitor.t0) / 60,
+                                       served=any(pool.versions_rated()), promoted=bool(registry.current())):
+                if minutes >= cfg.minutes and not waited_for:
+                    print(f"\n{cfg.minutes:g} minutes passed; the users go on until {' and '.join(waits)}.\n",
+                          flush=True)
+                    waited_for = waits
                 now = time.time()
-                if now >= deadline and not said:
-                    said = True
-                    # the waits still open, as users_go_on reads them: the users stop once none is
-                    waits = [f"{what} (at most {m:g} more minutes)" for what, m, done in (
-                        ("they rated a reply of a published version", cfg.until_served_minutes,
-                         any(pool.versions_rated())),
-                        ("their ratings promoted a version", cfg.until_promoted_minutes, bool(registry.current())))
-                        if m and not done]
-                    if waits:
-                        print(f"\n{cfg.minutes:g} minutes passed; the users go on until {' and '.join(waits)}.\n",
-                              flush=True)
                 time.sleep(min(5.0, deadline - now) if now < deadline else 1.0)
                 snap = monitor.poll()
                 if snap.t >= next_line:
                     print(monitor.line(snap), flush=True)
                     next_line = snap.t + 15
         finally:
-            users_minutes = (time.time() - monitor.t0) / 60
+            users_ran = {"users_minutes": round((time.time() - monitor.t0) / 60, 2), "users_waited_for": waited_for}
             pool.stop()
             print("\nUsers stopped; waiting for the round in progress to finish ...", flush=True)
         with contextlib.suppress(Exception):  # record a round that finished after the last poll
@@ -228,7 +219,7 @@ def run_loop(cfg: DemoConfig, model: Path, run_dir: Path):
             while _round_in_progress(monitor) and time.time() < give_up:
                 time.sleep(0.2)  # the scheduler pauses a second between rounds: stop the trainer in that gap
             print(monitor.line(monitor.poll()), flush=True)
-    return monitor, pool.stats, users_minutes
+    return monitor, pool.stats, users_ran
 
 
 def _heldout_replies(model: Path, final: Path | None, prompts: list[str], hcfg, data_dir: Path
@@ -295,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
     model = resolve_base_model(cfg.base_model, Path(cfg.data_dir))
     run_dir = Path(cfg.runs_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     print(f"rlhf-online demo: {model.name}, run directory {run_dir}", flush=True)
-    monitor, stats, users_minutes = run_loop(cfg, model, run_dir)
+    monitor, stats, users_ran = run_loop(cfg, model, run_dir)
     loop_seconds = time.time() - t0
 
     registry = AdapterRegistry(run_dir / "state" / "adapters")
@@ -311,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     judged = {label: heldout.judge(texts[label], personas) for label in texts}
     summary = {label: heldout.summarize(j, seed=cfg.seed) for label, j in judged.items()}
     extra = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-             "minutes": cfg.minutes, "users_minutes": round(users_minutes, 2), "users": cfg.users, "personas": personas,
+             "minutes": cfg.minutes, **users_ran, "users": cfg.users, "personas": personas,
              "loop_seconds": round(loop_seconds, 1),
              "heldout_prompts": len(prompts), "heldout_samples": hcfg.samples, "config": config.flatten(cfg),
              "requests": stats.requests, "completions": stats.completions, "ratings": stats.ratings,

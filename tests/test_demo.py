@@ -170,11 +170,12 @@ def test_past_its_minutes_the_demo_waits_only_for_what_it_was_told_to_and_only_s
 def test_the_report_says_when_users_ran_past_the_minutes_asked_for():
     from rlhf_online.report.write import _users_minutes
 
-    waiting = {"until_served_minutes": 0.0, "until_promoted_minutes": 10.0}
-    assert _users_minutes({"minutes": 10, "users_minutes": 10.05, "config": waiting}) == "10 minutes"
+    promoted = demo.users_go_on(demo.DemoConfig(minutes=10, until_promoted_minutes=10), 10.0, served=True,
+                                promoted=False)  # what the loop records once the minutes are up
+    assert promoted == ["their ratings promoted a version, for at most 10 more minutes"]
+    assert _users_minutes({"minutes": 10, "users_minutes": 10.05, "users_waited_for": []}) == "10 minutes"
     assert _users_minutes({"minutes": 10}) == "10 minutes"  # reports written before users_minutes was recorded
-    assert _users_minutes({"minutes": 10, "users_minutes": 13.42, "config": waiting}) == \
-        "13.4 minutes (10 asked for, then until a version was promoted)"
-    # no wait set: a late last poll is not a wait
-    assert _users_minutes({"minutes": 10, "users_minutes": 10.9, "config": {"until_promoted_minutes": 0.0}}) == \
-        "10 minutes"
+    assert _users_minutes({"minutes": 10, "users_minutes": 13.42, "users_waited_for": promoted}) == \
+        "13.4 minutes (10 asked for, then until their ratings promoted a version, for at most 10 more minutes)"
+    # no wait: a late last poll is not a wait
+    assert _users_minutes({"minutes": 10, "users_minutes": 10.9, "users_waited_for": []}) == "10 minutes"

@@ -34,14 +34,10 @@ def build_report(heldout: dict[str, dict[str, dict]], *, kl: float, kl_budget: f
 
 def _users_minutes(report: dict) -> str:
     """'10 minutes', or '13.4 minutes (10 asked for, then until ...)' when an until_* wait kept the users going."""
-    ran, asked = report.get("users_minutes", report["minutes"]), report["minutes"]
-    config = report.get("config", {})
-    waits = [what for what, knob in (("a published version's reply was rated", "until_served_minutes"),
-                                     ("a version was promoted", "until_promoted_minutes")) if config.get(knob)]
-    # Without a wait the users stop at --minutes; the loop's last poll may overshoot by up to its timeouts.
-    if not waits or ran <= asked + 0.1:
-        return f"{asked:g} minutes"
-    return f"{ran:.1f} minutes ({asked:g} asked for, then until {' and '.join(waits)})"
+    if not report.get("users_waited_for"):  # they stopped at --minutes (the last poll may overshoot a little)
+        return f"{report['minutes']:g} minutes"
+    return (f"{report['users_minutes']:.1f} minutes ({report['minutes']:g} asked for, then until "
+            f"{' and '.join(report['users_waited_for'])})")
 
 
 def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list[int]]) -> str:
