@@ -67,26 +67,36 @@ class DemoConfig:
     # Rounds from the users' traffic (--learn-from-traffic true --round-interval-seconds 60 --num-ppo-epochs 2
     # --num-mini-batches 4) work here too, but in 10 minutes they cut toxicity less (docs/benchmarks.md, 2026-12-05):
     # 6 rounds of ~32 replies on one thread moved the policy less far (KL 5) than 16 back-to-back rounds of 8 (KL 11).
+    # updates_per_round 3: the gate cost 15 of a one-update round's 30 s; with three updates a round and the canary on
+    # every user, a candidate with 6 updates went live at minute 3.1 (one update a round: 5 updates at 3.3).
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
                                                    "round_interval_seconds", "learn_from_traffic",
                                                    "logged_batch_size", "round_min_traffic", "min_logged_samples",
                                                    "updates_per_round"),
                                    round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
                                    eval_samples_per_prompt=2, learn_from_traffic=False, logged_batch_size=64,
-                                   round_min_traffic=32, min_logged_samples=32)
+                                   round_min_traffic=32, min_logged_samples=32, updates_per_round=3)
     # Canaries, on here (the service leaves them off unless --canary true): each candidate serves this share of the
-    # users, sticky per user, until their ratings promote or roll it back. 50, not the service's 20: of the demo's
-    # 12 users, 20% would be two users.
-    canary_percent: float = 50.0
-    # canary_same_users: 6 users of two personas in the share are no random sample of the 12 (canary.config).
+    # users, sticky per user, until their ratings promote or roll it back. Every user, not the service's 20%: the
+    # demo's users all ask for two candidates, so each of their requests is an interleaved pair (one candidate from
+    # the canary, one from the stable version) and shows them the canary in half of their replies. Pairs are the
+    # test's most sensitive evidence: at 100% a canary got 60 judged pairs a minute, at 50% 37 (docs/benchmarks.md).
+    canary_percent: float = 100.0
+    # canary_same_users: with --canary-percent below 100 the users in the share (6 of two personas at 50) are no random
+    # sample of the 12 (canary.config); at 100 they are everyone and it changes nothing.
     # canary_replace_after: the first candidates differ little from the base and would hold the canary slot
     # for minutes undecided while better-trained ones queue; 60 judged completions is about a minute here.
     # canary_max_looks: one leaning to "better" is not replaced, and held the slot for 9 of the 10 minutes
     # in a run (+6.7 points, se 4.7); after 150 judged completions (2-3 minutes) its lean decides.
+    # canary_min_rounds: a candidate goes live with 2 rounds (6 updates) past CURRENT: the first rounds' candidates
+    # (3-4 updates) were rated 7 points worse than the base in two runs of two, and one leaning to "better" would
+    # hold the slot while the candidates that decide queue behind it (docs/benchmarks.md). A round takes about a minute
+    # here, so a candidate that waited 2 minutes as the newest is one the trainer stopped building on (the KL budget).
     canary: CanaryConfig = group(CanaryConfig, ("canary", "canary_timeout_seconds", "canary_same_users",
-                                                "canary_replace_after", "canary_max_looks"), canary=True,
-                                 canary_poll_seconds=2.0, canary_same_users=True, canary_replace_after=60,
-                                 canary_max_looks=150)
+                                                "canary_replace_after", "canary_max_looks", "canary_min_rounds",
+                                                "canary_queue_timeout_seconds"),
+                                 canary=True, canary_poll_seconds=2.0, canary_same_users=True, canary_replace_after=60,
+                                 canary_max_looks=150, canary_min_rounds=2, canary_queue_timeout_seconds=120.0)
     reward_retrain_min_feedback: int = 32
     seed: int = 0
 

@@ -29,7 +29,7 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
         "--training-threads", "1", "--reward-threads", "1", "--eval-prompts", "4", "--batch-size", "4",
         "--num-ppo-epochs", "2", "--reward-retrain-min-feedback", "8", "--kl-budget", "1000",
         "--learn-from-traffic", "true", "--round-interval-seconds", "60", "--min-logged-samples", "8",
-        "--round-min-traffic", "8", "--logged-batch-size", "32"])
+        "--round-min-traffic", "8", "--logged-batch-size", "32", "--updates-per-round", "1", "--canary-min-rounds", "1"])
     assert demo.main(args) == 0
     [run] = list(tmp_path.iterdir())
     report = json.loads((run / "report.json").read_text())
@@ -47,7 +47,7 @@ def test_feedback_flows_a_round_publishes_and_the_new_version_is_served(tiny_mod
     served = [json.loads(line)["policy_version"] for line in (run / "ratings.jsonl").read_text().splitlines()]
     assert any(v.startswith("v") for v in served) and served[0] == ""
     first = report["canaries"][0]
-    assert first["version"] == "v000001" and first["share_percent"] == 50 and first["live_minute"] is not None
+    assert first["version"] == "v000001" and first["share_percent"] == 100 and first["live_minute"] is not None
     assert report["final_version"] in ("", *(c["version"] for c in report["canaries"] if c["outcome"] == "promoted"))
     assert "## Canaries" in (run / "report.md").read_text() and report["promoted_but_worse"] == []
 
@@ -83,6 +83,10 @@ def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_pat
     assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
     assert trainer.trainer.round_interval_seconds == 1.0 and trainer.trainer.round_min_feedback == 0
     assert not trainer.trainer.learn_from_traffic and trainer.ppo.num_mini_batches == 1
+    # Candidates of 3 updates a round, live once 2 rounds past CURRENT, judged by every user's interleaved pairs.
+    assert trainer.trainer.updates_per_round == 3 and trainer.canary_controller == cfg.canary
+    assert cfg.canary.canary_min_rounds == 2
+    assert demo.service_envs(cfg, tmp_path / "model", tmp_path, 1234)["generation"]["RLHF_CANARY_PERCENT"] == "100.0"
     traffic = demo.service_envs(config.assemble(demo.DemoConfig, vars(parser.parse_args(
         ["--learn-from-traffic", "true", "--num-mini-batches", "4"]))), tmp_path / "model", tmp_path, 1234)["trainer"]
     on = config.build(TrainerSettings, None, traffic)

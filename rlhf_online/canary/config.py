@@ -36,6 +36,17 @@ class CanaryConfig:
                                     "decide by the test's lean: promote when llr is at least halfway to the "
                                     "promotion bound (and no reward-hacking signature), else roll back (0 = never: "
                                     "decided by the test or the timeout)")
+    # A candidate one round past the stable version differs from it by one early-stopped PPO step (approx. KL
+    # <= early_stop_approxkl): too little for its users to tell apart in minutes (demo runs: +2 points after 151 of
+    # its replies judged, 2.5 minutes of the slot), while the rounds behind it queue the candidates that would
+    # decide. Holding candidates back until they carry several rounds gives the slot to one worth testing; the
+    # queue timeout keeps a candidate from waiting forever when training stalls (rounds refused at the KL budget).
+    canary_min_rounds: int = knob(1, "a queued candidate goes live only once it is at least this many published "
+                                     "rounds past the stable version (1 = every candidate)")
+    # Longer than the rounds' cadence (the service's round_interval_seconds is 600), or every candidate would wait
+    # it out and go live short of canary_min_rounds.
+    canary_queue_timeout_seconds: float = knob(1800.0, "a candidate short of canary_min_rounds goes live anyway "
+                                                       "once it was the newest for this long")
     # Every user's stable ratings are an unbiased comparison when the share is a hash of many users (a
     # random sample), and the test's error rates were measured on them. With a handful of users the
     # share is no random sample (the demo's 6 users of two personas that rate differently), and only
@@ -49,4 +60,6 @@ class CanaryConfig:
         _refuse(self, {"canary_timeout_seconds": (self.canary_timeout_seconds > 0, "> 0"),
                        "canary_poll_seconds": (self.canary_poll_seconds > 0, "> 0"),
                        "canary_replace_after": (self.canary_replace_after >= 0, ">= 0"),
-                       "canary_max_looks": (self.canary_max_looks >= 0, ">= 0")})
+                       "canary_max_looks": (self.canary_max_looks >= 0, ">= 0"),
+                       "canary_min_rounds": (self.canary_min_rounds >= 1, ">= 1"),
+                       "canary_queue_timeout_seconds": (self.canary_queue_timeout_seconds > 0, "> 0")})

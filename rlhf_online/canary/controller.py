@@ -3,7 +3,8 @@
 Every `poll_seconds` (and right after each publish) the controller in the Trainer service:
 1. reconciles what an operator did by hand (`policies promote|rollback`, ActivatePolicy),
 2. with no canary live, makes the newest queued candidate the canary (older queued ones are
-   superseded: the newest descends from them and carries their updates),
+   superseded: the newest descends from them and carries their updates) once it is
+   `canary_min_rounds` rounds past CURRENT or has been the newest for `canary_queue_timeout_seconds`,
 3. with a canary live, reads the users' thumbs on the canary's and the stable version's replies
    since it went live (with canary_same_users, the stable replies of the canary's own users only)
    and their preferences between the two (store.compare_versions), adds the
@@ -152,12 +153,15 @@ class CanaryController:
         records = self.registry.decisions()
         rejected = {r["version"] for r in records if r.get("outcome") in (DISCARDED, PROMOTED)
                     or (r.get("outcome") == ROLLED_BACK and r.get("rejects_line", True))}
+        queued_at = {r["version"]: r.get("queued_at", 0.0) for r in records}
         chosen = ""
         for version in reversed(self.registry.with_outcome(QUEUED, records)):
             chain = self.registry.lineage(version, current)
             if chain is None or rejected & set(chain):
                 self._discard(version, f"not trained from CURRENT {current or '(base)'} through versions users "
                                        "accepted")
+            elif not chosen and not self._ready(version, chain, queued_at):
+                return  # the newest waits for more rounds on top of it; the older ones stay queued behind it
             elif chosen:
                 self.registry.record(version, {"outcome": SUPERSEDED, "decided_at": self.clock(),
                                                "reason": f"{chosen}, trained from it, went live instead"})
@@ -171,6 +175,18 @@ class CanaryController:
                 self.registry.record(version, {"outcome": LIVE, "live_at": self.clock(), "stable": current})
                 chosen = version
                 log.info("canary live", extra={"version": chosen, "stable": current or "(base)"})
+
+    def _ready(self, version: str, chain: list[str], queued_at: dict[str, float]) -> bool:
+        """canary_min_rounds: far enough past CURRENT (`chain`, its lineage) to test, or the newest for
+        canary_queue_timeout_seconds (logged once it goes live that way)."""
+        if len(chain) >= self.config.canary_min_rounds:
+            return True
+        waited = self.clock() - queued_at.get(version, 0.0)
+        if waited < self.config.canary_queue_timeout_seconds:
+            return False
+        log.info("candidate short of canary_min_rounds goes live after waiting",
+                 extra={"version": version, "rounds": len(chain), "waited_seconds": round(waited, 1)})
+        return True
 
     def _discard(self, version: str, reason: str) -> None:
         self.registry.record(version, {"outcome": DISCARDED, "decided_at": self.clock(), "reason": reason})

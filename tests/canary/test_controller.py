@@ -244,3 +244,44 @@ def test_an_undecided_canary_is_decided_by_its_lean_at_canary_max_looks(tmp_path
         assert (record["test"]["llr"] >= CanaryTestConfig().promote_at / 2) is (outcome == "promoted")
         assert registry.canary() == "" and registry.current() == (canary if outcome == "promoted" else stable)
         assert decisions(f"truncated_{outcome}") == before + 1
+
+
+def test_a_candidate_goes_live_once_it_is_canary_min_rounds_past_current_or_waited(tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    clock = Clock()
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        controller = CanaryController(CanaryConfig(canary_min_rounds=3, canary_queue_timeout_seconds=60),
+                                      CanaryTestConfig(), registry, store, clock)
+        stable = publish(registry)
+        registry.activate(stable)
+        first = publish(registry, parent=stable)
+        controller.queue(first)
+        second = publish(registry, parent=first)
+        controller.queue(second)
+        assert controller.step() is None and registry.canary() == ""  # two rounds past CURRENT: both wait
+        assert registry.decision(first)["outcome"] == registry.decision(second)["outcome"] == "queued"
+        assert head(registry) == second  # training goes on from the newest meanwhile
+        third = publish(registry, parent=second)
+        clock.now += 59  # the older ones waited longer than the timeout, but the newest has not
+        controller.queue(third)
+        controller.step()
+        assert registry.canary() == third and registry.decision(third)["stable"] == stable
+        assert registry.decision(first)["outcome"] == registry.decision(second)["outcome"] == "superseded"
+
+        # Promoted, the count starts again from the new CURRENT; a lone candidate goes live after the timeout.
+        registry.promote()
+        controller.step()
+        fourth = publish(registry, parent=third)
+        controller.queue(fourth)
+        clock.now += 59
+        assert controller.step() is None and registry.canary() == ""
+        clock.now += 1
+        controller.step()
+        assert registry.canary() == fourth and registry.decision(fourth)["stable"] == third
+
+
+def test_canary_min_rounds_below_one_is_refused_naming_the_field():
+    from rlhf_online.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="canary_min_rounds: invalid value 0"):
+        CanaryConfig(canary_min_rounds=0)
