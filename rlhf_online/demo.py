@@ -68,7 +68,7 @@ class DemoConfig:
     # --num-mini-batches 4) work here too, but in 10 minutes they cut toxicity less (docs/benchmarks.md, 2026-12-05):
     # 6 rounds of ~32 replies on one thread moved the policy less far (KL 5) than 16 back-to-back rounds of 8 (KL 11).
     # updates_per_round 3: the gate cost 15 of a one-update round's 30 s; with three updates a round and the canary on
-    # every user, a candidate with 6 updates went live at minute 3.1 (one update a round: 5 updates at 3.3).
+    # every user, a candidate with 6 updates went live at minute 3.0-3.2 (one update a round: 5 updates at 3.3).
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
                                                    "round_interval_seconds", "learn_from_traffic",
                                                    "logged_batch_size", "round_min_traffic", "min_logged_samples",

@@ -157,8 +157,12 @@ def main(args: argparse.Namespace) -> int:
     bad = [e for e in effects if not 0 < args.stable_rate + e < 1]
     if not 0 < args.stable_rate < 1 or bad:
         raise SystemExit(f"--stable-rate {args.stable_rate} plus each effect must lie in (0, 1): {bad}")
-    if not 0 < args.canary_percent < 100 or not 0 <= args.pair_fraction <= 1:
-        raise SystemExit("--canary-percent must be in (0, 100) and --pair-fraction in 0..1")
+    # At 100% every request is the canary's: the stable side of the evidence is then the stable candidates of
+    # interleaved pairs only, so there must be some (the demo's setting: every user, every request a pair).
+    if not 0 < args.canary_percent <= 100 or not 0 <= args.pair_fraction <= 1 \
+            or (args.canary_percent == 100 and args.pair_fraction == 0):
+        raise SystemExit("--canary-percent must be in (0, 100] and --pair-fraction in 0..1 (above 0 at 100%: "
+                         "the stable version is then judged only in interleaved pairs)")
     if args.trials < 1 or args.look_every < 1 or args.max_canary_ratings < 1 or args.max_looks < 0:
         raise SystemExit("--trials, --look-every and --max-canary-ratings must be >= 1, --max-looks >= 0")
     config = CanaryTestConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CanaryTestConfig)})

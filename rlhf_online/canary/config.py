@@ -29,20 +29,23 @@ class CanaryConfig:
     # (it would start over) and, with few users, can hold the slot for many minutes while better-trained
     # candidates queue behind it (a demo run: +6.7 points, llr 2.83 of 3.56 after 225 ratings, 9 minutes).
     # A truncated sequential test bounds that: at the limit it decides by which hypothesis the evidence
-    # leans to. Halfway to the promotion bound, not llr > 0: in `bench canary` (the demo's 50% share,
+    # leans to. Halfway to the promotion bound, not llr > 0: in `bench canary` (a 50% share,
     # same-users evidence, 150 looks) llr > 0 promoted a canary 5 points worse in 10.7% of trials (1.8%
     # untruncated); halfway, 3.0%, at a cost in power (+10 points promoted in 61% instead of 75%).
     canary_max_looks: int = knob(0, "once users judged this many of a canary's completions without a decision, "
                                     "decide by the test's lean: promote when llr is at least halfway to the "
                                     "promotion bound (and no reward-hacking signature), else roll back (0 = never: "
                                     "decided by the test or the timeout)")
-    # A candidate one round past the stable version differs from it by one early-stopped PPO step (approx. KL
-    # <= early_stop_approxkl): too little for its users to tell apart in minutes (demo runs: +2 points after 151 of
-    # its replies judged, 2.5 minutes of the slot), while the rounds behind it queue the candidates that would
-    # decide. Holding candidates back until they carry several rounds gives the slot to one worth testing; the
+    # A candidate one round past the stable version differs from it by updates_per_round early-stopped PPO steps
+    # (each approx. KL <= early_stop_approxkl): often too little for its users to tell apart in minutes (demo runs:
+    # +2 points after 151 of its replies judged, 2.5 minutes of the slot), while the rounds behind it queue the
+    # candidates that would decide. With learn_from_traffic, rounds train on the traffic of the version they start
+    # from (head: here, often a held-back candidate nobody is served), so they fall back to the trainer's own
+    # rollouts then. Holding candidates back until they carry several rounds gives the slot to one worth testing; the
     # queue timeout keeps a candidate from waiting forever when training stalls (rounds refused at the KL budget).
     canary_min_rounds: int = knob(1, "a queued candidate goes live only once it is at least this many published "
-                                     "rounds past the stable version (1 = every candidate)")
+                                     "rounds past the stable version, or continues the line of a canary users "
+                                     "judged (1 = every candidate)")
     # Longer than the rounds' cadence (the service's round_interval_seconds is 600), or every candidate would wait
     # it out and go live short of canary_min_rounds.
     canary_queue_timeout_seconds: float = knob(1800.0, "a candidate short of canary_min_rounds goes live anyway "

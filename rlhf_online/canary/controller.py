@@ -148,19 +148,23 @@ class CanaryController:
         is no longer CURRENT (an operator rolled back from it) — candidates trained on top of any of
         them are discarded. Older acceptable ones are superseded by the newest, which carries their
         updates. A candidate that cannot become the canary (its files fail verification) is discarded.
+        The newest goes live only when `_ready`; until then it and the older ones stay queued.
         """
         current = self.registry.current()
         records = self.registry.decisions()
         rejected = {r["version"] for r in records if r.get("outcome") in (DISCARDED, PROMOTED)
                     or (r.get("outcome") == ROLLED_BACK and r.get("rejects_line", True))}
+        # A record without queued_at (a candidate queued by hand) counts as long queued: it may go live at once
+        # rather than wait for a timeout that could never start.
         queued_at = {r["version"]: r.get("queued_at", 0.0) for r in records}
+        tested = {r["version"] for r in records if "live_at" in r}
         chosen = ""
         for version in reversed(self.registry.with_outcome(QUEUED, records)):
             chain = self.registry.lineage(version, current)
             if chain is None or rejected & set(chain):
                 self._discard(version, f"not trained from CURRENT {current or '(base)'} through versions users "
                                        "accepted")
-            elif not chosen and not self._ready(version, chain, queued_at):
+            elif not chosen and not self._ready(version, chain, queued_at, tested):
                 return  # the newest waits for more rounds on top of it; the older ones stay queued behind it
             elif chosen:
                 self.registry.record(version, {"outcome": SUPERSEDED, "decided_at": self.clock(),
@@ -174,19 +178,17 @@ class CanaryController:
                     continue
                 self.registry.record(version, {"outcome": LIVE, "live_at": self.clock(), "stable": current})
                 chosen = version
-                log.info("canary live", extra={"version": chosen, "stable": current or "(base)"})
+                log.info("canary live", extra={"version": chosen, "stable": current or "(base)",
+                                               "rounds_past_current": len(chain)})
 
-    def _ready(self, version: str, chain: list[str], queued_at: dict[str, float]) -> bool:
-        """canary_min_rounds: far enough past CURRENT (`chain`, its lineage) to test, or the newest for
-        canary_queue_timeout_seconds (logged once it goes live that way)."""
-        if len(chain) >= self.config.canary_min_rounds:
+    def _ready(self, version: str, chain: list[str], queued_at: dict[str, float], tested: set[str]) -> bool:
+        """Whether the newest acceptable candidate may go live: canary_min_rounds past CURRENT (`chain` is its
+        lineage), or it continues a line users already judged (a canary superseded or rolled back without
+        rejecting its line: the newest of that line replaces it, whatever its count), or it has been the
+        newest for canary_queue_timeout_seconds."""
+        if len(chain) >= self.config.canary_min_rounds or tested & set(chain[:-1]):
             return True
-        waited = self.clock() - queued_at.get(version, 0.0)
-        if waited < self.config.canary_queue_timeout_seconds:
-            return False
-        log.info("candidate short of canary_min_rounds goes live after waiting",
-                 extra={"version": version, "rounds": len(chain), "waited_seconds": round(waited, 1)})
-        return True
+        return self.clock() - queued_at.get(version, 0.0) >= self.config.canary_queue_timeout_seconds
 
     def _discard(self, version: str, reason: str) -> None:
         self.registry.record(version, {"outcome": DISCARDED, "decided_at": self.clock(), "reason": reason})

@@ -51,7 +51,8 @@ def test_a_short_timeout_rolls_back_undecided_canaries(tmp_path):
     assert e["timeout"] > 0.3 and e["canary_ratings_p90"] <= 31 + 2
 
 
-@pytest.mark.parametrize("argv", [["--stable-rate", "0.95"], ["--canary-percent", "0"], ["--trials", "0"]])
+@pytest.mark.parametrize("argv", [["--stable-rate", "0.95"], ["--canary-percent", "0"], ["--trials", "0"],
+                                  ["--canary-percent", "100", "--pair-fraction", "0"], ["--canary-percent", "101"]])
 def test_impossible_simulations_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit):
         canary.main(parse(*argv, "--out", str(tmp_path)))
@@ -82,3 +83,12 @@ def test_max_looks_bounds_the_wait_and_decides_by_the_lean(tmp_path):
         assert a["canary_ratings_p90"] < b["canary_ratings_p90"]  # a bounded wait ...
     worse, better = after
     assert worse["promote"] < better["promote"]  # ... still promoting the better canary more often
+
+
+def test_every_user_in_the_share_is_judged_on_interleaved_pairs_alone(tmp_path):
+    """--canary-percent 100 (the demo's): every request a pair, so evidence comes twice as fast as at 50%."""
+    args = ("--trials", "300", "--effects=0.1", "--pair-fraction", "1", "--stable-evidence", "same-users")
+    canary.main(parse(*args, "--canary-percent", "50", "--out", str(tmp_path / "half")))
+    canary.main(parse(*args, "--canary-percent", "100", "--out", str(tmp_path / "all")))
+    half, every = (json.loads((tmp_path / d / "canary.json").read_text())["effects"][0] for d in ("half", "all"))
+    assert every["promote"] > 0.5 and every["total_ratings_median"] < half["total_ratings_median"]

@@ -256,13 +256,14 @@ def test_a_candidate_goes_live_once_it_is_canary_min_rounds_past_current_or_wait
         registry.activate(stable)
         first = publish(registry, parent=stable)
         controller.queue(first)
+        clock.now += 59
         second = publish(registry, parent=first)
         controller.queue(second)
+        clock.now += 2  # the first has waited 61 s, but the newest 2 s: the wait is the newest's
         assert controller.step() is None and registry.canary() == ""  # two rounds past CURRENT: both wait
         assert registry.decision(first)["outcome"] == registry.decision(second)["outcome"] == "queued"
         assert head(registry) == second  # training goes on from the newest meanwhile
         third = publish(registry, parent=second)
-        clock.now += 59  # the older ones waited longer than the timeout, but the newest has not
         controller.queue(third)
         controller.step()
         assert registry.canary() == third and registry.decision(third)["stable"] == stable
@@ -280,8 +281,34 @@ def test_a_candidate_goes_live_once_it_is_canary_min_rounds_past_current_or_wait
         assert registry.canary() == fourth and registry.decision(fourth)["stable"] == third
 
 
-def test_canary_min_rounds_below_one_is_refused_naming_the_field():
+def test_the_line_of_a_replaced_canary_goes_on_whatever_its_count(tmp_path):
+    """A canary live after the timeout (1 round past CURRENT) and superseded undecided: the candidate trained
+    from it replaces it at once, though only 2 rounds past CURRENT of the 3 asked for."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    clock = Clock()
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        controller = CanaryController(CanaryConfig(canary_min_rounds=3, canary_queue_timeout_seconds=60,
+                                                   canary_replace_after=30), CanaryTestConfig(), registry, store,
+                                      clock)
+        stable = publish(registry)
+        registry.activate(stable)
+        first = publish(registry, parent=stable)
+        controller.queue(first)
+        clock.now += 60
+        controller.step()
+        assert registry.canary() == first
+        later = publish(registry, parent=first)
+        controller.queue(later)
+        rate(store, clock, stable, "u", 140, 60, "s")
+        rate(store, clock, first, "u", 21, 9, "a")  # 30 judged, 70% vs 70%: undecided, leaning to not better
+        record = controller.step()
+        assert record["outcome"] == "superseded" and registry.canary() == later
+
+
+def test_canary_min_rounds_and_queue_timeout_out_of_range_are_refused_naming_the_field():
     from rlhf_online.errors import ConfigError
 
     with pytest.raises(ConfigError, match="canary_min_rounds: invalid value 0"):
         CanaryConfig(canary_min_rounds=0)
+    with pytest.raises(ConfigError, match="canary_queue_timeout_seconds: invalid value 0"):
+        CanaryConfig(canary_queue_timeout_seconds=0)
