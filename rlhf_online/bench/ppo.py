@@ -116,10 +116,21 @@ class ScriptedRewardModel(nn.Module):
         return hidden
 
 
+def own_rollouts_round(policy: Any, tok: Any, prompts: list[str], cfg: Any, reward_fn: Any, kl_coef: float,
+                       optimizer: torch.optim.Optimizer) -> tuple[dict[str, float], dict[str, float]]:
+    """One PPO round as the trainer makes it on its own rollouts: collect -> score by reward_fn -> advantages ->
+    update with `optimizer`; returns (the advantages' stats, the update's stats)."""
+    from rlhf_online.ppo import steps
+
+    rollouts = steps.collect(policy, tok, prompts, cfg)
+    scores = steps.score(rollouts, reward_fn, cfg)
+    adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, cfg)
+    return stats, steps.update(policy, optimizer, rollouts, adv, returns, cfg)
+
+
 def _bench_ours(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up + timed rounds of collect -> score -> advantages -> update; seconds per step."""
     from rlhf_online.models.provision import load_model
-    from rlhf_online.ppo import steps
     from rlhf_online.ppo.config import PPOConfig
     from rlhf_online.ppo.core import AdaptiveKLController
     from rlhf_online.ppo.policy import PolicyWithValue
@@ -138,11 +149,8 @@ def _bench_ours(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         start = (step * cfg.batch_size) % len(PROMPTS)
         prompts = [PROMPTS[(start + i) % len(PROMPTS)] for i in range(cfg.batch_size)]
         t0 = time.perf_counter()
-        rollouts = steps.collect(policy, tok, prompts, cfg)
-        scores = steps.score(rollouts, scripted_reward, cfg)
-        adv, returns, stats = steps.advantages(rollouts, scores, kl_ctl.value, cfg)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)  # as the trainer does
-        upd = steps.update(policy, optimizer, rollouts, adv, returns, cfg)
+        stats, upd = own_rollouts_round(policy, tok, prompts, cfg, scripted_reward, kl_ctl.value, optimizer)
         kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         times.append(time.perf_counter() - t0)
         lengths.append(stats["objective/response_length"])

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlhf_online.bench.common import machine, write_report
-from rlhf_online.bench.ppo import PROMPTS, scripted_reward
+from rlhf_online.bench.ppo import PROMPTS, own_rollouts_round, scripted_reward
 
 VARIANTS = ("fresh", "kept")
 HELDOUT = [  # not in PROMPTS: the gate judges on prompts the rounds never trained on
@@ -88,13 +88,11 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, model_dir: Pa
     judge(0)
     for r in range(1, args.rounds + 1):
         t0 = time.perf_counter()
-        rollouts = steps.collect(policy, tok, [rng.choice(PROMPTS) for _ in range(cfg.batch_size)], cfg)
-        scores = steps.score(rollouts, scripted_reward, cfg)
-        adv, returns, stats = steps.advantages(rollouts, scores, kl_ctl.value, cfg)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
         if variant == "kept" and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
-        steps.update(policy, optimizer, rollouts, adv, returns, cfg)
+        prompts = [rng.choice(PROMPTS) for _ in range(cfg.batch_size)]
+        own_rollouts_round(policy, tok, prompts, cfg, scripted_reward, kl_ctl.value, optimizer)
         optimizer_state = optimizer.state_dict()
         seconds += time.perf_counter() - t0
         if r % args.eval_every == 0 or r == args.rounds:
