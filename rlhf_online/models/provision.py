@@ -197,7 +197,22 @@ def load_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.fl
         gen.pad_token_id = tok.pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    _contiguous_head_input(model)
     return model, tok
+
+
+def _contiguous_head_input(model: Any) -> None:
+    """Hand the vocabulary projection a contiguous input, so a prefill's last position costs one matmul.
+
+    With `logits_to_keep=1` (the engine's prefill, HF `generate`) the head gets `hidden[:, -1:, :]`,
+    a strided [B, 1, H] view. On torch 2.13's CPU path, `linear` of such a view with a weight that
+    does not require grad (the frozen base once PEFT wraps it) takes matmul's expand + bmm path,
+    which copies the [H, V] weight once per row: a 12-row SmolLM2 prefill spent 1.5 of its 2.0 s
+    copying 340M bf16 values, against 8 ms for the same product on a contiguous copy of the rows.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def _download_gguf(work: Path) -> Path:

@@ -112,6 +112,10 @@ class TrainerConfig:
                                      "round's batch, each further one on batch_size fresh rollouts of the policy "
                                      "as it is by then (the gate costs as much as several updates)")
     kl_budget: float = knob(12.0, "the gate's ceiling on held-out KL to the reference (nats per response)")
+    round_kl_stop: float = knob(0.75, "a round makes no further update once the KL of its newest rollouts (the policy "
+                                      "as it is by then, nats per response) passes this share of kl_budget, so a "
+                                      "round near the budget publishes the updates that fit instead of being "
+                                      "refused whole (1: only the gate's check)")
     eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
     eval_samples_per_prompt: int = knob(4, "sampled replies per held-out prompt in the gate's evaluation")
     eval_seed: int = knob(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
@@ -132,6 +136,7 @@ class TrainerConfig:
             "max_logged_response_tokens": (self.max_logged_response_tokens >= 1, ">= 1"),
             "gate_min_samples": (self.gate_min_samples >= 2, ">= 2"),
             "gate_min_ess": (0 < self.gate_min_ess <= 1, "in (0, 1]"), "kl_budget": (self.kl_budget > 0, "> 0"),
+            "round_kl_stop": (0 < self.round_kl_stop <= 1, "in (0, 1]"),
             "updates_per_round": (self.updates_per_round >= 1, ">= 1"),
             "eval_prompts": (self.eval_prompts >= 1, ">= 1"),
             "eval_samples_per_prompt": (self.eval_samples_per_prompt >= 1, ">= 1"),

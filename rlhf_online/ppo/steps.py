@@ -240,6 +240,11 @@ def score(rollouts: Rollouts, reward_fn: RewardFn, cfg: PPOConfig) -> torch.Tens
     return scores - cfg.missing_eos_penalty * (~rollouts.ended).float()
 
 
+def sequence_kl(rollouts: Rollouts) -> float:
+    """Mean KL of the responses to the reference (k1, summed over each response's tokens: nats per response)."""
+    return float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask).sum(1).mean())
+
+
 def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PPOConfig
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Per-token rewards (-beta KL, score at the end) -> GAE -> whitened advantages, and returns."""

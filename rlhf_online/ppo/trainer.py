@@ -213,11 +213,19 @@ class Trainer:
         if own:
             samples += self._rollouts(policy, train, times)
         stats = self._update(policy, samples, times)
-        updates = 1
+        updates, kl_stopped = 1, False
+        # A further update first measures the policy on fresh rollouts: past round_kl_stop of the budget it stops,
+        # so a round that would overshoot publishes the updates before (a three-update round moved 5-9 nats late in
+        # a demo, and the gate refused it whole for KL over the budget).
+        kl_stop = self.config.round_kl_stop * self.config.kl_budget if self.config.round_kl_stop < 1 else math.inf
         while updates < self.config.updates_per_round and len(train) >= self.config.min_prompts:
-            stats = self._update(policy, self._rollouts(policy, train, times), times)
-            updates += 1
+            further = self._update(policy, self._rollouts(policy, train, times), times, kl_stop)
+            if further is None:
+                kl_stopped = True
+                break
+            stats, updates = further, updates + 1
         stats.update({"trainer/ranks": float(self.ranks.world), "trainer/updates": float(updates),
+                      "trainer/kl_stopped": float(kl_stopped),
                       "samples/logged": float(len(traffic.train)),
                       "samples/own": float(len(samples) - len(traffic.train) + (updates - 1) * self.ppo.batch_size),
                       "samples/not_on_policy": float(sum(traffic.left_out.values())),
@@ -252,9 +260,12 @@ class Trainer:
         times["time/rollout_seconds"] += time.time() - t
         return samples
 
-    def _update(self, policy: PolicyWithValue, samples: list[steps.Sample], times: dict[str, float]
-                ) -> dict[str, float]:
-        """One PPO update on these samples (every rank takes part): measure, score, advantages, epochs."""
+    def _update(self, policy: PolicyWithValue, samples: list[steps.Sample], times: dict[str, float],
+                kl_stop: float = math.inf) -> dict[str, float] | None:
+        """One PPO update on these samples (every rank takes part): measure, score, advantages, epochs.
+
+        None, with the policy untouched, when the samples' mean KL to the reference is over `kl_stop`.
+        """
 
         def timed(name: str, since: float) -> None:
             times[name] += time.time() - since
@@ -264,6 +275,9 @@ class Trainer:
             self.ranks.broadcast((ROUND, policy.trainable_state(), samples))
         rollouts = steps.measure(policy, samples, self.tokenizer.pad_token_id, self.ppo, self.ranks)
         timed("time/forward_seconds", t)
+        if steps.sequence_kl(rollouts) > kl_stop:
+            self.ranks.broadcast(None)  # the other ranks leave this update too
+            return None
         t = time.time()
         try:
             scores = steps.score(rollouts, self.reward_fn, self.ppo)

@@ -147,6 +147,23 @@ def test_an_interleaved_request_decodes_each_candidate_on_its_own_version(make_e
     assert first.text == second.text  # both greedy on the base, in one batch
 
 
+def test_base_only_and_adapter_only_batches_alternate_beside_a_resident_adapter(make_engine, tiny, adapter_dir):
+    """The engine switches the LoRA layers off for a batch of bare-base rows and on again for the adapter's rows."""
+    engine = make_engine().start()
+    ids = engine.encode_prompt(PROMPT)
+    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
+    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
+    engine.load_adapter("v000001", adapter_dir)
+    engine.set_canary("v000001")  # resident, while the stable version is the bare base
+    on_canary = lambda stable, canary: [canary]  # noqa: E731
+    for _ in range(2):  # each request runs alone: every step is base-only or adapter-only, in turn
+        assert engine.submit(ids, PARAMS).result()[0].text == base_text
+        assert engine.submit(ids, PARAMS, route=on_canary).result()[0].text == lora_text
+    mixed = engine.submit(ids, PARAMS, n=2, route=lambda stable, canary: [stable, canary])
+    assert [r.text for r in mixed.result()] == [base_text, lora_text]
+    assert engine.submit(ids, PARAMS).result()[0].text == base_text
+
+
 def test_a_route_to_a_version_not_served_is_refused_and_a_dropped_canary_unloads(make_engine, adapter_dir):
     engine = make_engine().start()
     ids = engine.encode_prompt(PROMPT)

@@ -278,3 +278,18 @@ def test_an_explicit_bfloat16_without_native_bf16_is_kept_and_warned_about_once(
     with caplog.at_level("WARNING", logger="rlhf_online.models"):
         assert provision.pick_dtype("bfloat16", "cpu") is torch.bfloat16
     assert not [r for r in caplog.records if "emulated" in r.getMessage()]
+
+
+def test_the_vocabulary_projection_gets_a_contiguous_input_when_only_the_last_position_is_kept(tiny_dir):
+    # hidden[:, -1:, :] is a strided view; torch 2.13's CPU linear of one under a frozen weight copies the
+    # weight once per row (1.5 s of a 2-s SmolLM2 prefill), so load_model hands the head a contiguous copy.
+    model, tok = load_model(tiny_dir, dtype=torch.bfloat16)
+    model.requires_grad_(False)  # as PEFT leaves the base it wraps
+    seen: list[torch.Tensor] = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    ids = torch.tensor([tok("hello there, how are you").input_ids] * 3)
+    with torch.no_grad():
+        kept = model(input_ids=ids, logits_to_keep=1).logits[:, -1, :]
+        full = model(input_ids=ids).logits[:, -1, :]
+    assert seen[0].shape == (3, 1, model.config.hidden_size) and seen[0].is_contiguous()
+    torch.testing.assert_close(kept, full)  # the same logits as the whole sequence's last position

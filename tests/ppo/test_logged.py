@@ -171,3 +171,28 @@ def test_the_gate_reads_the_served_weights_back_and_leaves_the_candidate_as_it_w
     with policy.using(served):
         assert torch.allclose(steps.response_logprobs(policy, rollouts, PPO), rollouts.logprobs, atol=1e-5)
     assert torch.equal(steps.response_logprobs(policy, rollouts, PPO), candidate)
+
+
+@pytest.mark.parametrize(("measured", "updates", "stopped"), [
+    ([1.0, 9.5], 1, 1.0),  # the policy after update 1 is past 0.75 of the budget of 12: the round stops there
+    ([1.0, 8.9, 8.99], 3, 0.0),  # under 9 nats each time: all three updates
+])
+def test_a_round_makes_no_further_update_once_its_rollouts_pass_the_kl_stop(tiny, traffic, tmp_path, monkeypatch,
+                                                                              measured, updates, stopped):
+    kls = iter(measured)  # each update's measured batch, in turn: the logged traffic, then fresh rollouts
+    monkeypatch.setattr(steps, "sequence_kl", lambda rollouts: next(kls))
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, gate_min_samples=100,
+                           updates_per_round=3, kl_budget=12.0, round_kl_stop=0.75)
+    r = trainer.run_round()
+    assert r.metrics["trainer/updates"] == updates and r.metrics["trainer/kl_stopped"] == stopped, r
+    assert r.metrics["samples/own"] == (updates - 1) * PPO.batch_size, r
+    assert len(calls) == updates + 2, calls  # the reward scored only the batches trained on, then the gate's two
+    assert next(kls, None) is None  # every update measured once, the stopped one included
+
+
+def test_sequence_kl_sums_each_responses_tokens_and_averages_the_responses():
+    rollouts = steps.Rollouts(["p", "p"], torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3, dtype=torch.long),
+                              torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), ["a", "b"], torch.tensor([True, True]),
+                              torch.full((2, 3), -1.0), torch.full((2, 3), -1.5), torch.zeros(2, 3), ["", ""])
+    assert steps.sequence_kl(rollouts) == pytest.approx((2 * 0.5 + 3 * 0.5) / 2)  # padding after the first reply's EOS
