@@ -388,6 +388,10 @@ class Engine(ServingEngine):
         if len(set(adapters)) > 1:
             return self._mixed_forward(adapters, **kw)
         if adapters[0] == BASE:
+            if any(sig is None for sig in self._slot_signatures.values()):
+                # PEFT built more than LoRA layers (modules to save, ...): its own switch turns those off too.
+                with self.model.disable_adapter():
+                    return self.model(**kw).logits[:, -1, :]
             self._enable(False)
             return self.model(**kw).logits[:, -1, :]
         self._activate([adapters[0]])
@@ -434,7 +438,7 @@ class Engine(ServingEngine):
         """
         names = sorted(set(adapters) - {BASE})
         if any(self._slot_signatures[n] is None for n in names):  # DoRA and the like: scaling is not a plain factor
-            self._enable(True)
+            self._activate(names)  # PEFT's mixed path adds nothing while the layers are switched off
             return self.model(**kw, adapter_names=adapters).logits[:, -1, :]
         dtype = next(self.model.parameters()).dtype
         masks = {n: torch.tensor([float(a == n) for a in adapters], dtype=dtype, device=self.device).view(-1, 1, 1)

@@ -160,7 +160,9 @@ class PolicyWithValue(nn.Module):
     def _logits(self, hidden: torch.Tensor, keep: int) -> torch.Tensor:
         """fp32 logits [B, keep or L, V] of the last `keep` positions (0 = all)."""
         head = self.model.get_output_embeddings()
-        return nn.functional.linear(hidden[:, -keep:] if keep else hidden, head.weight.float(),
+        # contiguous: torch's CPU linear of a strided slice under a frozen weight runs as a bmm over a copy of the
+        # weight per row (load_model's head hook says more): measuring 8 rollouts took 1.75 s with the slice, 1.48 s.
+        return nn.functional.linear(hidden[:, -keep:].contiguous() if keep else hidden, head.weight.float(),
                                     None if head.bias is None else head.bias.float())
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -241,8 +241,8 @@ def score(rollouts: Rollouts, reward_fn: RewardFn, cfg: PPOConfig) -> torch.Tens
 
 
 def sequence_kl(rollouts: Rollouts) -> float:
-    """Mean KL of the responses to the reference (k1, summed over each response's tokens: nats per response)."""
-    return float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs) * rollouts.mask).sum(1).mean())
+    """Mean KL of the responses to the reference, nats per response: k3 per token, as the gate reads the budget."""
+    return float((core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1).mean())
 
 
 def advantages(rollouts: Rollouts, scores: torch.Tensor, kl_coef: float, cfg: PPOConfig

@@ -129,14 +129,20 @@ def test_retired_version_is_unloaded_even_when_the_server_goes_idle(make_engine,
         time.sleep(0.02)
 
 
-def test_an_interleaved_request_decodes_each_candidate_on_its_own_version(make_engine, tiny, adapter_dir):
-    """Canary and stable candidates of one request: each gets its own policy's greedy text (its own prefill too)."""
+def canary_beside_the_base(make_engine, tiny, adapter_dir):
+    """A started engine serving the bare base with the adapter as its canary, a prompt, and each one's greedy text."""
     engine = make_engine().start()
     ids = engine.encode_prompt(PROMPT)
     base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
     lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
     engine.load_adapter("v000001", adapter_dir)
-    engine.set_canary("v000001")  # the stable version stays the bare base
+    engine.set_canary("v000001")
+    return engine, ids, base_text, lora_text
+
+
+def test_an_interleaved_request_decodes_each_candidate_on_its_own_version(make_engine, tiny, adapter_dir):
+    """Canary and stable candidates of one request: each gets its own policy's greedy text (its own prefill too)."""
+    engine, ids, base_text, lora_text = canary_beside_the_base(make_engine, tiny, adapter_dir)
     assert (engine.policy_version, engine.canary_version) == ("", "v000001")
     h = engine.submit(ids, PARAMS, n=4, route=lambda stable, canary: [canary, stable, stable, canary])
     assert h.versions == ("v000001", "", "", "v000001") and h.request.canary == "v000001"
@@ -149,12 +155,8 @@ def test_an_interleaved_request_decodes_each_candidate_on_its_own_version(make_e
 
 def test_base_only_and_adapter_only_batches_alternate_beside_a_resident_adapter(make_engine, tiny, adapter_dir):
     """The engine switches the LoRA layers off for a batch of bare-base rows and on again for the adapter's rows."""
-    engine = make_engine().start()
-    ids = engine.encode_prompt(PROMPT)
-    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
-    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
-    engine.load_adapter("v000001", adapter_dir)
-    engine.set_canary("v000001")  # resident, while the stable version is the bare base
+    engine, ids, base_text, lora_text = canary_beside_the_base(make_engine, tiny, adapter_dir)
+    assert base_text != lora_text
     on_canary = lambda stable, canary: [canary]  # noqa: E731
     for _ in range(2):  # each request runs alone: every step is base-only or adapter-only, in turn
         assert engine.submit(ids, PARAMS).result()[0].text == base_text
@@ -162,6 +164,21 @@ def test_base_only_and_adapter_only_batches_alternate_beside_a_resident_adapter(
     mixed = engine.submit(ids, PARAMS, n=2, route=lambda stable, canary: [stable, canary])
     assert [r.text for r in mixed.result()] == [base_text, lora_text]
     assert engine.submit(ids, PARAMS).result()[0].text == base_text
+
+
+def test_an_adapter_peft_builds_itself_serves_beside_base_rows(make_engine, tiny, tmp_path):
+    """An adapter with more than plain A and B matrices (per-module ranks) takes PEFT's own paths, base rows too."""
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     rank_pattern={"q_proj": 4}, init_lora_weights=False)
+    get_peft_model(copy.deepcopy(tiny[0]), cfg).save_pretrained(tmp_path / "ranked")
+    engine, ids, base_text, lora_text = canary_beside_the_base(make_engine, tiny, tmp_path / "ranked")
+    assert engine._slot_signatures[engine._adapters["v000001"]] is None  # not a plain slot: PEFT's paths
+    assert base_text != lora_text
+    assert engine.submit(ids, PARAMS).result()[0].text == base_text
+    mixed = engine.submit(ids, PARAMS, n=2, route=lambda stable, canary: [stable, canary])
+    assert [r.text for r in mixed.result()] == [base_text, lora_text]
+    assert engine.submit(ids, PARAMS, route=lambda stable, canary: [canary]).result()[0].text == lora_text
 
 
 def test_a_route_to_a_version_not_served_is_refused_and_a_dropped_canary_unloads(make_engine, adapter_dir):

@@ -148,7 +148,7 @@ def test_with_learning_from_traffic_off_a_round_uses_own_rollouts_only(tiny, tra
 def test_a_round_of_three_updates_trains_on_the_traffic_then_on_fresh_rollouts_and_gates_once(tiny, traffic, tmp_path):
     calls: list[list[str]] = []
     trainer = make_trainer(tiny, traffic, tmp_path, calls, min_logged_samples=8, gate_min_samples=100,
-                           updates_per_round=3)
+                           updates_per_round=3, round_kl_stop=1.0)
     r = trainer.run_round()
     assert r.metrics["trainer/updates"] == 3 and r.metrics["samples/own"] == 2 * PPO.batch_size, r
     logged_rows = int(r.metrics["samples/logged"])
@@ -195,4 +195,5 @@ def test_sequence_kl_sums_each_responses_tokens_and_averages_the_responses():
     rollouts = steps.Rollouts(["p", "p"], torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3, dtype=torch.long),
                               torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), ["a", "b"], torch.tensor([True, True]),
                               torch.full((2, 3), -1.0), torch.full((2, 3), -1.5), torch.zeros(2, 3), ["", ""])
-    assert steps.sequence_kl(rollouts) == pytest.approx((2 * 0.5 + 3 * 0.5) / 2)  # padding after the first reply's EOS
+    k3 = math.exp(-0.5) - 1 + 0.5  # per token, with log(p / ref) = 0.5
+    assert steps.sequence_kl(rollouts) == pytest.approx((2 * k3 + 3 * k3) / 2)  # padding after the first reply's EOS
