@@ -98,6 +98,8 @@ class Engine(ServingEngine):
 
     def start(self) -> Engine:
         """Run the decode loop in a background thread (tests, in-process use)."""
+        if self._thread is not None:  # two loops would step the same batch at once
+            raise RuntimeError("the engine's decode loop is already running")
         self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self._thread.start()
         return self

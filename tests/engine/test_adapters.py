@@ -131,7 +131,7 @@ def test_retired_version_is_unloaded_even_when_the_server_goes_idle(make_engine,
 
 def canary_beside_the_base(make_engine, tiny, adapter_dir):
     """A started engine serving the bare base with the adapter as its canary, a prompt, and each one's greedy text."""
-    engine = make_engine().start()
+    engine = make_engine()
     ids = engine.encode_prompt(PROMPT)
     base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
     lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
@@ -182,7 +182,7 @@ def test_an_adapter_peft_builds_itself_serves_beside_base_rows(make_engine, tiny
 
 
 def test_a_route_to_a_version_not_served_is_refused_and_a_dropped_canary_unloads(make_engine, adapter_dir):
-    engine = make_engine().start()
+    engine = make_engine()
     ids = engine.encode_prompt(PROMPT)
     with pytest.raises(ValueError, match="current or canary"):
         engine.submit(ids, PARAMS, route=lambda stable, canary: ["v000001"])
@@ -200,7 +200,7 @@ def test_a_new_version_is_copied_into_a_retired_versions_layers(make_engine, tin
     """The next version of the same LoRA config reuses the layers a retired one left; the text is PEFT's either way."""
     first, other = random_lora(tiny, tmp_path / "first", seed=3), random_lora(tiny, tmp_path / "other", seed=1)
     rank4 = random_lora(tiny, tmp_path / "rank4", seed=2, r=4)
-    engine = make_engine().start()
+    engine = make_engine()
     ids = engine.encode_prompt(PROMPT)
     texts = {d: greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), d).eval(), tiny[1], ids, 24)
              for d in (first, adapter_dir, other, rank4)}
@@ -237,7 +237,7 @@ def test_a_copied_version_has_the_weights_peft_would_load_under_a_bf16_base(make
     from safetensors.torch import load_file
 
     first = random_lora(tiny, tmp_path / "first", seed=3)
-    engine = make_engine(model=copy.deepcopy(tiny[0]).to(torch.bfloat16)).start()
+    engine = make_engine(model=copy.deepcopy(tiny[0]).to(torch.bfloat16))
     ids = engine.encode_prompt(PROMPT)
     for k, d in enumerate((first, random_lora(tiny, tmp_path / "other", seed=1)), 1):
         engine.load_adapter(f"v00000{k}", d)

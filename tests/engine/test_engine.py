@@ -230,3 +230,9 @@ def test_running_the_loop_on_the_callers_thread_leaves_its_grad_mode_alone(tiny)
     t.join()
     assert result["r"][0].completion_tokens == 12
     assert torch.is_grad_enabled()
+
+
+def test_a_second_start_is_refused_since_two_loops_would_step_one_batch(make_engine):
+    engine = make_engine()  # started
+    with pytest.raises(RuntimeError, match="already running"):
+        engine.start()
