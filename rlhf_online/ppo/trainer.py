@@ -222,8 +222,6 @@ class Trainer:
             further = self._update(policy, self._rollouts(policy, train, times), times, kl_stop)
             if further is None:
                 kl_stopped = True
-                log.info("round stops adding updates: its rollouts passed the KL stop",
-                         extra={"updates": updates, "kl_stop": round(kl_stop, 2)})
                 break
             stats, updates = further, updates + 1
         stats.update({"trainer/ranks": float(self.ranks.world), "trainer/updates": float(updates),
@@ -279,7 +277,8 @@ class Trainer:
         timed("time/forward_seconds", t)
         if (kl := steps.sequence_kl(rollouts)) > kl_stop:
             self.ranks.broadcast(None)  # the other ranks leave this update too
-            log.info("update not made: the policy is past the KL stop", extra={"kl": round(kl, 2)})
+            log.info("update not made: the policy is past the KL stop",
+                     extra={"kl": round(kl, 2), "kl_stop": round(kl_stop, 2)})
             return None
         t = time.time()
         try:
