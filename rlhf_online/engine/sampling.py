@@ -37,7 +37,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generato
     # Inverse-CDF sampling, one uniform draw per row from that row's own generator (so a seeded row
     # is reproducible whatever else shares the batch): ~10x faster than a multinomial call per row.
     u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64) for i in rows])
-    picked = _inverse_cdf(torch.softmax(x, dim=-1), u)  # x is fp32 (logits.float() above)
+    picked = inverse_cdf(torch.softmax(x, dim=-1), u)  # x is fp32 (logits.float() above)
     for i, token in zip(rows, picked.tolist(), strict=True):
         out[i] = token
     return out
@@ -46,7 +46,7 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], generato
 BLOCK = 256  # vocabulary entries per block of the two-level CDF
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index of each row's first token whose cumulative probability exceeds u [R] (in [0, 1), float64) of its total.
 
     A cumsum over the whole 49k vocabulary has to be float64 to stay exact, and cost 17 ms a step at

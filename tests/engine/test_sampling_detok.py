@@ -87,7 +87,7 @@ def test_a_character_cut_off_at_the_end_is_dropped(tiny):
 
 
 def test_the_two_level_cdf_picks_what_a_float64_cdf_over_the_whole_vocabulary_picks():
-    from rlhf_online.engine.sampling import BLOCK, _inverse_cdf
+    from rlhf_online.engine.sampling import BLOCK, inverse_cdf
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 10 * BLOCK + 37, generator=g) * 4  # a partial last block
@@ -96,14 +96,14 @@ def test_the_two_level_cdf_picks_what_a_float64_cdf_over_the_whole_vocabulary_pi
         u = torch.rand(64, generator=g, dtype=torch.float64)
         cdf = probs.double().cumsum(dim=-1)
         expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-        assert torch.equal(_inverse_cdf(probs, u), expected)
+        assert torch.equal(inverse_cdf(probs, u), expected)
 
 
 def test_the_two_level_cdf_never_picks_a_token_without_probability():
-    from rlhf_online.engine.sampling import BLOCK, _inverse_cdf
+    from rlhf_online.engine.sampling import BLOCK, inverse_cdf
 
     probs = torch.zeros(3, 3 * BLOCK)
     probs[:, BLOCK : BLOCK + 5] = 0.2  # all mass in the middle block's first 5 tokens; the rest is filtered out
     u = torch.tensor([0.0, 0.5, 1.0 - 1e-16], dtype=torch.float64)
-    picked = _inverse_cdf(probs, u).tolist()
+    picked = inverse_cdf(probs, u).tolist()
     assert all(BLOCK <= p < BLOCK + 5 for p in picked) and picked[1] == BLOCK + 2

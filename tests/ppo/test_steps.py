@@ -248,3 +248,35 @@ def test_the_gate_reads_the_candidates_log_probs_off_its_decode_and_runs_only_th
     rollouts = steps.collect(policy, tok, [p for p in PROMPTS[:2] for _ in range(2)], cfg, seed=5)
     k3 = (steps.core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1).mean()
     assert result["eval/kl"] > 0 and result["eval/kl"] == pytest.approx(float(k3), rel=1e-3, abs=1e-5)
+
+
+def test_the_rollout_sampler_draws_from_the_tempered_softmax_and_leaves_only_its_token_finite():
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.0, 0.0, 3.0, 0.0, 0.0]]).repeat(2000, 1)  # [4000, 5]
+    sampler = steps._InverseCdfSampler(temperature=0.7, record=True)
+    out = sampler(torch.zeros(4000, 1, dtype=torch.long), scores)
+    drawn = out.argmax(dim=-1)
+    assert torch.equal(torch.isfinite(out).sum(dim=-1), torch.ones(4000, dtype=torch.long))  # one finite score per row
+    assert torch.equal(out.gather(1, drawn.unsqueeze(1)).squeeze(1), torch.zeros(4000))
+    want = torch.softmax(scores[:2] / 0.7, dim=-1)
+    freq = [torch.bincount(drawn[row::2], minlength=5).float() / 2000 for row in range(2)]
+    for row in range(2):
+        # 2,000 draws: a probability p is seen within 5 standard errors (fixed seed, so the outcome never changes)
+        assert ((freq[row] - want[row]).abs() <= 5 * (want[row] * (1 - want[row]) / 2000).sqrt()).all(), (freq, want)
+    assert freq[0][4] == 0 and (freq[1] > 0).all()  # a logit 30 below the rest is never drawn; every other one is
+    recorded = sampler.result(drawn.unsqueeze(1))  # the last step's token comes from the output
+    torch.testing.assert_close(recorded.squeeze(1), torch.log_softmax(scores / 0.7, -1).gather(1, drawn.unsqueeze(1)).squeeze(1))
+
+
+def test_rollouts_are_drawn_without_torch_multinomial(tiny, monkeypatch):
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype="float32"))
+    cfg = PPOConfig(batch_size=4, response_length=6, compute_dtype="float32")
+    first = steps.sample(policy, tok, PROMPTS[:4], cfg, seed=7)
+
+    def multinomial(*args, **kwargs):  # one exponential per vocabulary entry: what the sampler replaces
+        raise AssertionError("torch.multinomial called")
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    assert steps.sample(policy, tok, PROMPTS[:4], cfg, seed=7) == first  # seeded: the same draw
+    assert steps.sample(policy, tok, PROMPTS[:4], cfg, seed=8) != first
