@@ -175,9 +175,10 @@ class _InverseCdfSampler(LogitsProcessor):
         logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
         if self.record:
             self.pending = logprobs
-        u = torch.rand(scores.shape[0], dtype=torch.float64)  # [B] in [0, 1)
+        # [B] in [0, 1), drawn on the CPU (the same draws for a seed whatever the device), used where the scores are
+        u = torch.rand(scores.shape[0], dtype=torch.float64).to(scores.device)
         token = inverse_cdf(logprobs.exp(), u)  # [B]
-        return torch.full_like(scores, float("-inf")).scatter_(1, token.unsqueeze(1).to(scores.device), 0.0)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token.unsqueeze(1), 0.0)
 
     def result(self, response: torch.Tensor) -> torch.Tensor:
         """[B, T] log-probs of the generated tokens `response` [B, T]."""

@@ -219,9 +219,11 @@ def test_sampling_folds_the_lora_into_a_copy_of_the_weights_and_puts_the_frozen_
     assert torch.equal(before, after)
 
 
-def test_the_gate_reads_the_candidates_log_probs_off_its_decode_and_runs_only_the_reference_pass(tiny, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # 0.7: the log-probs are of the tempered scores, as measure's
+def test_the_gate_reads_the_candidates_log_probs_off_its_decode_and_runs_only_the_reference_pass(tiny, monkeypatch,
+                                                                                                  temperature):
     model, tok = tiny
-    cfg = PPOConfig(response_length=6, compute_dtype="float32")
+    cfg = PPOConfig(response_length=6, compute_dtype="float32", temperature=temperature)
     policy = PolicyWithValue(copy.deepcopy(model), cfg)
     torch.manual_seed(0)
     with torch.no_grad():
