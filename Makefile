@@ -15,7 +15,9 @@ VLLM    := .venv-vllm/.installed
 demo: $(STAMP) $(MODEL)
 	$(BIN)/rlhf-online demo --until-promoted-minutes 10
 
-test: $(STAMP) $(MODEL) $(VLLM) deploy-tools
+# The two venvs install side by side: pip runs on one core, and CI starts from a clean clone.
+test:
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(MODEL) $(VLLM) deploy-tools
 	$(BIN)/ruff check .
 	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider
 	$(MAKE) --no-print-directory test-vllm

@@ -303,7 +303,9 @@ def start_http(settings: GenerationSettings, frontend: Frontend) -> HttpServer:
     threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
 
     async def setup() -> tuple[web.AppRunner, int]:
-        runner = web.AppRunner(build_app(api), handle_signals=False, access_log=None)
+        # Stopping comes after the drain gave running requests the grace period: what still runs then is past
+        # it (or writing its last bytes), so handlers get 2 s, not aiohttp's default 60, before being cancelled.
+        runner = web.AppRunner(build_app(api), handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.http_port)
         await site.start()

@@ -51,7 +51,7 @@ WATCH_SECONDS = 0.02  # how often cancelled and expired requests are looked for 
 class VllmOptions:
     """What vLLM needs beyond the engine config; every field a `GenerationSettings` setting."""
 
-    dtype: str = "auto"  # "auto", "float32", "bfloat16"
+    dtype: str = "auto"  # "auto" (on a CPU: bf16 where native, else fp32), "float32", "bfloat16"
     max_loras: int = 2  # adapters in one batch: the stable version and a canary (>= 2)
     # the largest LoRA rank accepted: vLLM pads every adapter to it, so it sets the LoRA cost (on this
     # 2-core CPU, 32 rows: 62 tokens/s at 16, 15 at 64); 16 is the trainer's default lora_r
@@ -118,6 +118,7 @@ class VllmEngine(ServingEngine):
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.options = options or VllmOptions()
+        self.dtype = self._resolve_dtype(self.options.dtype)
         if self.options.max_loras < 2:
             raise ValueError("max_loras must be >= 2: a stable version and a canary share the batch")
         try:
@@ -175,12 +176,27 @@ class VllmEngine(ServingEngine):
         with self._lock:
             return len(self._live)
 
+    @staticmethod
+    def _resolve_dtype(setting: str) -> str:
+        """`auto` on a CPU means what it means for the embedded engine: bf16 where it runs natively, else fp32.
+
+        vLLM's own `auto` takes the checkpoint's bf16 on every x86 CPU, where without AMX / AVX512-BF16
+        each bf16 matmul is emulated and slower than fp32. On a GPU vLLM's choice stands.
+        """
+        from vllm.platforms import current_platform
+
+        if setting != "auto" or current_platform.device_type != "cpu":
+            return setting
+        from rlhf_online.models.provision import native_bf16
+
+        return "bfloat16" if native_bf16("cpu") else "float32"
+
     @property
     def dtype_name(self) -> str:
         """The dtype vLLM runs the weights in."""
         if self._llm is not None:
             return str(self._llm.model_config.dtype).replace("torch.", "")
-        return self.options.dtype
+        return self.dtype
 
     @property
     def device_type(self) -> str:
@@ -284,7 +300,7 @@ class VllmEngine(ServingEngine):
 
         o = self.options
         args = AsyncEngineArgs(
-            model=str(self.model_path), tokenizer=str(self.model_path), dtype=o.dtype,
+            model=str(self.model_path), tokenizer=str(self.model_path), dtype=self.dtype,
             max_model_len=self.max_context, max_num_seqs=self.config.max_batch_size,
             # the embedded engine's bound on KV-cache positions, as bytes; unset, vLLM on a CPU takes
             # gpu_memory_utilization of the machine's memory (this 24 GiB machine ran out at rank 64)
@@ -300,7 +316,7 @@ class VllmEngine(ServingEngine):
         c = self._model_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        element = 4 if self.options.dtype == "float32" else 2
+        element = 4 if self.dtype == "float32" else 2
         return self.config.max_batch_tokens * 2 * c.num_hidden_layers * kv_heads * head_dim * element
 
     async def _watch(self) -> None:

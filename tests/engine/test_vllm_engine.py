@@ -212,3 +212,18 @@ def test_a_failing_generation_fails_its_request_only(base, monkeypatch):
     wait_for(lambda: base.busy == 0, 10, "the failed request to leave")
     [after], _, _ = run(base, SamplingParams(max_new_tokens=8, temperature=0.0))
     assert after.completion_tokens == 8
+
+
+def test_auto_dtype_on_a_cpu_is_the_embedded_engines_choice(smollm_dir):
+    """vLLM's own `auto` takes the checkpoint's bf16 on any x86 CPU; ours is bf16 only where it runs natively."""
+    from rlhf_online.engine.vllm_engine import VllmEngine, VllmOptions
+    from rlhf_online.models.provision import load_tokenizer, native_bf16
+
+    tokenizer = load_tokenizer(smollm_dir)
+    made = {d: VllmEngine(smollm_dir, tokenizer, EngineConfig(), VllmOptions(dtype=d))  # built, never started
+            for d in ("auto", "float32", "bfloat16")}
+    assert made["auto"].dtype_name == ("bfloat16" if native_bf16("cpu") else "float32")
+    assert (made["float32"].dtype_name, made["bfloat16"].dtype_name) == ("float32", "bfloat16")  # asked by name: kept
+    # the KV cache is sized for the dtype that runs: 4 bytes a value in fp32, 2 in bf16
+    assert made["float32"].kv_cache_bytes() == 2 * made["bfloat16"].kv_cache_bytes()
+    assert made["auto"].kv_cache_bytes() == made[made["auto"].dtype_name].kv_cache_bytes()

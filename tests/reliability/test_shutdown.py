@@ -99,6 +99,11 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
         assert service.stop(timeout=60) == 0, service.log_tail()
         exited = time.monotonic()
 
+    # grpc cancels a call that reaches the server in the instant it stops listening, before any handler took it
+    # (grpc/grpc#41785; a probe of a bare grpc server: 11 CANCELLED of ~17,000 calls racing 20 stops). The server stops only once
+    # nothing is in flight, so such a call can only end after the last reply did: anywhere else it is a bug.
+    last_reply = max(c[1] for c in calls if c[2] == grpc.StatusCode.OK)
+    calls = [c for c in calls if not (c[2] == grpc.StatusCode.CANCELLED and c[1] >= last_reply)]
     in_flight = [c for c in calls if c[0] < sigterm < c[1]]
     # A call sent a moment before SIGTERM may reach the server only after draining began: refused at admission
     # (the engine's "retry on another replica"), never started, so nothing of it is lost. Seen on a loaded
@@ -109,7 +114,8 @@ def test_sigterm_under_load(tiny_model_dir, tmp_path):
     assert admitted, "no request was in flight at SIGTERM"
     assert all(c[2] == grpc.StatusCode.OK for c in admitted), in_flight
     late = [c for c in calls if c[0] > not_serving]
-    assert late and all(c[2] == grpc.StatusCode.UNAVAILABLE for c in late), late
+    assert late, "no call was sent after health turned NOT_SERVING"
+    assert [c for c in late if c[2] != grpc.StatusCode.UNAVAILABLE] == [], late
     assert all(c[2] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE) for c in calls), calls
     assert exited - sigterm < 30
 

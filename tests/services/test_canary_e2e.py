@@ -1,6 +1,6 @@
 """Canaries end to end on the real SmolLM2: users' ratings roll a rude adapter back and promote a kind one.
 
-Two adapters are trained here in a few seconds of supervised fine-tuning: one that answers every
+Two adapters are trained here in seconds of supervised fine-tuning: one that answers every
 prompt with insults (trained against the users), one that answers warmly. A Generation service
 serves them as canaries to half of the users (sticky per user_id), and the promotion controller
 reads what simulated users of the "polite" persona say — their thumbs come from the real judges
@@ -47,12 +47,19 @@ CANARY_PERCENT = 50.0
 MAX_CANARY_LOOKS = 60  # the stated bound for a clearly rude canary: min_canary_ratings 30 plus a poll's worth
 
 
-def fine_tune(model, tokenizer, reply: str, steps: int = 10):
-    """A LoRA that answers every prompt with `reply` (supervised: cross-entropy on the reply's tokens only)."""
+def fine_tune(model, tokenizer, reply: str, steps: int = 6):
+    """A LoRA that answers every prompt with `reply` (supervised: cross-entropy on the reply's tokens only).
+
+    Only the last 10 of SmolLM2's 30 layers are adapted, so the backward pass stops there: 12 s an adapter
+    instead of 32 on a 2-core AVX2 machine, and 24 replies at temperature 1 were still all rated thumbs-down
+    (rude) or all up (kind) by the polite persona.
+    """
     torch.manual_seed(0)
-    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, init_lora_weights=True,
-                                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=6e-3)
+    last = model.config.num_hidden_layers
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=16, lora_alpha=32, init_lora_weights=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        layers_to_transform=list(range(last - 10, last))))
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
     rows = []
     for p in PROMPTS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -109,7 +116,7 @@ class Users:
         while not self.stop.is_set():
             try:
                 r = self.stub.Generate(pb.GenerateRequest(prompt=rng.choice(PROMPTS), n=2, user_id=user, params=pb.SamplingParams(
-                    max_new_tokens=16, temperature=1.0, seed=rng.getrandbits(32))), timeout=120)
+                    max_new_tokens=8, temperature=1.0, seed=rng.getrandbits(32))), timeout=120)  # enough to judge
                 scores = persona.preference([c.text for c in r.completions])
                 for c, rating in zip(r.completions, persona.rate_scores(scores, rng), strict=True):
                     self.stub.SubmitFeedback(pb.SubmitFeedbackRequest(

@@ -34,7 +34,7 @@ def test_six_swaps_under_four_clients_fail_nothing(smollm_dir, tmp_path):
                 for k in range(SWAPS)]
     env = {"RLHF_ENGINE": "vllm", "RLHF_BASE_MODEL": str(smollm_dir), "RLHF_DATA_DIR": str(tmp_path),
            "RLHF_STORE_URL": f"sqlite:///{tmp_path / 'store.db'}", "RLHF_ADAPTER_DIR": str(registry.root),
-           "RLHF_DTYPE": "bfloat16", "RLHF_MAX_BATCH_SIZE": "8"}
+           "RLHF_DTYPE": "auto", "RLHF_MAX_BATCH_SIZE": "8"}  # auto: bf16 only where the CPU runs it natively
     with launch.running("generation", env, tmp_path) as service:
         stub = pb_grpc.GenerationStub(grpc.insecure_channel(service.address))
         served = lambda: stub.GetPolicy(pb.GetPolicyRequest(), timeout=10).version  # noqa: E731
