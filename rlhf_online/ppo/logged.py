@@ -110,6 +110,7 @@ class TrafficVerdict:
     diff_se: float  # bootstrap standard error of the difference
     kl_current: float  # mean sequence KL of the served version to the reference on those replies
     kl_candidate: float  # importance-weighted estimate of the candidate's sequence KL to the reference
+    kl_se: float  # bootstrap standard error of kl_candidate
     ess_share: float  # effective sample size of the importance weights / number of replies
     samples: int
 
@@ -130,15 +131,17 @@ def judge_on_traffic(current_logprobs: torch.Tensor, candidate_logprobs: torch.T
     seq_kl_candidate = core.kl_per_token(candidate_logprobs, ref_logprobs, "k3").sum(1).double()
     r = scores.double()
 
-    def estimate(idx: torch.Tensor) -> tuple[float, float]:
+    def estimate(idx: torch.Tensor) -> tuple[float, float, float]:
+        """(candidate's reward, served version's reward, candidate's KL) on the replies `idx`."""
         w = torch.softmax(log_w[idx], 0)
-        return float((w * r[idx]).sum()), float(r[idx].mean())
+        return float((w * r[idx]).sum()), float(r[idx].mean()), float((w * seq_kl_candidate[idx]).sum())
 
     n = len(r)
     w = torch.softmax(log_w, 0)
-    after, before = estimate(torch.arange(n))
+    after, before, kl = estimate(torch.arange(n))
     g = torch.Generator().manual_seed(seed)
-    diffs = torch.tensor([a - b for a, b in (estimate(torch.randint(n, (n,), generator=g)) for _ in range(boot))])
-    return TrafficVerdict(reward_current=before, reward_candidate=after, diff_se=float(diffs.std()),
-                          kl_current=float(seq_kl_current.mean()), kl_candidate=float((w * seq_kl_candidate).sum()),
+    boots = torch.tensor([estimate(torch.randint(n, (n,), generator=g)) for _ in range(boot)],
+                         dtype=torch.float64)  # [boot, 3]
+    return TrafficVerdict(reward_current=before, reward_candidate=after, diff_se=float((boots[:, 0] - boots[:, 1]).std()),
+                          kl_current=float(seq_kl_current.mean()), kl_candidate=kl, kl_se=float(boots[:, 2].std()),
                           ess_share=float(1.0 / (w ** 2).sum()) / n, samples=n)

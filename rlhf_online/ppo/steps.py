@@ -372,13 +372,18 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], re
     samples, logprobs = sample_scored(policy, tokenizer, batch, cfg, seed=seed)
     ref_logprobs, mask = reference_logprobs(policy, samples, tokenizer.pad_token_id, cfg)
     # k3: never negative and lower variance than k1 on a dozen samples, so a budget check reads it as a KL
-    kl = float((core.kl_per_token(logprobs[:, : mask.shape[1]], ref_logprobs, "k3") * mask).sum(1).mean())
-    return score_evaluation(batch, [s.text for s in samples], kl, reward_fn)
+    seq_kl = (core.kl_per_token(logprobs[:, : mask.shape[1]], ref_logprobs, "k3") * mask).sum(1).double()  # [B]
+    # Its standard error, for a budget check near the edge that reads a mean of a couple of dozen replies:
+    # over the prompts' means, since replies to one prompt share its KL and are not independent draws.
+    per_prompt = seq_kl.view(len(prompts), samples_per_prompt).mean(1)  # batch is prompt-major
+    kl_se = float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else math.nan
+    return score_evaluation(batch, [s.text for s in samples], float(seq_kl.mean()), reward_fn, kl_se)
 
 
-def score_evaluation(prompts: Sequence[str], texts: Sequence[str], kl: float, reward_fn: RewardFn) -> dict[str, Any]:
-    """The evaluation numbers of sampled replies: rewards by `reward_fn`, their mean, the KL, finiteness."""
+def score_evaluation(prompts: Sequence[str], texts: Sequence[str], kl: float, reward_fn: RewardFn,
+                     kl_se: float = math.nan) -> dict[str, Any]:
+    """The evaluation numbers of sampled replies: rewards by `reward_fn`, their mean, the KL (± its SE), finiteness."""
     rewards = [float(x) for x in reward_fn(list(prompts), list(texts), [""] * len(texts))]
-    return {"eval/reward": sum(rewards) / len(rewards), "eval/kl": kl,
+    return {"eval/reward": sum(rewards) / len(rewards), "eval/kl": kl, "eval/kl_se": kl_se,
             "eval/finite": float(all(math.isfinite(x) for x in [*rewards, kl])), "rewards": rewards,
             "prompts": list(prompts), "texts": list(texts)}

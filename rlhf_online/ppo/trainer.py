@@ -64,15 +64,25 @@ def split_prompts(store: Store, heldout_percent: int, window: int) -> tuple[list
     return [p for p in prompts if p not in held_set], held
 
 
-def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z: float = 2.0) -> tuple[bool, str]:
-    """Publish only if every number is finite, KL is within budget, and the reward did not drop beyond z standard errors."""
+def verdict(diff: float, se: float, kl: float, kl_budget: float, summary: str, z: float = 2.0,
+            kl_se: float = math.nan) -> tuple[bool, str]:
+    """Publish only if every number is finite, KL is within budget, and the reward did not drop beyond z standard errors.
+
+    The budget is read on the KL's estimate itself (a safety bound, not a test); its standard error
+    is said beside it, so a refusal within noise of the budget shows as one.
+    """
     if not all(math.isfinite(x) for x in (diff, se, kl)):
         return False, "non-finite evaluation"
     if kl > kl_budget:
-        return False, f"KL to reference {kl:.2f} over budget {kl_budget:.2f}"
+        return False, f"KL to reference {kl:.2f}{_pm(kl_se)} over budget {kl_budget:.2f}"
     if diff < -z * se:
         return False, f"held-out reward dropped: {summary}"
     return True, summary
+
+
+def _pm(se: float) -> str:
+    """' ± 0.93' for a finite standard error, else nothing."""
+    return f" ± {se:.2f}" if math.isfinite(se) else ""
 
 
 def paired_se(candidate: list[float], current: list[float]) -> float:
@@ -96,8 +106,9 @@ def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tu
     mean = sum(diffs) / len(diffs)
     se = paired_se(candidate["rewards"], current["rewards"]) if len(diffs) > 1 else 0.0  # one pair: any drop counts
     summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
-               f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}")
-    return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z)
+               f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), "
+               f"KL {candidate['eval/kl']:.2f}{_pm(candidate.get('eval/kl_se', math.nan))}")
+    return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z, candidate.get("eval/kl_se", math.nan))
 
 
 def gate_on_traffic(v: logged.TrafficVerdict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
@@ -105,8 +116,8 @@ def gate_on_traffic(v: logged.TrafficVerdict, kl_budget: float, z: float = 2.0) 
     diff = v.reward_candidate - v.reward_current
     summary = (f"held-out traffic reward {v.reward_current:.4f} -> {v.reward_candidate:.4f} (importance-weighted, "
                f"diff {diff:+.4f} ± {v.diff_se:.4f} on {v.samples} logged replies, ESS {100 * v.ess_share:.0f}%), "
-               f"KL {v.kl_candidate:.2f}")
-    return verdict(diff, v.diff_se, v.kl_candidate, kl_budget, summary, z)
+               f"KL {v.kl_candidate:.2f}{_pm(v.kl_se)}")
+    return verdict(diff, v.diff_se, v.kl_candidate, kl_budget, summary, z, v.kl_se)
 
 
 def failure_reason(error: Exception) -> str:
@@ -148,7 +159,7 @@ class Trainer:
         # across rounds; and the replies of recent evaluations by (version, prompts): a version's
         # replies under the fixed seed never change, only the reward model that scores them does.
         self.eval_prompts: list[str] = []
-        self._eval_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], float]] = {}
+        self._eval_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], float, float]] = {}  # (texts, KL, its SE)
         self._candidate_replies: tuple[list[str], dict[str, Any]] | None = None
         self.last_round_started_at = 0.0  # logged traffic newer than this is new to the next round
 
@@ -322,7 +333,7 @@ class Trainer:
             numbers.update({"eval/on_traffic": 1.0, "eval/reward_current": v.reward_current,
                             "eval/reward": v.reward_candidate, "eval/reward_diff_se": v.diff_se,
                             "eval/kl_current": v.kl_current,
-                            "eval/kl": v.kl_candidate, "eval/ess_share": v.ess_share})
+                            "eval/kl": v.kl_candidate, "eval/kl_se": v.kl_se, "eval/ess_share": v.ess_share})
             if v.ess_share >= self.config.gate_min_ess:
                 passed, reason = gate_on_traffic(v, self.config.kl_budget)
                 return passed, reason, numbers
@@ -353,9 +364,9 @@ class Trainer:
         """Evaluate on held-out prompts; a version evaluated before on them is only re-scored, not re-sampled."""
         key = (version, tuple(held))
         if version is not None and key in self._eval_cache:
-            texts, kl = self._eval_cache[key]
+            texts, kl, kl_se = self._eval_cache[key]
             prompts = [p for p in held for _ in range(self.config.eval_samples_per_prompt)]
-            return steps.score_evaluation(prompts, texts, kl, self.reward_fn)
+            return steps.score_evaluation(prompts, texts, kl, self.reward_fn, kl_se)
         result = steps.evaluate(policy(), self.tokenizer, held, self.reward_fn, self.ppo, self.config.eval_seed,
                                 self.config.eval_samples_per_prompt)
         if version is not None:
@@ -363,7 +374,7 @@ class Trainer:
         return result
 
     def _remember(self, version: str, held: list[str], result: dict[str, Any]) -> None:
-        self._eval_cache[(version, tuple(held))] = (result["texts"], result["eval/kl"])
+        self._eval_cache[(version, tuple(held))] = (result["texts"], result["eval/kl"], result["eval/kl_se"])
         while len(self._eval_cache) > 4:  # only the latest few versions can be CURRENT again soon
             self._eval_cache.pop(next(iter(self._eval_cache)))
 

@@ -47,6 +47,7 @@ class RoundRecord:
     reward_before: float  # held-out reward of the serving policy, by the reward model of the round
     reward_after: float  # same prompts and seeds, the candidate
     seconds: float
+    kl_se: float = float("nan")  # the standard error of `kl` (nan where the trainer gave none)
 
 
 class Monitor:
@@ -87,7 +88,7 @@ class Monitor:
                 m = r.metrics
                 rec = RoundRecord(now, r.outcome, r.version, r.reason, m.get("eval/kl", float("nan")),
                                   m.get("eval/reward_current", float("nan")), m.get("eval/reward", float("nan")),
-                                  m.get("time/round_seconds", float("nan")))
+                                  m.get("time/round_seconds", float("nan")), m.get("eval/kl_se", float("nan")))
                 self.rounds.append(rec)
                 _append(self._round_file, asdict(rec))
         s = self.pool.stats

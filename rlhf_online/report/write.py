@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rlhf_online.artifacts import write_atomically, write_json_atomically
@@ -61,7 +62,8 @@ def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list
               "|---:|---:|---|---|---|---:|---:|"]
     for i, r in enumerate(rounds, 1):
         lines.append(f"| {i} | {r.t / 60:.1f} | {r.outcome} | {r.version or '-'} | {r.reward_before:.3f} -> "
-                     f"{r.reward_after:.3f} | {r.kl:.2f} | {r.seconds:.0f} |")
+                     f"{r.reward_after:.3f} | {r.kl:.2f}{f' ± {r.kl_se:.2f}' if math.isfinite(r.kl_se) else ''} | "
+                     f"{r.seconds:.0f} |")
     lines += ["", *(_versions_table(report["versions"]) if "versions" in report else _ratings_table(by_version))]
     if "canaries" in report:
         lines += ["", *canaries.markdown(report["canaries"])]

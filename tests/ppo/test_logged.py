@@ -86,6 +86,33 @@ def test_the_traffic_gate_is_exact_for_an_unchanged_policy_and_follows_the_weigh
     assert v.reward_candidate == pytest.approx(0.6) and v.ess_share < 1.0 and v.diff_se > 0
 
 
+def test_the_traffic_gate_gives_the_candidates_kl_a_standard_error_that_shrinks_with_the_replies():
+    g = torch.Generator().manual_seed(0)
+
+    def verdict(n: int) -> logged.TrafficVerdict:
+        lp = torch.log(torch.full((n, 4), 0.5))
+        ref = lp - torch.rand(n, 1, generator=g)  # each reply's own KL to the reference
+        return logged.judge_on_traffic(lp, lp, ref, torch.randn(n, generator=g), boot=400)
+
+    small, large = verdict(100), verdict(1600)
+    # an unchanged policy weighs every reply alike: the bootstrap SE of a plain mean, sd / sqrt(n)
+    u = torch.rand(100_000, generator=g)  # log p - log ref of a reply, the same at its four tokens
+    per_reply_sd = float((4 * (torch.exp(-u) - 1 + u)).std())  # sd of its k3 sequence KL
+    assert small.kl_se > 0 and large.kl_se > 0
+    assert large.kl_se == pytest.approx(small.kl_se / 4, rel=0.3)  # 16 times the replies: a quarter of the error
+    assert small.kl_se == pytest.approx(per_reply_sd / 10, rel=0.3)
+    # A candidate that moved: the bootstrap follows the weights, as the delta method's sqrt(sum w^2 (kl - mean)^2) does
+    n = 400
+    lp = torch.log(torch.full((n, 4), 0.5))
+    ref = lp - torch.rand(n, 1, generator=g)
+    moved = lp + 0.3 * torch.randn(n, 1, generator=g)
+    v = logged.judge_on_traffic(lp, moved, ref, torch.randn(n, generator=g), boot=400)
+    w = torch.softmax((moved - lp).sum(1).double(), 0)
+    seq_kl = steps.core.kl_per_token(moved, ref, "k3").sum(1).double()
+    delta = float(((w ** 2) * (seq_kl - (w * seq_kl).sum()) ** 2).sum().sqrt())
+    assert v.ess_share < 0.9 and v.kl_se == pytest.approx(delta, rel=0.3)
+
+
 @pytest.fixture
 def traffic(tiny, tmp_path):
     """A store with replies the tiny base policy sampled for 40 prompts, logged as the bare base ("") served them."""

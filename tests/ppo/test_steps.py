@@ -248,8 +248,12 @@ def test_the_gate_reads_the_candidates_log_probs_off_its_decode_and_runs_only_th
     assert calls == []
     monkeypatch.undo()
     rollouts = steps.collect(policy, tok, [p for p in PROMPTS[:2] for _ in range(2)], cfg, seed=5)
-    k3 = (steps.core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1).mean()
-    assert result["eval/kl"] > 0 and result["eval/kl"] == pytest.approx(float(k3), rel=1e-3, abs=1e-5)
+    seq_k3 = (steps.core.kl_per_token(rollouts.logprobs, rollouts.ref_logprobs, "k3") * rollouts.mask).sum(1)
+    assert result["eval/kl"] > 0 and result["eval/kl"] == pytest.approx(float(seq_k3.mean()), rel=1e-3, abs=1e-5)
+    # and its standard error over the two prompts: the sd of their mean KLs / sqrt(2)
+    per_prompt = seq_k3.view(2, 2).mean(1)
+    assert result["eval/kl_se"] > 0
+    assert result["eval/kl_se"] == pytest.approx(float(per_prompt.std() / 2 ** 0.5), rel=1e-3)
 
 
 def test_the_rollout_sampler_draws_from_the_tempered_softmax_and_leaves_only_its_token_finite():

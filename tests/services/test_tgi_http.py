@@ -186,6 +186,30 @@ def test_info_health_and_drain(http):
     assert status == 200 and body["generated_text"] and headers["X-Generated-Tokens"] == "50"
 
 
+def test_the_drain_waits_for_an_http_request_past_the_engine(http, monkeypatch, tmp_path):
+    url, store, running = http()
+    _, headers, _ = post(f"{url}/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    entered, add_feedback = threading.Event(), store.add_feedback
+
+    def slow_add_feedback(*args, **kwargs):  # a store write that takes its time (a busy database)
+        entered.set()
+        time.sleep(5)  # longer than the 2 s the stop gives a handler past the grace period
+        return add_feedback(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_feedback", slow_add_feedback)
+    result: dict = {}
+    t = threading.Thread(target=post_keeping_errors, args=(f"{url}/feedback", {
+        "completion_id": headers["X-Completion-Id"], "rating": "thumbs_up", "user_id": "u1"}, result))
+    t.start()
+    assert entered.wait(30)
+    running.shutdown(30)  # nothing in the engine: only the HTTP handler is still at work
+    t.join(30)
+    assert result.get("r", (None, None, None))[0] == 200, result  # acknowledged within the grace period
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as reopened:  # the server closed its own
+        [f] = reopened.list_feedback()
+    assert f.completion_id == headers["X-Completion-Id"]
+
+
 def test_a_request_running_past_the_grace_period_is_ended_not_waited_for(http):
     url, _, running = http(step_delay=0.05)
     result: dict = {}

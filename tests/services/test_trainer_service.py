@@ -103,6 +103,10 @@ def test_gate_rules():
     ok, reason = gate(ev([0.1, -0.3, 0.5, -0.1, 0.3, -0.2]), cur, kl_budget=5)  # every sample worse
     assert not ok and "dropped" in reason
     assert "over budget" in gate(ev([0.5] * 6, kl=9.0), cur, kl_budget=5)[1]
+    # the KL's standard error is said beside it, in a refusal and in a pass, when the evaluation has one
+    assert "KL to reference 9.00 ± 1.20 over budget 5.00" in gate({**ev([0.5] * 6, kl=9.0), "eval/kl_se": 1.2}, cur,
+                                                                   kl_budget=5)[1]
+    assert gate({**ev([0.5] * 6, kl=4.0), "eval/kl_se": 0.8}, cur, kl_budget=5)[1].endswith("KL 4.00 ± 0.80")
     assert "non-finite" in gate(ev([float("nan")] + [0.5] * 5), cur, kl_budget=5)[1]
 
 
