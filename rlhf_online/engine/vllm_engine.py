@@ -187,9 +187,9 @@ class VllmEngine(ServingEngine):
 
         if setting != "auto" or current_platform.device_type != "cpu":
             return setting
-        from rlhf_online.models.provision import native_bf16
+        from rlhf_online.models.provision import pick_dtype
 
-        return "bfloat16" if native_bf16("cpu") else "float32"
+        return str(pick_dtype(setting, "cpu")).removeprefix("torch.")
 
     @property
     def dtype_name(self) -> str:

@@ -105,10 +105,10 @@ def gate(candidate: dict, current: dict, kl_budget: float, z: float = 2.0) -> tu
         return False, "non-finite evaluation"
     mean = sum(diffs) / len(diffs)
     se = paired_se(candidate["rewards"], current["rewards"]) if len(diffs) > 1 else 0.0  # one pair: any drop counts
+    kl_se = candidate.get("eval/kl_se", math.nan)
     summary = (f"held-out reward {current['eval/reward']:.4f} -> {candidate['eval/reward']:.4f} "
-               f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), "
-               f"KL {candidate['eval/kl']:.2f}{_pm(candidate.get('eval/kl_se', math.nan))}")
-    return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z, candidate.get("eval/kl_se", math.nan))
+               f"(paired diff {mean:+.4f} ± {se:.4f} on {len(diffs)} samples), KL {candidate['eval/kl']:.2f}{_pm(kl_se)}")
+    return verdict(mean, se, candidate["eval/kl"], kl_budget, summary, z, kl_se)
 
 
 def gate_on_traffic(v: logged.TrafficVerdict, kl_budget: float, z: float = 2.0) -> tuple[bool, str]:
