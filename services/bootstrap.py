@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import threading
@@ -26,6 +27,21 @@ def set_threads(settings: CommonSettings) -> None:
     threads = settings.torch_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     log.info("torch threads", extra={"threads": threads})
+
+
+def freeze_startup_heap() -> None:
+    """Leave what start-up built (model, PEFT, transformers, grpc) out of the collector's full collections.
+
+    A serving process holds ~440k long-lived Python objects once SmolLM2 and two adapters are loaded,
+    and a full (generation-2) collection walks them all: 140-150 ms (AMX Xeon, 2 cores), during which
+    the thread that triggered it holds the GIL and every running row waits. Such collections come
+    after bursts of allocation, as a swap's validation and load make: in a 30-minute soak the slowest
+    requests were those in flight during a swap (2.2-2.6 s against 1.9 at the median). Frozen, a full
+    collection walks only what was made since; reference counting still frees frozen objects.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("startup heap frozen", extra={"objects": gc.get_freeze_count()})
 
 
 def engine_config(settings: GenerationSettings) -> EngineConfig:
@@ -68,6 +84,7 @@ def run_generation(settings: GenerationSettings) -> int:
     set_threads(settings)
     store = open_store(settings.store_url)
     engine = build_engine(settings)
+    freeze_startup_heap()
     running = start_generation_server(settings, engine, store)
     running.shutdown_on_signal(settings.grace_seconds)
     engine.run()  # the decode loop owns the main thread until shutdown stops the engine
@@ -82,6 +99,7 @@ def run_reward(settings: RewardSettings) -> int:
 
     set_threads(settings)
     runtime = RewardRuntime(config.project(RewardConfig, settings), open_store(settings.store_url))
+    freeze_startup_heap()
     running = start_reward_server(settings, runtime)
     running.on_stopped.append(runtime.runner.stop)
     running.shutdown_on_signal(settings.grace_seconds)

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_online import metrics
-from rlhf_online.engine import attention, lora_slots
+from rlhf_online.engine import attention, lora_mix, lora_slots
 from rlhf_online.engine.batch import KVBatch
 from rlhf_online.engine.detok import IncrementalText
 from rlhf_online.engine.interface import GENERATION_FAILED, EngineConfig, ServingEngine, eos_ids_of
@@ -92,7 +92,8 @@ class Engine(ServingEngine):
         self._lora_layers: dict[str, Any] | None = None  # PEFT module name -> LoRA layer, None = not yet found
         self._active: list[str] | None = None  # the adapters active in every LoRA layer, None = unknown
         self._enabled: bool | None = None  # whether the LoRA layers add their adapters at all, None = unknown
-        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "slot_reuses": 0}  # for tests and benchmarks
+        self._mix: lora_mix.MixedLora | None = None  # stacked versions of the last multi-version batch, None = stale
+        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "slot_reuses": 0, "stacked_passes": 0}  # for tests and benchmarks
 
     # ---------------------------------------------------------------- public API (any thread)
 
@@ -204,6 +205,7 @@ class Engine(ServingEngine):
         if version in self._adapters:
             return
         t0 = time.perf_counter()
+        self._mix = None  # a slot's weights change (copied into) or the layers do (PEFT)
         slot = self._free_slot
         reused = slot is not None and adapter.signature is not None and self._slot_signatures[slot] == adapter.signature
         if reused:
@@ -258,6 +260,8 @@ class Engine(ServingEngine):
             used = ({self._current, self._canary} | {v for r in self._rows for v in r.request.versions}
                     | {v for q in self._waiting for v in q.versions})
             idle = [v for v in self._retired if v not in used]
+            if idle:
+                self._mix = None
             for v in idle:
                 slot = self._adapters.pop(v)
                 self._retired.discard(v)
@@ -428,20 +432,31 @@ class Engine(ServingEngine):
             self._active = names
 
     def _mixed_forward(self, adapters: list[str], **kw: Any) -> torch.Tensor:
-        """A batch of several versions: every one of them active, each LoRA's output masked to its own rows.
+        """A batch of several versions (the bare base among them, or not), each row computed with its own.
 
         PEFT's own mixed batch (`adapter_names=`) registers hooks on every LoRA layer per call and
         gathers and scatters each adapter's rows in every layer: a decode step of 16 rows on two
-        versions took 97 ms against 70 ms on one (SmolLM2 bf16, 2 threads). Here each LoRA layer runs
-        its plain multi-adapter path, result + B(A(x)) * scaling for each active adapter, with the
-        scaling made a [rows, 1, 1] tensor that is the adapter's scaling on its rows and 0 elsewhere;
-        the floats are put back afterwards. A row of the bare base gets every mask 0. Adapters with
-        more than A and B (no `lora_slots` signature: DoRA, ...) take PEFT's path.
+        versions took 97 ms against 70 ms on one (SmolLM2 bf16, 2 threads). Instead:
+        - one adapter beside base rows (a canary beside the bare base): the layers' plain path,
+          result + B(A(x)) * scaling, with the scaling made a [rows, 1, 1] tensor that is 0 on the
+          base rows (put back afterwards): one LoRA pass per layer, and the adapter rows' floats
+          exactly those of a batch on that adapter alone;
+        - two adapters or more (a swap's old and new rows, a canary beside a stable adapter): their
+          stacked matrices, again one LoRA pass per layer (`lora_mix`), where every version active
+          would cost one pass per version (+10-12% a step at two);
+        - adapters with more than A and B (no `lora_slots` signature: DoRA, ...): PEFT's path.
         """
         names = sorted(set(adapters) - {BASE})
         if any(self._slot_signatures[n] is None for n in names):  # DoRA and the like: scaling is not a plain factor
             self._activate(names)  # PEFT's mixed path adds nothing while the layers are switched off
             return self.model(**kw, adapter_names=adapters).logits[:, -1, :]
+        if len(names) > 1:
+            if self._mix is None or self._mix.names != tuple(names):
+                self._mix = lora_mix.MixedLora(self._layers(), names)
+            self._enable(False)
+            self.stats["stacked_passes"] += 1
+            with self._mix.applied(adapters):
+                return self.model(**kw).logits[:, -1, :]
         dtype = next(self.model.parameters()).dtype
         masks = {n: torch.tensor([float(a == n) for a in adapters], dtype=dtype, device=self.device).view(-1, 1, 1)
                  for n in names}

@@ -256,3 +256,65 @@ def test_a_copied_version_has_the_weights_peft_would_load_under_a_bf16_base(make
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part)[slot].weight
             assert weight.dtype == torch.float32 and torch.equal(weight, saved[f"{name}.{part}.weight"]), name
+
+
+def _two_requests_in_one_batch(engine, ids, between):
+    """Run one request, call `between()` inside its first step, then a second that is certain to join its batch.
+
+    Returns both results and each forward's per-row adapters.
+    """
+    import threading
+
+    calls: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+    forward = engine._forward
+
+    def gated(adapters, **kw):
+        calls.append(list(adapters))
+        entered.set()
+        assert release.wait(30), "the test never released the engine"
+        return forward(adapters, **kw)
+
+    engine._forward = gated
+    try:
+        first = engine.submit(ids, PARAMS)
+        assert entered.wait(30), "the first request was never prefilled"
+        between()
+        second = engine.submit(ids, PARAMS)
+        release.set()
+        return first.result()[0], second.result()[0], calls
+    finally:
+        engine._forward = forward
+
+
+def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked(make_engine, tiny, adapter_dir,
+                                                                                 tmp_path):
+    """A swap from one adapter to another: both versions' rows share steps, each with its own policy's text.
+
+    They run through lora_mix's stacked pass; when a retired version's layers take the next version,
+    the stacked weights are built again (a stale stack would give the new rows the old policy).
+    """
+    first, third = random_lora(tiny, tmp_path / "first", seed=3), random_lora(tiny, tmp_path / "third", seed=1)
+    engine = make_engine()
+    ids = engine.encode_prompt(PROMPT)
+    texts = {d: greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), d).eval(), tiny[1], ids, 24)
+             for d in (first, adapter_dir, third)}
+    assert len(set(texts.values())) == 3
+    engine.load_adapter("v000001", first)
+    engine.set_current("v000001")
+    engine.load_adapter("v000002", adapter_dir)
+    slots = sorted(engine._adapters[v] for v in ("v000001", "v000002"))  # the versions' PEFT adapter names
+    old, new, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000002"))
+    assert (old.text, new.text) == (texts[first], texts[adapter_dir])
+    assert any(sorted(set(c)) == slots for c in calls), calls  # one forward carried both adapters
+    assert engine.stats["stacked_passes"] > 0
+
+    deadline = time.monotonic() + 30
+    while engine.loaded_versions() != ["v000002"]:  # v000001's layers become the free slot
+        assert time.monotonic() < deadline, engine.loaded_versions()
+        engine.submit(ids, SamplingParams(max_new_tokens=1)).result()
+    engine.load_adapter("v000003", third)  # copied into v000001's layers
+    assert engine.stats["slot_reuses"] == 1 and engine._adapters["v000003"] == slots[0]
+    old, new, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000003"))
+    assert (old.text, new.text) == (texts[adapter_dir], texts[third])
+    assert any(sorted(set(c)) == slots for c in calls), calls
