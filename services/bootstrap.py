@@ -30,14 +30,16 @@ def set_threads(settings: CommonSettings) -> None:
 
 
 def freeze_startup_heap() -> None:
-    """Leave what start-up built (model, PEFT, transformers, grpc) out of the collector's full collections.
+    """Leave what start-up built (model, transformers, grpc, the store) out of the collector's full collections.
 
-    A serving process holds ~440k long-lived Python objects once SmolLM2 and two adapters are loaded,
-    and a full (generation-2) collection walks them all: 140-150 ms (AMX Xeon, 2 cores), during which
-    the thread that triggered it holds the GIL and every running row waits. Such collections come
-    after bursts of allocation, as a swap's validation and load make: in a 30-minute soak the slowest
-    requests were those in flight during a swap (2.2-2.6 s against 1.9 at the median). Frozen, a full
-    collection walks only what was made since; reference counting still frees frozen objects.
+    A serving process holds some 400k long-lived Python objects once SmolLM2 is loaded, and a full
+    (generation-2) collection walks them all: 140-150 ms with two adapters loaded (~440k objects,
+    AMX Xeon, 2 cores), during which the thread that triggered it holds the GIL and every running
+    row waits. Bursts of allocation, such as a swap's validation and load, can set one off; in a
+    30-minute soak the slowest requests were those in flight during a swap, and after the freeze
+    they no longer were (docs/benchmarks.md; the collections themselves were not timed there).
+    Frozen, a full collection walks only what was made since. Reference counting still frees frozen
+    objects; cycles among them are never collected, which suits state that lives as long as the process.
     """
     gc.collect()
     gc.freeze()

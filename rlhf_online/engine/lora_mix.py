@@ -2,9 +2,9 @@
 
 With every version active, PEFT's layer adds `B_k(A_k(x)) * scaling_k` for each version k: at two
 versions that is four more operations in each of SmolLM2's 120 adapted projections per step than
-on one. Measured on a decode step of 3-8 rows (bf16, 2 threads, AMX Xeon): 43-45 ms on one version,
-47-50 ms on two, a cost every request in flight during a swap pays while the old version's rows
-finish, and every step of a canary pays while it is live beside a stable adapter.
+on one. Measured on a decode step of 2-16 rows (SmolLM2 bf16, 2 threads, AMX Xeon): 41-50 ms on one
+version, 11-12% more on two (docs/benchmarks.md), a cost every request in flight during a swap paid
+while the old version's rows finished, and every step of a canary beside a stable adapter.
 
 Here the versions' A matrices are stacked into A_cat [sum r, in] and their B matrices into
 B_cat [out, sum r]; a per-row mask [rows, 1, sum r] keeps each row's own block, scaled by its
@@ -12,8 +12,9 @@ version's scaling, and zeroes the others (all of them for a row on the bare base
 
     delta = ((x @ A_cat^T) * mask) @ B_cat^T
 
-the same sum as PEFT's, with zeros for the other versions' terms, in the LoRA weights' dtype as
-PEFT computes it, added to the base projection's output and cast back as PEFT does. The LoRA
+PEFT's sum up to rounding (zeros for the other versions' terms; the scaling applied before B rather
+than after), in the LoRA weights' dtype as PEFT computes it, added to the base projection's output
+and cast back as PEFT does. The LoRA
 layers are switched off for the pass and a forward hook on each adds its delta.
 """
 
@@ -29,6 +30,7 @@ import torch
 class MixedLora:
     """The stacked A and B matrices of `names` in every LoRA layer, ready to run rows of any of them together."""
 
+    @torch.no_grad()
     def __init__(self, layers: dict[str, Any], names: Sequence[str]) -> None:
         self.names = tuple(names)
         self.layers = layers
@@ -68,11 +70,14 @@ class MixedLora:
             if name in self.blocks:
                 start, end, scaling = self.blocks[name]
                 mask[row, 0, start:end] = scaling
-        return mask.to(a.device)
+        return mask.to(a.device)  # one device: the engine's model is not split across devices
 
     @contextmanager
     def applied(self, adapters: Sequence[str]) -> Iterator[None]:
         """Within: each LoRA layer (its adapters switched off by the caller) adds its rows' deltas to the base output."""
+        if not self.stacked:  # no layer holds any of the versions: the base output as it is
+            yield
+            return
         mask = self.mask(adapters)
         handles = [self.layers[name].register_forward_hook(_adds_delta(a, b, mask))
                    for name, (a, b) in self.stacked.items()]

@@ -16,6 +16,7 @@ save) has no signature and always goes through PEFT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,27 @@ class PreparedAdapter:
 
 def signature(config: dict[str, Any], modules: frozenset[str]) -> Signature | None:
     """What two adapters must share for one's layers to hold the other; None if PEFT builds more than A and B."""
-    if (config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("lora_bias")
+    if (config.get("peft_type") != "LORA" or _variant_requested(config) or config.get("lora_bias")
             or config.get("bias", "none") != "none" or config.get("rank_pattern") or config.get("alpha_pattern")
             or config.get("modules_to_save") or type(config.get("r")) is not int
             or type(config.get("lora_alpha")) not in (int, float)):
         return None  # (a malformed r or alpha is PEFT's to refuse, never copied into layers)
     return (int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False)),
             bool(config.get("fan_in_fan_out", False)), modules)
+
+
+def _variant_requested(config: dict[str, Any]) -> bool:
+    """Whether PEFT builds a LoRA variant for this config (DoRA, aLoRA, ...), by its own rule: LoraConfig's fields
+    tagged `is_lora_variant`, or an `init_lora_weights` value listed as one. Their layers' forward is not B(A(x))."""
+    from peft import LoraConfig
+
+    for field in dataclasses.fields(LoraConfig):
+        if field.name == "init_lora_weights":
+            if config.get(field.name) in field.metadata.get("lora_variants", ()):
+                return True
+        elif field.metadata.get("is_lora_variant") and config.get(field.name):
+            return True
+    return False
 
 
 def prepare(path: Path, device: torch.device) -> PreparedAdapter:

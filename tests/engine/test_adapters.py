@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from rlhf_online.engine import lora_mix
 from rlhf_online.engine.request import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -292,7 +293,7 @@ def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked
     """A swap from one adapter to another: both versions' rows share steps, each with its own policy's text.
 
     They run through lora_mix's stacked pass; when a retired version's layers take the next version,
-    the stacked weights are built again (a stale stack would give the new rows the old policy).
+    the rows on it get the new version's policy (a stale stack would give them the old one).
     """
     first, third = random_lora(tiny, tmp_path / "first", seed=3), random_lora(tiny, tmp_path / "third", seed=1)
     engine = make_engine()
@@ -313,8 +314,10 @@ def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked
     while engine.loaded_versions() != ["v000002"]:  # v000001's layers become the free slot
         assert time.monotonic() < deadline, engine.loaded_versions()
         engine.submit(ids, SamplingParams(max_new_tokens=1)).result()
+    engine._mix = lora_mix.MixedLora(engine._layers(), slots)  # as if stacked just before: the copy must drop it
     engine.load_adapter("v000003", third)  # copied into v000001's layers
     assert engine.stats["slot_reuses"] == 1 and engine._adapters["v000003"] == slots[0]
+    assert engine._mix is None
     old, new, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000003"))
     assert (old.text, new.text) == (texts[adapter_dir], texts[third])
     assert any(sorted(set(c)) == slots for c in calls), calls

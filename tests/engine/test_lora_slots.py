@@ -23,7 +23,8 @@ def test_plain_loras_of_one_shape_share_a_signature_and_anything_else_changes_it
 
 def test_what_peft_builds_beyond_a_and_b_is_never_reused():
     for extra in ({"use_dora": True}, {"lora_bias": True}, {"bias": "all"}, {"rank_pattern": {"q_proj": 4}},
-                  {"alpha_pattern": {"q_proj": 4}}, {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"}):
+                  {"alpha_pattern": {"q_proj": 4}}, {"modules_to_save": ["lm_head"]}, {"peft_type": "IA3"},
+                  {"alora_invocation_tokens": [1, 2]}, {"use_bdlora": True}, {"init_lora_weights": "mica"}):
         assert lora_slots.signature(dict(PLAIN, **extra), MODULES) is None, extra
 
 
