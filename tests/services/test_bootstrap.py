@@ -17,8 +17,9 @@ def test_the_startup_heap_is_frozen_and_the_count_logged(caplog):
         walked = {id(o) for o in gc.get_objects()}
         assert not any(id(o) in walked for o in held)
         assert gc.get_freeze_count() >= len(held)
+        # the count as frozen (frozen objects that reference counting frees since leave it, so it is not compared)
         record = next(r for r in caplog.records if r.getMessage() == "startup heap frozen")
-        assert record.objects == gc.get_freeze_count()
+        assert record.objects >= len(held)
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
     walked = {id(o) for o in gc.get_objects()}
