@@ -14,8 +14,8 @@ version's scaling, and zeroes the others (all of them for a row on the bare base
 
 PEFT's sum up to rounding (zeros for the other versions' terms; the scaling applied before B rather
 than after), in the LoRA weights' dtype as PEFT computes it, added to the base projection's output
-and cast back as PEFT does. The LoRA
-layers are switched off for the pass and a forward hook on each adds its delta.
+and cast back as PEFT does. The LoRA layers are switched off for the pass and a forward hook on each
+adds its delta.
 """
 
 from __future__ import annotations
