@@ -37,17 +37,17 @@ class MixedLora:
         # Each version's columns: (first, end, scaling); its rank and scaling are the same in every layer
         # it adapts (a plain `lora_slots` signature has no per-module ranks or alphas).
         self.blocks: dict[str, tuple[int, int, float]] = {}
+        self.rank = 0  # columns so far: every version's block ends where the next begins
         for layer_name, layer in layers.items():
             for n in self.names:
                 if n not in layer.lora_A:
                     continue
                 rank, scaling = layer.lora_A[n].weight.shape[0], float(layer.scaling[n])
                 if n not in self.blocks:
-                    first = max((end for _, end, _ in self.blocks.values()), default=0)
-                    self.blocks[n] = (first, first + rank, scaling)
+                    self.blocks[n] = (self.rank, self.rank + rank, scaling)
+                    self.rank += rank
                 elif self.blocks[n][1] - self.blocks[n][0] != rank or self.blocks[n][2] != scaling:
                     raise ValueError(f"LoRA layer {layer_name}: version {n} has another rank or scaling there")
-        self.rank = max((end for _, end, _ in self.blocks.values()), default=0)
         self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> (A_cat [R, in], B_cat [out, R])
         for layer_name, layer in layers.items():
             own = [n for n in self.blocks if n in layer.lora_A]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import pytest
@@ -58,17 +59,11 @@ def test_requests_finish_on_the_version_they_started_on(make_engine, tiny, adapt
     assert engine.policy_version == "v000001"
 
 
-def test_rows_of_two_versions_decode_in_one_batch(make_engine, tiny, adapter_dir):
-    """A request on the base and one on an adapter share decode steps, and each gets its own policy's text."""
-    import threading
+def _two_requests_in_one_batch(engine, ids, between):
+    """Run one request, call `between()` inside its first step, then a second that is certain to join its batch.
 
-    from rlhf_online.engine.engine import BASE
-
-    engine = make_engine()
-    ids = engine.encode_prompt(PROMPT)
-    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
-    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
-    engine.load_adapter("v000001", adapter_dir)  # loaded, not current: new requests still go to the base
+    Returns both handles, their texts once finished, and each forward's per-row adapters.
+    """
     calls: list[list[str]] = []
     entered, release = threading.Event(), threading.Event()
     forward = engine._forward
@@ -80,13 +75,28 @@ def test_rows_of_two_versions_decode_in_one_batch(make_engine, tiny, adapter_dir
         return forward(adapters, **kw)
 
     engine._forward = gated
-    on_base = engine.submit(ids, PARAMS)
-    assert entered.wait(30), "the base request was never prefilled"
-    # The engine is inside the base request's first step: the second request is certain to join it.
-    engine.set_current("v000001")
-    on_new = engine.submit(ids, PARAMS)
-    release.set()
-    assert on_base.result()[0].text == base_text and on_new.result()[0].text == lora_text
+    try:
+        first = engine.submit(ids, PARAMS)
+        assert entered.wait(30), "the first request was never prefilled"
+        between()  # the engine is inside the first request's first step: the second is certain to join it
+        second = engine.submit(ids, PARAMS)
+        release.set()
+        return first, second, (first.result()[0].text, second.result()[0].text), calls
+    finally:
+        engine._forward = forward
+
+
+def test_rows_of_two_versions_decode_in_one_batch(make_engine, tiny, adapter_dir):
+    """A request on the base and one on an adapter share decode steps, and each gets its own policy's text."""
+    from rlhf_online.engine.engine import BASE
+
+    engine = make_engine()
+    ids = engine.encode_prompt(PROMPT)
+    base_text = greedy_ids(tiny[0], tiny[1], ids, 24)
+    lora_text = greedy_ids(PeftModel.from_pretrained(copy.deepcopy(tiny[0]), adapter_dir).eval(), tiny[1], ids, 24)
+    engine.load_adapter("v000001", adapter_dir)  # loaded, not current: new requests still go to the base
+    on_base, on_new, texts, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000001"))
+    assert texts == (base_text, lora_text)
     assert on_base.version == "" and on_new.version == "v000001"
     both = sorted([BASE, engine._adapters["v000001"]])  # the version's PEFT adapter name (its layer slot)
     assert any(sorted(c) == both for c in calls), calls  # one forward carried both versions
@@ -259,35 +269,6 @@ def test_a_copied_version_has_the_weights_peft_would_load_under_a_bf16_base(make
             assert weight.dtype == torch.float32 and torch.equal(weight, saved[f"{name}.{part}.weight"]), name
 
 
-def _two_requests_in_one_batch(engine, ids, between):
-    """Run one request, call `between()` inside its first step, then a second that is certain to join its batch.
-
-    Returns both results and each forward's per-row adapters.
-    """
-    import threading
-
-    calls: list[list[str]] = []
-    entered, release = threading.Event(), threading.Event()
-    forward = engine._forward
-
-    def gated(adapters, **kw):
-        calls.append(list(adapters))
-        entered.set()
-        assert release.wait(30), "the test never released the engine"
-        return forward(adapters, **kw)
-
-    engine._forward = gated
-    try:
-        first = engine.submit(ids, PARAMS)
-        assert entered.wait(30), "the first request was never prefilled"
-        between()
-        second = engine.submit(ids, PARAMS)
-        release.set()
-        return first.result()[0], second.result()[0], calls
-    finally:
-        engine._forward = forward
-
-
 def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked(make_engine, tiny, adapter_dir,
                                                                                  tmp_path):
     """A swap from one adapter to another: both versions' rows share steps, each with its own policy's text.
@@ -305,8 +286,8 @@ def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked
     engine.set_current("v000001")
     engine.load_adapter("v000002", adapter_dir)
     slots = sorted(engine._adapters[v] for v in ("v000001", "v000002"))  # the versions' PEFT adapter names
-    old, new, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000002"))
-    assert (old.text, new.text) == (texts[first], texts[adapter_dir])
+    _, _, got, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000002"))
+    assert got == (texts[first], texts[adapter_dir])
     assert any(sorted(set(c)) == slots for c in calls), calls  # one forward carried both adapters
     assert engine.stats["stacked_passes"] > 0
 
@@ -318,6 +299,6 @@ def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked
     engine.load_adapter("v000003", third)  # copied into v000001's layers
     assert engine.stats["slot_reuses"] == 1 and engine._adapters["v000003"] == slots[0]
     assert engine._mix is None
-    old, new, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000003"))
-    assert (old.text, new.text) == (texts[adapter_dir], texts[third])
+    _, _, got, calls = _two_requests_in_one_batch(engine, ids, lambda: engine.set_current("v000003"))
+    assert got == (texts[adapter_dir], texts[third])
     assert any(sorted(set(c)) == slots for c in calls), calls
