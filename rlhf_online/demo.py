@@ -72,7 +72,7 @@ class DemoConfig:
     trainer: TrainerConfig = group(TrainerConfig, ("kl_budget", "eval_prompts", "eval_samples_per_prompt",
                                                    "round_interval_seconds", "learn_from_traffic",
                                                    "logged_batch_size", "round_min_traffic", "min_logged_samples",
-                                                   "updates_per_round", "round_kl_stop"),
+                                                   "updates_per_round", "round_kl_stop", "kl_pressure_rate"),
                                    round_interval_seconds=1.0, round_min_feedback=0, eval_prompts=12,
                                    eval_samples_per_prompt=2, learn_from_traffic=False, logged_batch_size=64,
                                    round_min_traffic=32, min_logged_samples=32, updates_per_round=3)

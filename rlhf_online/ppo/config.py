@@ -116,6 +116,12 @@ class TrainerConfig:
                                       "as it is by then, nats per response) passes this share of kl_budget, so a "
                                       "round near the budget publishes the updates that fit instead of being "
                                       "refused whole (1: only the gate's check)")
+    kl_pressure_rate: float = knob(1.0, "how fast the KL penalty rises while candidates' held-out KL is past the stop "
+                                        "line (round_kl_stop of kl_budget; the budget when that is 1) and eases "
+                                        "back under it: beta is multiplied by a factor >= 1 that each gated "
+                                        "candidate moves by exp(rate * clip((KL - stop) / stop, -0.5, 1)), so "
+                                        "rounds from a head near the budget trade reward for KL instead of "
+                                        "overshooting (0 = off)")
     eval_prompts: int = knob(16, "held-out prompts the gate evaluates on")
     eval_samples_per_prompt: int = knob(4, "sampled replies per held-out prompt in the gate's evaluation")
     eval_seed: int = knob(1234, "sampling seed of the gate's evaluations (same for candidate and current)")
@@ -137,6 +143,7 @@ class TrainerConfig:
             "gate_min_samples": (self.gate_min_samples >= 2, ">= 2"),
             "gate_min_ess": (0 < self.gate_min_ess <= 1, "in (0, 1]"), "kl_budget": (self.kl_budget > 0, "> 0"),
             "round_kl_stop": (0 < self.round_kl_stop <= 1, "in (0, 1]"),
+            "kl_pressure_rate": (self.kl_pressure_rate >= 0, ">= 0"),
             "updates_per_round": (self.updates_per_round >= 1, ">= 1"),
             "eval_prompts": (self.eval_prompts >= 1, ">= 1"),
             "eval_samples_per_prompt": (self.eval_samples_per_prompt >= 1, ">= 1"),

@@ -36,7 +36,7 @@ from rlhf_online.data.split import HELDOUT_PERCENT, is_heldout
 from rlhf_online.errors import RlhfError
 from rlhf_online.ppo import logged, steps
 from rlhf_online.ppo.config import PPOConfig, TrainerConfig
-from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController
+from rlhf_online.ppo.core import AdaptiveKLController, FixedKLController, KLBudgetPressure
 from rlhf_online.ppo.distributed import SINGLE, Ranks, RanksLost
 from rlhf_online.ppo.policy import PolicyWithValue
 from rlhf_online.store import Store
@@ -148,6 +148,7 @@ class Trainer:
         _, self.tokenizer = load_base()
         self.kl_ctl = (AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.init_kl_coef))
+        self.kl_pressure = KLBudgetPressure(self.kl_stop_line(), config.kl_pressure_rate)
         self.rounds_total = 0
         self.last = RoundResult("skipped", reason="no round yet")
         self.in_progress = threading.Event()
@@ -191,9 +192,9 @@ class Trainer:
         metrics.TRAINER_ROUND_SECONDS.observe(seconds)
         for k, v in result.metrics.items():
             metrics.PPO_STATS.labels(k).set(v)
-        metrics.KL_COEF.set(self.kl_ctl.value)
+        metrics.KL_COEF.set(self.kl_coef())
         log.info("round", extra={"outcome": result.outcome, "version": result.version, "reason": result.reason,
-                                 "seconds": round(seconds, 1)})
+                                 "seconds": round(seconds, 1), "next_kl_coef": round(self.kl_coef(), 5)})
         return result
 
     def _round(self) -> RoundResult:
@@ -228,7 +229,7 @@ class Trainer:
         # A further update first measures the policy on fresh rollouts: past round_kl_stop of the budget it stops,
         # so a round that would overshoot publishes the updates before (a three-update round moved 5-9 nats late in
         # a demo, and the gate refused it whole for KL over the budget).
-        kl_stop = self.config.round_kl_stop * self.config.kl_budget if self.config.round_kl_stop < 1 else math.inf
+        kl_stop = self.kl_stop_line() if self.config.round_kl_stop < 1 else math.inf
         while updates < self.config.updates_per_round and len(train) >= self.config.min_prompts:
             further = self._update(policy, self._rollouts(policy, train, times), times, kl_stop)
             if further is None:
@@ -245,6 +246,8 @@ class Trainer:
         t = time.time()
         passed, reason, evaluation = self._gate(policy, served_weights, current)
         times["time/eval_seconds"] = time.time() - t
+        self.kl_pressure.update(evaluation.get("eval/kl", math.nan))  # published or refused: where the update went
+        stats["trainer/kl_pressure"] = self.kl_pressure.value  # the next round's multiplier of beta
         numbers = {**stats, **times, **evaluation}
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)
@@ -297,7 +300,7 @@ class Trainer:
         except BaseException:
             self.ranks.broadcast(None)  # the other ranks leave this update; this one records why it failed
             raise
-        scores, kl_coef = self.ranks.broadcast((scores, self.kl_ctl.value))
+        scores, kl_coef = self.ranks.broadcast((scores, self.kl_coef()))
         timed("time/score_seconds", t)
         adv, returns, stats = steps.advantages(rollouts, scores, kl_coef, self.ppo)
         t = time.time()
@@ -308,6 +311,14 @@ class Trainer:
         timed("time/update_seconds", t)
         self.kl_ctl.update(stats["objective/kl"], len(samples))
         return stats
+
+    def kl_stop_line(self) -> float:
+        """KL (nats per response) past which a round makes no further update and the KL penalty rises."""
+        return self.config.round_kl_stop * self.config.kl_budget
+
+    def kl_coef(self) -> float:
+        """beta of the next update: the adaptive (or fixed) controller's, times the budget's pressure."""
+        return self.kl_ctl.value * self.kl_pressure.value
 
     def release_followers(self) -> None:
         """Rank 0, on shutdown: the other ranks' `follow()` returns."""

@@ -48,6 +48,7 @@ class RoundRecord:
     reward_after: float  # same prompts and seeds, the candidate
     seconds: float
     kl_se: float = float("nan")  # the standard error of `kl` (nan where the trainer gave none)
+    kl_coef: float = float("nan")  # beta of the round's last update (the budget's pressure included)
 
 
 class Monitor:
@@ -88,7 +89,8 @@ class Monitor:
                 m = r.metrics
                 rec = RoundRecord(now, r.outcome, r.version, r.reason, m.get("eval/kl", float("nan")),
                                   m.get("eval/reward_current", float("nan")), m.get("eval/reward", float("nan")),
-                                  m.get("time/round_seconds", float("nan")), m.get("eval/kl_se", float("nan")))
+                                  m.get("time/round_seconds", float("nan")), m.get("eval/kl_se", float("nan")),
+                                  m.get("objective/kl_coef", float("nan")))
                 self.rounds.append(rec)
                 _append(self._round_file, asdict(rec))
         s = self.pool.stats

@@ -103,6 +103,27 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     assert fixed.value == 0.1
 
 
+def test_kl_budget_pressure_rises_past_the_stop_line_and_eases_back_to_one():
+    pressure = core.KLBudgetPressure(stop=9.0, rate=1.0)
+    pressure.update(13.5)  # half past the stop: beta x e^0.5
+    assert pressure.value == pytest.approx(math.exp(0.5))
+    pressure.update(40.0)  # far past: the step is clipped at e^1
+    assert pressure.value == pytest.approx(math.exp(1.5))
+    pressure.update(0.0)  # far under: eases by at most e^-0.5 a candidate
+    assert pressure.value == pytest.approx(math.exp(1.0))
+    for _ in range(3):
+        pressure.update(4.5)
+    assert pressure.value == 1.0  # never under the controller's own beta
+    pressure.update(float("nan"))  # an unmeasured candidate moves nothing
+    assert pressure.value == 1.0
+    off = core.KLBudgetPressure(stop=9.0, rate=0.0)
+    off.update(40.0)
+    assert off.value == 1.0
+    for _ in range(20):
+        pressure.update(1e9)
+    assert pressure.value == core.KLBudgetPressure.CEILING
+
+
 def test_config_refuses_bad_values_by_name():
     assert PPOConfig().gamma == 1.0 and PPOConfig().lam == 0.95
     with pytest.raises(ConfigError, match="cliprange"):

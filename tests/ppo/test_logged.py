@@ -224,3 +224,22 @@ def test_sequence_kl_sums_each_responses_tokens_and_averages_the_responses():
                               torch.full((2, 3), -1.0), torch.full((2, 3), -1.5), torch.zeros(2, 3), ["", ""])
     k3 = math.exp(-0.5) - 1 + 0.5  # per token, with log(p / ref) = 0.5
     assert steps.sequence_kl(rollouts) == pytest.approx((2 * k3 + 3 * k3) / 2)  # padding after the first reply's EOS
+
+
+@pytest.mark.parametrize(("kl_budget", "rate"), [(1e-4, 1.0), (1e-4, 0.0), (1e6, 1.0)])
+def test_a_candidate_past_the_kl_stop_line_raises_the_next_rounds_kl_penalty(tiny, traffic, tmp_path, kl_budget, rate):
+    calls: list[list[str]] = []
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, learn_from_traffic=False, min_logged_samples=1,
+                           kl_budget=kl_budget, round_kl_stop=0.75, kl_pressure_rate=rate)
+    first = trainer.run_round()
+    kl, stop = first.metrics["eval/kl"], 0.75 * kl_budget
+    assert math.isfinite(kl) and kl > 0, first
+    expected = max(1.0, math.exp(rate * min(max(kl / stop - 1, -0.5), 1.0)))
+    assert first.metrics["trainer/kl_pressure"] == pytest.approx(expected), first
+    beta = trainer.kl_ctl.value  # the adaptive controller's own beta after round 1's update
+    second = trainer.run_round()
+    assert second.metrics["objective/kl_coef"] == pytest.approx(beta * expected), second
+    if kl_budget > 1:  # far under the stop: the penalty stays the controller's
+        assert expected == 1.0
+    elif rate:  # past the stop (rounds refused for KL over the tiny budget): it rose
+        assert expected > 1.0 and first.outcome == "rejected" and "over budget" in first.reason, first

@@ -38,7 +38,7 @@ def _summary(tox: float) -> dict:
 
 def test_report_has_the_contract_keys_and_a_readable_png(tmp_path):
     summary = {"base": _summary(0.05), "final": _summary(0.03)}
-    rounds = [RoundRecord(30, "published", "v000001", "ok", 2.0, 0.1, 0.3, 30, kl_se=0.4),
+    rounds = [RoundRecord(30, "published", "v000001", "ok", 2.0, 0.1, 0.3, 30, kl_se=0.4, kl_coef=0.0542),
               RoundRecord(60, "rejected", "", "dropped", 3.0, 0.3, 0.1, 31)]
     snaps = [Snapshot(t, 10, 15, 15, 3, 0.6, 0.6, "v000001" if t > 30 else "", "r000001", 0.7, 20,
                       int(t > 30), int(t > 60), 0) for t in (5, 35, 65)]
@@ -56,7 +56,8 @@ def test_report_has_the_contract_keys_and_a_readable_png(tmp_path):
     assert data["toxicity_change"] == pytest.approx(-0.4)
     md = (tmp_path / "report.md").read_text()
     assert "-40.0%" in md and "| 2 | 1.0 | rejected |" in md
-    assert "| 2.00 ± 0.40 | 30 |" in md and "| 3.00 | 31 |" in md  # the KL with its standard error where given
+    # the KL with its standard error where given, and the round's beta (nan where the trainer gave none)
+    assert "| 2.00 ± 0.40 | 0.0542 | 30 |" in md and "| 3.00 | nan | 31 |" in md
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
