@@ -83,7 +83,8 @@ def test_trainer_knobs_are_flat_settings_of_the_nested_configs():
 @pytest.mark.parametrize("env,name", [({"RLHF_BATCH_SIZE": "0"}, "batch_size"),
                                       ({"RLHF_LEARNING_RATE": "-1"}, "learning_rate"),
                                       ({"RLHF_EVAL_PROMPTS": "0"}, "eval_prompts"),
-                                      ({"RLHF_ROUND_KL_STOP": "0"}, "round_kl_stop")])
+                                      ({"RLHF_ROUND_KL_STOP": "0"}, "round_kl_stop"),
+                                      ({"RLHF_KL_PRESSURE_RATE": "-1"}, "kl_pressure_rate")])
 def test_a_bad_nested_value_names_its_flag_and_variable(env, name):
     with pytest.raises(ConfigError, match=f"{name}: invalid value .*; set --{name.replace('_', '-')} or RLHF_"):
         config.build(TrainerSettings, None, env=env)

@@ -74,14 +74,15 @@ def test_the_demo_hands_its_ppo_and_round_knobs_to_the_trainer_unchanged(tmp_pat
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args(["--batch-size", "4", "--max-new-tokens", "8", "--learning-rate", "0.01",
-                              "--kl-budget", "3", "--eval-prompts", "5", "--round-kl-stop", "0.5"])
+                              "--kl-budget", "3", "--eval-prompts", "5", "--round-kl-stop", "0.5",
+                              "--kl-pressure-rate", "0.25"])
     cfg = config.assemble(demo.DemoConfig, vars(args))
     env = demo.service_envs(cfg, tmp_path / "model", tmp_path, reward_port=1234)["trainer"]
     trainer = config.build(TrainerSettings, None, env)
     assert trainer.ppo == dataclasses.replace(cfg.ppo, response_length=8)
     assert (trainer.ppo.batch_size, trainer.ppo.learning_rate, trainer.ppo.init_kl_coef) == (4, 0.01, 0.02)
     assert trainer.trainer == cfg.trainer and (trainer.trainer.kl_budget, trainer.trainer.eval_prompts) == (3.0, 5)
-    assert trainer.trainer.round_kl_stop == 0.5
+    assert trainer.trainer.round_kl_stop == 0.5 and trainer.trainer.kl_pressure_rate == 0.25
     assert trainer.trainer.round_interval_seconds == 1.0 and trainer.trainer.round_min_feedback == 0
     assert not trainer.trainer.learn_from_traffic and trainer.ppo.num_mini_batches == 1
     # Candidates of 3 updates a round, live once 2 rounds past CURRENT, judged by every user's interleaved pairs.

@@ -149,22 +149,23 @@ class AdaptiveKLController:
 
 
 class KLBudgetPressure:
-    """A multiplier (>= 1) on beta that rises while candidates' KL is past the stop line and eases back under it.
+    """A factor (>= 1) on beta: value *= exp(rate * clip((KL - stop) / stop, -0.5, 1)) after each gated candidate."""
 
-    Dual ascent on the constraint KL <= stop, in log space, one step per gated candidate:
-    value *= exp(rate * clip((KL - stop) / stop, -0.5, 1)), kept in [1, 1e4]. The adaptive controller's
-    horizon is thousands of samples; a head near the budget needs the penalty within a few rounds, or
-    every update from it overshoots and is refused (a demo's rounds moved 1.4-11 nats past a head at 10.7).
-    """
+    # A dual step on the constraint KL <= stop, in log space, on the gate's held-out KL once a round. The adaptive
+    # controller cannot do this with a short horizon: it steps on every update's training KL, and under its target
+    # early in a run it would drive beta towards 0 with no floor, so a head near the budget would find none.
+    # Without a fast penalty every update from such a head overshot (a demo's moved 1.4-11 nats past a head at
+    # 10.7) and the gate refused most rounds.
 
     CEILING = 1e4  # far past any useful beta; only keeps a run that never gets under the stop finite
 
-    def __init__(self, stop: float, rate: float) -> None:
-        self.value, self.stop, self.rate = 1.0, stop, rate
+    def __init__(self, stop: float, rate: float, value: float = 1.0) -> None:
+        self.stop, self.rate = stop, rate
+        self.value = min(max(value, 1.0), self.CEILING)
 
     def update(self, candidate_kl: float) -> None:
-        """Raise the multiplier when a candidate's KL is over the stop line, lower it (not under 1) when under."""
-        if not (math.isfinite(candidate_kl) and math.isfinite(self.stop)) or self.rate == 0:
+        """Raise the factor when a candidate's KL is over the stop line, lower it (not under 1) when under."""
+        if math.isnan(candidate_kl) or self.rate == 0:
             return
-        error = min(max(candidate_kl / self.stop - 1, -0.5), 1.0)
+        error = min(max(candidate_kl / self.stop - 1, -0.5), 1.0)  # +inf: the largest step
         self.value = min(max(self.value * math.exp(self.rate * error), 1.0), self.CEILING)

@@ -43,6 +43,7 @@ from rlhf_online.store import Store
 
 log = logging.getLogger("rlhf_online.trainer")
 ROUND, STOP = "round", "stop"  # rank 0's commands to the other ranks
+NEXT_KL_PRESSURE = "trainer/next_kl_pressure"  # a round's stat and manifest metric: the factor its successor uses
 
 
 @dataclass
@@ -148,7 +149,8 @@ class Trainer:
         _, self.tokenizer = load_base()
         self.kl_ctl = (AdaptiveKLController(self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon)
                        if self.ppo.adaptive_kl else FixedKLController(self.ppo.init_kl_coef))
-        self.kl_pressure = KLBudgetPressure(self.kl_stop_line(), config.kl_pressure_rate)
+        # Resumed from the head's manifest: a restart that dropped it would overshoot the budget again.
+        self.kl_pressure = KLBudgetPressure(self.kl_stop_line(), config.kl_pressure_rate, self._saved_kl_pressure())
         self.rounds_total = 0
         self.last = RoundResult("skipped", reason="no round yet")
         self.in_progress = threading.Event()
@@ -247,7 +249,7 @@ class Trainer:
         passed, reason, evaluation = self._gate(policy, served_weights, current)
         times["time/eval_seconds"] = time.time() - t
         self.kl_pressure.update(evaluation.get("eval/kl", math.nan))  # published or refused: where the update went
-        stats["trainer/kl_pressure"] = self.kl_pressure.value  # the next round's multiplier of beta
+        stats[NEXT_KL_PRESSURE] = self.kl_pressure.value  # the next round's factor on beta (kept in the manifest)
         numbers = {**stats, **times, **evaluation}
         if not passed:
             return RoundResult("rejected", reason=reason, metrics=numbers)
@@ -313,8 +315,19 @@ class Trainer:
         return stats
 
     def kl_stop_line(self) -> float:
-        """KL (nats per response) past which a round makes no further update and the KL penalty rises."""
+        """KL (nats per response) past which the KL penalty rises (and, under 1, a round makes no further update)."""
         return self.config.round_kl_stop * self.config.kl_budget
+
+    def _saved_kl_pressure(self) -> float:
+        """The budget's pressure as the head version's round left it (1 with no version or none recorded)."""
+        version = head(self.registry)
+        if not version:
+            return 1.0
+        try:
+            saved = float(self.registry.info(version).get("metrics", {}).get(NEXT_KL_PRESSURE, 1.0))
+        except (OSError, ValueError, RlhfError):  # an unreadable manifest: start afresh, the round will say more
+            return 1.0
+        return saved if math.isfinite(saved) else 1.0
 
     def kl_coef(self) -> float:
         """beta of the next update: the adaptive (or fixed) controller's, times the budget's pressure."""

@@ -61,9 +61,10 @@ def markdown(report: dict, rounds: list[RoundRecord], by_version: dict[str, list
               "| # | minute | outcome | version | held-out reward serving -> candidate | KL | β | seconds |",
               "|---:|---:|---|---|---|---:|---:|---:|"]
     for i, r in enumerate(rounds, 1):
+        beta = f"{r.kl_coef:.3g}" if math.isfinite(r.kl_coef) else "-"  # rounds recorded before the column: none
         lines.append(f"| {i} | {r.t / 60:.1f} | {r.outcome} | {r.version or '-'} | {r.reward_before:.3f} -> "
                      f"{r.reward_after:.3f} | {r.kl:.2f}{f' ± {r.kl_se:.2f}' if math.isfinite(r.kl_se) else ''} | "
-                     f"{r.kl_coef:.3g} | {r.seconds:.0f} |")
+                     f"{beta} | {r.seconds:.0f} |")
     lines += ["", *(_versions_table(report["versions"]) if "versions" in report else _ratings_table(by_version))]
     if "canaries" in report:
         lines += ["", *canaries.markdown(report["canaries"])]

@@ -226,20 +226,28 @@ def test_sequence_kl_sums_each_responses_tokens_and_averages_the_responses():
     assert steps.sequence_kl(rollouts) == pytest.approx((2 * k3 + 3 * k3) / 2)  # padding after the first reply's EOS
 
 
-@pytest.mark.parametrize(("kl_budget", "rate"), [(1e-4, 1.0), (1e-4, 0.0), (1e6, 1.0)])
-def test_a_candidate_past_the_kl_stop_line_raises_the_next_rounds_kl_penalty(tiny, traffic, tmp_path, kl_budget, rate):
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_candidates_past_the_kl_stop_line_raise_the_next_rounds_beta_and_ones_under_it_ease_it(
+        tiny, traffic, tmp_path, monkeypatch, rate):
     calls: list[list[str]] = []
-    trainer = make_trainer(tiny, traffic, tmp_path, calls, learn_from_traffic=False, min_logged_samples=1,
-                           kl_budget=kl_budget, round_kl_stop=0.75, kl_pressure_rate=rate)
-    first = trainer.run_round()
-    kl, stop = first.metrics["eval/kl"], 0.75 * kl_budget
-    assert math.isfinite(kl) and kl > 0, first
-    expected = max(1.0, math.exp(rate * min(max(kl / stop - 1, -0.5), 1.0)))
-    assert first.metrics["trainer/kl_pressure"] == pytest.approx(expected), first
-    beta = trainer.kl_ctl.value  # the adaptive controller's own beta after round 1's update
-    second = trainer.run_round()
-    assert second.metrics["objective/kl_coef"] == pytest.approx(beta * expected), second
-    if kl_budget > 1:  # far under the stop: the penalty stays the controller's
-        assert expected == 1.0
-    elif rate:  # past the stop (rounds refused for KL over the tiny budget): it rose
-        assert expected > 1.0 and first.outcome == "rejected" and "over budget" in first.reason, first
+    knobs = {"learn_from_traffic": False, "min_logged_samples": 1, "kl_budget": 12.0, "round_kl_stop": 0.75,
+             "kl_pressure_rate": rate}
+    trainer = make_trainer(tiny, traffic, tmp_path, calls, **knobs)
+    gated = iter([(True, 18.0), (False, 4.5), (False, 4.5)])  # each round's verdict and candidate KL; stop line 9
+
+    def gate(policy, served_weights, current):
+        passed, kl = next(gated)
+        return passed, "as scripted", {"eval/kl": kl}
+
+    monkeypatch.setattr(trainer, "_gate", gate)
+    # the factor each round trains with: 1; e (18 is 1 past the stop, the largest step); e^0.5 (4.5: eased by half)
+    expected = [1.0, math.e, math.exp(0.5)] if rate else [1.0, 1.0, 1.0]
+    for factor in expected:
+        beta = trainer.kl_ctl.value  # the adaptive controller's own, as the round's one update starts
+        r = trainer.run_round()
+        assert r.metrics["objective/kl_coef"] == pytest.approx(beta * factor), r
+    assert trainer.kl_pressure.value == pytest.approx(1.0)  # 4.5 again: back to the controller's beta, never under
+    # A restarted trainer resumes from the head's manifest (v000001, published after the first round), not from 1.
+    assert trainer.registry.versions() == ["v000001"]
+    resumed = make_trainer(tiny, traffic, tmp_path, calls, **knobs)
+    assert resumed.kl_pressure.value == pytest.approx(math.e if rate else 1.0)

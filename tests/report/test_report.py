@@ -56,8 +56,8 @@ def test_report_has_the_contract_keys_and_a_readable_png(tmp_path):
     assert data["toxicity_change"] == pytest.approx(-0.4)
     md = (tmp_path / "report.md").read_text()
     assert "-40.0%" in md and "| 2 | 1.0 | rejected |" in md
-    # the KL with its standard error where given, and the round's beta (nan where the trainer gave none)
-    assert "| 2.00 ± 0.40 | 0.0542 | 30 |" in md and "| 3.00 | nan | 31 |" in md
+    # the KL with its standard error where given, and the round's beta ("-" where the trainer gave none)
+    assert "| 2.00 ± 0.40 | 0.0542 | 30 |" in md and "| 3.00 | - | 31 |" in md
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
