@@ -36,6 +36,12 @@ def direction_reward(tiny):
     return reward
 
 
+def _policy_and_optimizer(model, cfg: PPOConfig) -> tuple[PolicyWithValue, torch.optim.AdamW]:
+    """A fresh LoRA policy on a copy of the tiny model, and an AdamW over its trainable parameters."""
+    policy = PolicyWithValue(copy.deepcopy(model), cfg)
+    return policy, torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+
+
 def test_collect_records_consistent_logprobs_and_masks(tiny):
     model, tok = tiny
     cfg = PPOConfig(batch_size=4, response_length=6)
@@ -69,8 +75,7 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
     model, tok = tiny
     torch.manual_seed(0)
     cfg = PPOConfig(batch_size=32, response_length=4, learning_rate=3e-3, init_kl_coef=0.02)
-    policy = PolicyWithValue(copy.deepcopy(model), cfg)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+    policy, optimizer = _policy_and_optimizer(model, cfg)
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     heldout = [f"Describe item number {i}." for i in range(32)]
     before = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123)
@@ -100,8 +105,7 @@ def test_a_larger_kl_penalty_pulls_a_drifted_policy_back_towards_the_reference(t
     model, tok = tiny
     torch.manual_seed(0)
     cfg = PPOConfig(batch_size=32, response_length=4, learning_rate=3e-3, init_kl_coef=0.0)
-    policy = PolicyWithValue(copy.deepcopy(model), cfg)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+    policy, optimizer = _policy_and_optimizer(model, cfg)
     for _ in range(6):  # drift away from the reference with no penalty at all
         ro = steps.collect(policy, tok, PROMPTS, cfg)
         adv, ret, _ = steps.advantages(ro, steps.score(ro, direction_reward, cfg), 0.0, cfg)
