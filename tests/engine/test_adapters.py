@@ -285,7 +285,7 @@ def test_a_copied_version_has_the_weights_peft_would_load_under_a_bf16_base(make
 
 def test_rows_of_two_adapter_versions_run_stacked_and_a_reused_slot_is_restacked(make_engine, tiny, adapter_dir,
                                                                                  tmp_path):
-    """A swap from one adapter to another: both versions' rows share steps, each with its own policy's text.
+    """A swap from one adapter to another: both versions' rows share steps, each with its own policy's greedy tokens.
 
     They run through lora_mix's stacked pass; when a retired version's layers take the next version,
     the rows on it get the new version's policy (a stale stack would give them the old one).

@@ -119,13 +119,13 @@ def test_kl_budget_pressure_rises_past_the_stop_line_and_eases_back_to_one():
     pressure.update(float("inf"))  # an infinite KL: the largest step up
     assert pressure.value == pytest.approx(math.e)
     assert core.KLBudgetPressure(stop=9.0, rate=1.0, value=0.5).value == 1.0  # a resumed value is kept in range
-    pressure = core.KLBudgetPressure(stop=9.0, rate=1.0)
     off = core.KLBudgetPressure(stop=9.0, rate=0.0)
     off.update(40.0)
     assert off.value == 1.0
+    runaway = core.KLBudgetPressure(stop=9.0, rate=1.0)
     for _ in range(20):
-        pressure.update(1e9)
-    assert pressure.value == core.KLBudgetPressure.CEILING
+        runaway.update(1e9)
+    assert runaway.value == core.KLBudgetPressure.CEILING
 
 
 def test_config_refuses_bad_values_by_name():
