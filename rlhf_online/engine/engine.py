@@ -74,8 +74,12 @@ class Engine(ServingEngine):
         self.device = next(model.parameters()).device
         self.eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        # With the fp32 decode attention the running batch's cache is kept in fp32 (batch.GrowingLayer): the same
+        # bf16 numbers, widened once when written instead of at every step's attention.
+        self._cache_dtype: torch.dtype | None = None
         if attention.use_for_decoding(model):
-            log.info("decode attention", extra={"implementation": attention.NAME})
+            self._cache_dtype = torch.float32
+            log.info("decode attention", extra={"implementation": attention.NAME, "cache_dtype": "float32"})
 
         super().__init__()
         self._lock = threading.Condition()
@@ -506,7 +510,7 @@ class Engine(ServingEngine):
         logits = logits.index_select(0, idx.to(logits.device))
         new = KVBatch(cache, mask.index_select(0, idx).to(self.device),
                       torch.tensor([len(reqs[units[j][0]].prompt_ids) for j in expand], device=self.device),
-                      torch.zeros(len(expand), dtype=torch.long, device=self.device))
+                      torch.zeros(len(expand), dtype=torch.long, device=self.device), self._cache_dtype)
         tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])
         new.next_tokens = torch.tensor(tokens, device=self.device)
         if self._batch is None:

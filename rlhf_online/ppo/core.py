@@ -38,9 +38,35 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     return out * mask
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under logits: [B, T, V] and [B, T] -> [B, T]."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): [B, T, V] and [B, T] -> [B, T]."""
+    logits = logits.float()
+    if temperature != 1.0:  # at 1 (on-policy traffic) the division would be one more [B, T, V] pass each way
+        logits = logits / temperature
+    return _TokenLogprob.apply(logits, tokens)
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """logits[token] - logsumexp(logits), with the gradient (onehot(token) - softmax) * grad in one [B, T, V] pass.
+
+    log_softmax + gather writes the whole [B, T, V] log-softmax forward, then a zero [B, T, V] for
+    gather's gradient and another for log_softmax's: with SmolLM2's 49k vocabulary these passes were
+    a tenth of a PPO update on the CPU (measured: 128 -> 90 ms forward + backward at 8 x 33 rows).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of tokens [B, T] under logits [B, T, V]."""
+        lse = torch.logsumexp(logits, dim=-1)  # [B, T]
+        ctx.save_for_backward(logits, tokens, lse)
+        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """d/d logits = grad * (onehot(token) - softmax(logits)), [B, T, V]."""
+        logits, tokens, lse = ctx.saved_tensors
+        out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # -grad * softmax
+        return out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1)), None
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

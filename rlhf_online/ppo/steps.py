@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from rlhf_online.engine.batch import growing
 from rlhf_online.engine.sampling import inverse_cdf
 from rlhf_online.models.chat import chat_ids
 from rlhf_online.ppo import core
@@ -96,15 +97,15 @@ def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: t
                      response: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T] of the response tokens, values [B, T]) from one forward pass."""
     # Logits at positions lq - 1 .. lq + t - 2 predict the response: the last t + 1 positions but the very last.
-    logits, values = policy(rollout_ids, attn, keep=t + 1)
-    logits = logits[:, :t] / temperature
-    return core.logprobs_of(logits, response), values[:, lq - 1: lq + t - 1]
+    logits, values = policy(rollout_ids, attn, keep=t + 1, skip_last=True)
+    return core.logprobs_of(logits, response, temperature), values[:, lq - 1: lq + t - 1]
 
 
 def _reference_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, t: int,
                       response: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs [B, T] of the response tokens under the frozen reference (the positions as in `_response_slices`)."""
-    return core.logprobs_of(policy.reference_logits(rollout_ids, attn, keep=t + 1)[:, :t] / temperature, response)
+    return core.logprobs_of(policy.reference_logits(rollout_ids, attn, keep=t + 1, skip_last=True), response,
+                            temperature)
 
 
 @torch.no_grad()
@@ -136,8 +137,11 @@ def _sample(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[str], cfg
     with policy.sampling():
         # do_sample=False: the sampler has drawn each row's token already and left it the only finite score, so
         # generate's argmax takes it (generate's own sampling calls torch.multinomial, see _InverseCdfSampler).
+        # The serving engine's cache layers: a step writes its token into a buffer with room instead of
+        # torch.cat's copy of every layer (the same keys, so the same tokens; 9% of sampling at 8 x 32).
+        cache = growing(DynamicCache(config=policy.model.config))
         out = policy.model.generate(input_ids=query, attention_mask=query_mask, do_sample=False,
-                                    max_new_tokens=cfg.response_length,
+                                    max_new_tokens=cfg.response_length, past_key_values=cache,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                     logits_processor=LogitsProcessorList([sampler]))
     response = out[:, query.shape[1]:]

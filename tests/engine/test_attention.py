@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -85,3 +86,35 @@ def test_a_bf16_decode_step_is_as_close_to_fp32_as_bf16_sdpa(tiny):
     err_sdpa = (_decode_step_logits(plain, tok) - reference).abs().max().item()
     err_ours = (_decode_step_logits(switched, tok) - reference).abs().max().item()
     assert err_ours <= 1.25 * err_sdpa + 1e-3, (err_ours, err_sdpa)
+
+
+@pytest.mark.parametrize("q_len, kv_length, padded", [(1, 9, True), (1, 9, False), (5, 5, True), (5, 5, False),
+                                                       (3, 9, True)])
+def test_causal_padding_masks_are_the_ones_transformers_builds(q_len, kv_length, padded):
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    attention_mask = torch.ones(3, kv_length + 2, dtype=torch.long)  # longer than the keys, as generate may pass
+    if padded:
+        attention_mask[1, :2] = 0  # left padding of different lengths
+        attention_mask[2, :4] = 0
+    cache_position = torch.arange(kv_length - q_len, kv_length)
+    args = dict(batch_size=3, cache_position=cache_position, kv_length=kv_length, mask_function=causal_mask_function,
+                attention_mask=attention_mask)
+    ours, theirs = attention.causal_padding_mask(**args), sdpa_mask(**args)
+    if theirs is None:
+        assert ours is None
+    else:
+        assert ours.dtype == torch.bool and torch.equal(ours, theirs)
+    without_skip = attention.causal_padding_mask(**args, allow_is_causal_skip=False)
+    assert torch.equal(without_skip, sdpa_mask(**args, allow_is_causal_skip=False))
+
+
+def test_other_mask_functions_go_to_transformers(monkeypatch):
+    import transformers.masking_utils as masking
+
+    calls = []
+    monkeypatch.setattr(masking, "sdpa_mask", lambda **kw: calls.append(kw) or "theirs")
+    window = masking.sliding_window_causal_mask_function(4)
+    assert attention.causal_padding_mask(batch_size=1, cache_position=torch.arange(3), kv_length=3,
+                                         mask_function=window) == "theirs"
+    assert calls and calls[0]["mask_function"] is window

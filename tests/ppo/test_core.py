@@ -36,6 +36,21 @@ def test_gae_with_gamma_1_and_lambda_1_is_return_minus_value():
     assert adv.tolist()[0] == pytest.approx([0.6 - 1.0, 0.5 - 2.0, 0.3 - 3.0])
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_and_their_gradient_are_log_softmax_gathers(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g, dtype=torch.float64)  # a loss that weighs each token differently
+    ours = core.logprobs_of(logits, tokens, temperature)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    expected = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    assert ours.dtype == torch.float32  # the logits are read in fp32, as before
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+
+
 def test_kl_estimators():
     p = torch.log(torch.tensor([0.5, 0.2]))
     q = torch.log(torch.tensor([0.25, 0.4]))

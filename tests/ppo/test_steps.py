@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
+from rlhf_online.engine.batch import GrowingLayer
+from rlhf_online.ppo import policy as policy_module
 from rlhf_online.ppo import steps
 from rlhf_online.ppo.config import PPOConfig
 from rlhf_online.ppo.core import AdaptiveKLController
@@ -78,7 +81,9 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
     policy, optimizer = _policy_and_optimizer(model, cfg)
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     heldout = [f"Describe item number {i}." for i in range(32)]
-    before = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123)
+    # 8 replies per held-out prompt: at 1 the evaluation's own noise (about 0.1) was as large as the bound, and
+    # the gain moved with the CPU's rounding (+0.17 / -0.01 / -0.01 for seeds 0 / 1 / 2 on an AMX Xeon).
+    before = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123, samples_per_prompt=8)
     scores, kls = [], []
     for _ in range(10):
         ro = steps.collect(policy, tok, PROMPTS, cfg)
@@ -88,12 +93,13 @@ def test_ppo_raises_a_scripted_reward_with_bounded_kl(tiny, direction_reward):
         kl_ctl.update(stats["objective/kl"], cfg.batch_size)
         scores.append(stats["objective/scores"])
         kls.append(stats["objective/kl"])
-    after = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123)
-    # Held-out reward gains measured with seeds 0 / 1 / 2: +0.38 / +0.10 / +0.31 (in standard deviations of the
-    # per-token score); the bound leaves margin under the weakest.
-    assert after["eval/reward"] > before["eval/reward"] + 0.05
+    after = steps.evaluate(policy, tok, heldout, direction_reward, cfg, seed=123, samples_per_prompt=8)
+    # Held-out reward gains measured with seeds 0-7 (in standard deviations of the per-token score), AMX Xeon:
+    # +0.23 to +0.37, and +0.19 to +0.42 with the output projection's backward in fp32; the bound leaves margin
+    # under the weakest.
+    assert after["eval/reward"] > before["eval/reward"] + 0.1
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3
-    # Held-out KL after 10 rounds measured 2.90 / 2.70 / 3.15 with seeds 0 / 1 / 2: the adaptive controller keeps
+    # Held-out KL after 10 rounds measured 2.1 to 2.9 with seeds 0-7: the adaptive controller keeps
     # it under its target (6), with room to spare; a policy that did not move would show 0.
     assert after["eval/finite"] == 1.0 and 0.5 < after["eval/kl"] < cfg.target_kl
 
@@ -217,6 +223,54 @@ def test_sampling_a_bf16_policy_reads_fp32_logits_and_puts_the_output_projection
     first = steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
     assert first == steps.sample(policy, tok, PROMPTS[:2], cfg, seed=3)
     assert all(0 < len(s.response_ids) <= 5 for s in first) and policy.model.get_output_embeddings() is head
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_output_projection_is_fp32_forward_and_its_gradient_a_product_in_the_compute_dtype(tiny, dtype):
+    model, _ = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype=dtype))
+    weight = policy.model.get_output_embeddings().weight
+    hidden = torch.randn(2, 4, model.config.hidden_size, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
+    upstream = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(1))
+    logits = policy._logits(hidden, keep=4, skip_last=True)  # positions 0..2
+    assert logits.dtype == torch.float32 and torch.equal(logits, torch.nn.functional.linear(hidden[:, :3], weight))
+    (grad,) = torch.autograd.grad((logits * upstream).sum(), hidden)
+    exact = torch.cat([upstream @ weight, torch.zeros(2, 1, weight.shape[1])], 1)
+    if dtype == "float32":
+        torch.testing.assert_close(grad, exact)
+    else:  # the product autocast would make: both operands rounded to bf16, accumulated in fp32
+        half = torch.matmul(upstream.bfloat16(), weight.bfloat16()).float()
+        assert torch.equal(grad[:, :3], half) and torch.equal(grad[:, 3], torch.zeros_like(grad[:, 3]))
+        assert (grad - exact).norm() < 0.02 * exact.norm()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampling_draws_the_same_tokens_with_the_engines_masks_and_cache_layers_as_with_transformers_own(
+        tiny, monkeypatch, dtype):
+    model, tok = tiny
+    policy = PolicyWithValue(copy.deepcopy(model), PPOConfig(compute_dtype=dtype))
+    cfg = PPOConfig(batch_size=4, response_length=8, compute_dtype=dtype)
+    prompts = [PROMPTS[0], PROMPTS[1] * 3, PROMPTS[2], PROMPTS[3]]  # prompts of different lengths: left padding
+    ours = steps.sample_scored(policy, tok, prompts, cfg, seed=11)
+    switched, caches = [], []
+    fast_masks, growing = policy_module.attention.fast_masks, steps.growing
+
+    def recording_masks(base):
+        switched.append(base.config._attn_implementation)
+        return fast_masks(base)
+
+    monkeypatch.setattr(policy_module.attention, "fast_masks", recording_masks)
+    monkeypatch.setattr(steps, "growing", lambda cache: caches.append(growing(cache)) or caches[-1])
+    steps.sample(policy, tok, prompts[:1], cfg, seed=11)
+    assert switched == ["sdpa"] and policy.model.config._attn_implementation == "sdpa"  # switched back after
+    layers = caches[0].layers
+    assert len(layers) == model.config.num_hidden_layers and all(isinstance(x, GrowingLayer) for x in layers)
+    assert caches[0].get_seq_length() > 0  # generate decoded into these layers
+    monkeypatch.setattr(policy_module.attention, "fast_masks", lambda base: contextlib.nullcontext(False))
+    monkeypatch.setattr(steps, "growing", lambda cache: cache)
+    theirs = steps.sample_scored(policy, tok, prompts, cfg, seed=11)
+    assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
