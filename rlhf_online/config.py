@@ -133,6 +133,7 @@ class GenerationSettings(CommonSettings):
     max_batch_size: int = setting(32, "rows decoded together in one step")
     max_batch_tokens: int = setting(65536, "KV-cache positions the running batch may hold (rows x the longest row's "
                                            "prompt + max_new_tokens); requests wait for room when it is full. "
+                                           "A bf16 model on the CPU keeps an fp32 cache: a position counts twice. "
                                            "engine vllm: the size of its paged KV cache, in positions")
     max_queue: int = setting(64, "requests waiting for a batch slot before RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = setting(2048, "longest prompt accepted, in tokens (after the chat template)")

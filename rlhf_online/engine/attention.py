@@ -63,7 +63,8 @@ def causal_padding_mask(batch_size: int, cache_position: torch.Tensor, kv_length
     transformers builds it by vmapping a Python mask function over batch x query x key (its
     `sdpa_mask`): 3.7% of the trainer's sampling at 8 rows x 32 tokens, one call per step. A plain
     causal mask with padding is a comparison and an AND: `kv <= query position` and the 2D
-    padding mask. Any other mask function (sliding windows, packed sequences) goes to `sdpa_mask`.
+    padding mask. Any other mask function (sliding windows, packed sequences) goes to `sdpa_mask`;
+    None is the causal one, as transformers' default.
     """
     from transformers.masking_utils import (
         _ignore_causal_mask_sdpa,
@@ -72,6 +73,7 @@ def causal_padding_mask(batch_size: int, cache_position: torch.Tensor, kv_length
         sdpa_mask,
     )
 
+    mask_function = mask_function or causal_mask_function
     if mask_function is not causal_mask_function or (attention_mask is not None and attention_mask.dim() != 2):
         return sdpa_mask(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,

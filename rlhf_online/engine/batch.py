@@ -6,8 +6,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# Positions a layer's buffer keeps free beyond its length when it (re)allocates, at least: decode steps append
-# into them, so the buffer is copied once every GROW_BY steps instead of at every step.
+# Positions a layer's buffer keeps free beyond its length when it (re)allocates: decode steps append into them,
+# so the buffer is copied once every GROW_BY steps instead of at every step.
 GROW_BY = 64
 
 
@@ -53,7 +53,7 @@ class GrowingLayer(DynamicLayer):
         if tensor is None:
             return None, 0
         b, h, t, d = tensor.shape
-        spare = room + max(GROW_BY, t // 4)
+        spare = room + GROW_BY
         buffer = tensor.new_empty((b, h, t + spare, d), dtype=self._buffer_dtype or tensor.dtype)
         buffer[:, :, :t] = tensor
         return buffer, t
@@ -70,7 +70,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         n = key_states.shape[2]
-        if self._k is None or self._k_len + n > self._k.shape[2]:
+        if self._k is None or self._v is None or self._k_len + n > min(self._k.shape[2], self._v.shape[2]):
             self._k, _ = self._rebuffer(self.keys if self._k is not None else key_states[:, :, :0], room=n)
             self._v, _ = self._rebuffer(self.values if self._v is not None else value_states[:, :, :0], room=n)
         self._k[:, :, self._k_len: self._k_len + n] = key_states
@@ -85,15 +85,21 @@ class GrowingLayer(DynamicLayer):
 
 
 def growing(cache: DynamicCache, dtype: torch.dtype | None = None) -> DynamicCache:
-    """The cache with each layer's keys and values moved into a GrowingLayer (buffers in `dtype`, None = as is)."""
+    """The cache with each plain DynamicLayer's keys and values moved into a GrowingLayer (buffers in `dtype`).
+
+    Only plain layers: a sliding-window layer keeps its window (and its own class). A cache built
+    without a config makes its layers as they are first written: those are GrowingLayers too.
+    """
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, GrowingLayer):
+        if type(layer) is not DynamicLayer:
             continue
         grown = GrowingLayer(dtype)
-        if layer.is_initialized:
+        if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
             grown.lazy_initialization(layer.keys)
             grown.keys, grown.values = layer.keys, layer.values
         cache.layers[i] = grown
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = lambda: GrowingLayer(dtype)
     return cache
 
 
@@ -153,9 +159,9 @@ class KVBatch:
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else self.length
         if start > 0:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:].contiguous()
-                layer.values = layer.values[:, :, start:].contiguous()
+            for layer in self.cache.layers:  # the layers copy what they are given into new buffers
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
             self.mask = self.mask[:, start:]
 
     def step_inputs(self) -> dict:

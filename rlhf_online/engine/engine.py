@@ -75,10 +75,14 @@ class Engine(ServingEngine):
         self.eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         # With the fp32 decode attention the running batch's cache is kept in fp32 (batch.GrowingLayer): the same
-        # bf16 numbers, widened once when written instead of at every step's attention.
+        # bf16 numbers, widened once when written instead of at every step's attention. Such a position takes the
+        # bytes of two in the model's dtype, and max_batch_tokens counts it twice, so the cache's memory stays
+        # within what the setting gives a bf16 cache.
         self._cache_dtype: torch.dtype | None = None
+        self._position_cost = 1
         if attention.use_for_decoding(model):
             self._cache_dtype = torch.float32
+            self._position_cost = torch.finfo(torch.float32).bits // torch.finfo(next(model.parameters()).dtype).bits
             log.info("decode attention", extra={"implementation": attention.NAME, "cache_dtype": "float32"})
 
         super().__init__()
@@ -367,7 +371,7 @@ class Engine(ServingEngine):
                 # Rows are padded to the longest, so the cache costs rows x longest (a lone row always fits:
                 # the limits keep one request within the budget).
                 longest = max(longest, _reserved(nxt))
-                if rows and (rows + nxt.n) * longest > self.config.max_batch_tokens:
+                if rows and (rows + nxt.n) * longest * self._position_cost > self.config.max_batch_tokens:
                     break
                 rows += nxt.n
                 take.append(self._waiting.popleft())

@@ -178,11 +178,16 @@ class PolicyWithValue(nn.Module):
         return logits if head.bias is None else logits + head.bias.float()
 
     def _head_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen output projection's weight in `dtype`, made once (its backward's operand, see _ProjectionGradInHalf)."""
+        """The frozen output projection's weight in `dtype` (its backward's operand, see _ProjectionGradInHalf).
+
+        Made again whenever the weight is another tensor, on another device, or written in place
+        (its version counter), so a copy never outlives what it was made from.
+        """
         weight = self.model.get_output_embeddings().weight
+        key = (weight.data_ptr(), weight.device, weight._version, dtype)
         cached = getattr(self, "_head_half", None)
-        if cached is None or cached[0] is not weight:
-            cached = (weight, weight.detach().to(dtype))
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().to(dtype))
             self._head_half = cached
         return cached[1]
 

@@ -88,18 +88,20 @@ def test_a_bf16_decode_step_is_as_close_to_fp32_as_bf16_sdpa(tiny):
     assert err_ours <= 1.25 * err_sdpa + 1e-3, (err_ours, err_sdpa)
 
 
-@pytest.mark.parametrize("q_len, kv_length, padded", [(1, 9, True), (1, 9, False), (5, 5, True), (5, 5, False),
-                                                       (3, 9, True)])
-def test_causal_padding_masks_are_the_ones_transformers_builds(q_len, kv_length, padded):
+@pytest.mark.parametrize("q_len, kv_length, padded, kv_offset", [
+    (1, 9, True, 0), (1, 9, False, 0), (5, 5, True, 0), (5, 5, False, 0), (3, 9, True, 0), (1, 9, None, 0),
+    (5, 5, None, 0), (2, 6, True, 3)])
+def test_causal_padding_masks_are_the_ones_transformers_builds(q_len, kv_length, padded, kv_offset):
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    attention_mask = torch.ones(3, kv_length + 2, dtype=torch.long)  # longer than the keys, as generate may pass
+    # longer than the keys, as generate may pass; None: no mask at all
+    attention_mask = None if padded is None else torch.ones(3, kv_offset + kv_length + 2, dtype=torch.long)
     if padded:
         attention_mask[1, :2] = 0  # left padding of different lengths
         attention_mask[2, :4] = 0
-    cache_position = torch.arange(kv_length - q_len, kv_length)
-    args = dict(batch_size=3, cache_position=cache_position, kv_length=kv_length, mask_function=causal_mask_function,
-                attention_mask=attention_mask)
+    cache_position = torch.arange(kv_offset + kv_length - q_len, kv_offset + kv_length)
+    args = dict(batch_size=3, cache_position=cache_position, kv_length=kv_length, kv_offset=kv_offset,
+                mask_function=causal_mask_function, attention_mask=attention_mask)
     ours, theirs = attention.causal_padding_mask(**args), sdpa_mask(**args)
     if theirs is None:
         assert ours is None

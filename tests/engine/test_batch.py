@@ -74,6 +74,41 @@ def test_a_bf16_engine_decodes_the_same_tokens_with_growing_layers_as_with_cat(t
         finally:
             engine.stop()
 
+    grown = []
+    growing = batch.growing
+    monkeypatch.setattr(batch, "growing", lambda cache, dtype=None: grown.append(dtype) or growing(cache, dtype))
     ours = run()
+    assert grown and set(grown) == {cache_dtype}  # every prefilled batch's cache went into GrowingLayers
     monkeypatch.setattr(batch, "growing", lambda cache, dtype=None: cache)  # transformers' own layers
     assert run() == ours and all(ours)
+
+
+def test_an_engine_with_an_fp32_cache_counts_a_position_twice_against_max_batch_tokens(tiny):
+    """Four rows fit the batch; a budget of four rows' positions holds two when each counts twice."""
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    probe = Engine(model, tiny[1])
+    assert probe._cache_dtype == torch.float32 and probe._position_cost == 2
+    encoded = [probe.encode_prompt(PROMPTS[0])] * 4
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    per_row = len(encoded[0]) + params.max_new_tokens
+    engine = Engine(model, tiny[1], EngineConfig(max_batch_size=4, max_batch_tokens=4 * per_row))
+    handles = [engine.submit(ids, params) for ids in encoded]
+    engine.start()
+    try:
+        assert all(h.result()[0].completion_tokens == 16 for h in handles)
+    finally:
+        engine.stop()
+    assert engine.stats["max_rows"] == 2
+
+
+def test_growing_leaves_sliding_window_layers_alone_and_makes_growing_layers_for_a_cache_without_config():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    sliding = DynamicSlidingWindowLayer(sliding_window=4)
+    cache = DynamicCache()
+    cache.layers.append(sliding)
+    assert batch.growing(cache).layers[0] is sliding
+    empty = batch.growing(DynamicCache(), torch.float32)
+    k, v = _states(3, 0)
+    empty.update(k, v, 0)
+    assert isinstance(empty.layers[0], batch.GrowingLayer) and empty.layers[0].keys.dtype == torch.float32
