@@ -18,7 +18,7 @@ class GrowingLayer(DynamicLayer):
     layer at every step (5.6% of the engine's time at 32 rows x 128 tokens, AMX Xeon, py-spy).
     Here a step writes one position into the buffer. `dtype` is the buffers' dtype: fp32 for a
     bf16 model decoding with engine.attention's fp32 attention, which read the bf16 cache as fp32
-    copies at every step (another 10%); the values are the same bf16 numbers, widened once when
+    copies at every step (inside its 18%); the values are the same bf16 numbers, widened once when
     written, so the attention computes exactly what it did. Assigning `keys` or `values` (as
     KVBatch's merge and select do) copies the tensor into a new buffer.
     """
@@ -49,7 +49,7 @@ class GrowingLayer(DynamicLayer):
         self._v, self._v_len = self._rebuffer(tensor)
 
     def _rebuffer(self, tensor: torch.Tensor | None, room: int = 0) -> tuple[torch.Tensor | None, int]:
-        """A new buffer holding `tensor` [B, KV, T, D] with at least `room` (and GROW_BY) free positions."""
+        """A new buffer holding `tensor` [B, KV, T, D] with `room` + GROW_BY free positions."""
         if tensor is None:
             return None, 0
         b, h, t, d = tensor.shape
