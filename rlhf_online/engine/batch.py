@@ -11,6 +11,43 @@ from transformers.cache_utils import DynamicLayer
 GROW_BY = 64
 
 
+class _Buffer:
+    """A [B, KV, capacity, D] tensor whose first `length` positions hold a layer's keys (or values)."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype  # None: the dtype of the first tensor written
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def view(self) -> torch.Tensor | None:
+        """[B, KV, length, D], a view of the buffer."""
+        return None if self.data is None else self.data[:, :, : self.length]
+
+    def replace(self, tensor: torch.Tensor | None, room: int = 0) -> None:
+        """Hold a copy of `tensor` [B, KV, T, D] in a new buffer with `room` + GROW_BY free positions."""
+        if tensor is None:
+            self.data, self.length = None, 0
+            return
+        b, h, t, d = tensor.shape
+        self.data = tensor.new_empty((b, h, t + room + GROW_BY, d), dtype=self.dtype or tensor.dtype)
+        self.data[:, :, :t] = tensor
+        self.length = t
+
+    def append(self, states: torch.Tensor) -> None:
+        """Write [B, KV, n, D] after the held positions, moving to a larger buffer when they do not fit."""
+        n = states.shape[2]
+        if self.data is None or self.length + n > self.data.shape[2]:
+            self.replace(self.view() if self.data is not None else states[:, :, :0], room=n)
+        self.data[:, :, self.length: self.length + n] = states
+        self.length += n
+
+
+def _buffered(name: str, what: str) -> property:
+    """A property reading the _Buffer `name` as a view and copying an assigned tensor into it."""
+    return property(lambda self: getattr(self, name).view(), lambda self, tensor: getattr(self, name).replace(tensor),
+                    doc=f"[B, KV, T, D] view of the {what} buffer; assigning copies into a new one.")
+
+
 class GrowingLayer(DynamicLayer):
     """A cache layer whose keys and values [B, KV, T, D] are views of buffers with room for more positions.
 
@@ -23,44 +60,16 @@ class GrowingLayer(DynamicLayer):
     KVBatch's merge and select do) copies the tensor into a new buffer.
     """
 
+    keys = _buffered("_k", "key")  # type: ignore[assignment]
+    values = _buffered("_v", "value")  # type: ignore[assignment]
+
     def __init__(self, dtype: torch.dtype | None = None) -> None:
-        self._buffer_dtype = dtype  # None: the dtype of the first keys written
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._k_len = self._v_len = 0
+        self._k, self._v = _Buffer(dtype), _Buffer(dtype)
         super().__init__()  # sets keys and values to None through the properties
-
-    @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        """[B, KV, T, D] view of the key buffer."""
-        return None if self._k is None else self._k[:, :, : self._k_len]
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._k, self._k_len = self._rebuffer(tensor)
-
-    @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        """[B, KV, T, D] view of the value buffer."""
-        return None if self._v is None else self._v[:, :, : self._v_len]
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._v, self._v_len = self._rebuffer(tensor)
-
-    def _rebuffer(self, tensor: torch.Tensor | None, room: int = 0) -> tuple[torch.Tensor | None, int]:
-        """A new buffer holding `tensor` [B, KV, T, D] with `room` + GROW_BY free positions."""
-        if tensor is None:
-            return None, 0
-        b, h, t, d = tensor.shape
-        spare = room + GROW_BY
-        buffer = tensor.new_empty((b, h, t + spare, d), dtype=self._buffer_dtype or tensor.dtype)
-        buffer[:, :, :t] = tensor
-        return buffer, t
 
     def lazy_initialization(self, key_states: torch.Tensor) -> None:
         """Take the device and the buffers' dtype from the first keys; the buffers come with them."""
-        self.dtype = self._buffer_dtype or key_states.dtype
+        self.dtype = self._k.dtype or key_states.dtype
         self.device = key_states.device
         self.is_initialized = True
 
@@ -69,19 +78,13 @@ class GrowingLayer(DynamicLayer):
         """Append [B, KV, n, D] keys and values; (all keys, all values) as views of the buffers."""
         if not self.is_initialized:
             self.lazy_initialization(key_states)
-        n = key_states.shape[2]
-        if self._k is None or self._v is None or self._k_len + n > min(self._k.shape[2], self._v.shape[2]):
-            self._k, _ = self._rebuffer(self.keys if self._k is not None else key_states[:, :, :0], room=n)
-            self._v, _ = self._rebuffer(self.values if self._v is not None else value_states[:, :, :0], room=n)
-        self._k[:, :, self._k_len: self._k_len + n] = key_states
-        self._v[:, :, self._v_len: self._v_len + n] = value_states
-        self._k_len += n
-        self._v_len += n
+        self._k.append(key_states)
+        self._v.append(value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         """Positions held."""
-        return self._k_len
+        return self._k.length
 
 
 def growing(cache: DynamicCache, dtype: torch.dtype | None = None) -> DynamicCache:

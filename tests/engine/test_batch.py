@@ -34,12 +34,12 @@ def test_a_growing_layer_holds_what_dynamic_layers_cat_holds_and_appends_in_plac
         assert keys.dtype == (dtype or torch.bfloat16)
         assert torch.equal(keys, expected_keys.to(keys.dtype)) and torch.equal(values, expected_values.to(keys.dtype))
         assert ours.get_seq_length() == theirs.get_seq_length() == keys.shape[2]
-        buffers.append(ours._k.data_ptr())
+        buffers.append(ours._k.data.data_ptr())
     # The prefill left GROW_BY free positions: that many steps write into its buffer, then a larger one takes over.
     assert buffers[: batch.GROW_BY + 1] == [buffers[0]] * (batch.GROW_BY + 1) and buffers[-1] != buffers[0]
     # Assigning (KVBatch's merge and select) keeps the tensor's values, in the buffer's dtype, with room again.
     ours.keys, ours.values = theirs.keys[:1], theirs.values[:1]
-    assert torch.equal(ours.keys, theirs.keys[:1].to(ours.keys.dtype)) and ours._k.shape[2] > ours.keys.shape[2]
+    assert torch.equal(ours.keys, theirs.keys[:1].to(ours.keys.dtype)) and ours._k.data.shape[2] > ours.keys.shape[2]
 
 
 def test_a_cache_moves_into_growing_layers_with_its_contents():
