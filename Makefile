@@ -19,7 +19,7 @@ demo: $(STAMP) $(MODEL)
 test:
 	$(MAKE) --no-print-directory -j2 $(STAMP) $(MODEL) $(VLLM) deploy-tools
 	$(BIN)/ruff check .
-	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider
+	RLHF_OTHER_TRANSFORMERS_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(BIN)/pytest -q -rs -p no:cacheprovider --durations=20
 	$(MAKE) --no-print-directory test-vllm
 
 # The vLLM engine's tests: marked vllm, in tests/*/test_vllm*.py (the rest of the suite needs .venv).

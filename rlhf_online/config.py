@@ -276,7 +276,8 @@ class TrainerSettings(HeldoutSettings):
     trainer: TrainerConfig = group(TrainerConfig)
     ppo: PPOConfig = group(PPOConfig, ("batch_size", "response_length", "num_ppo_epochs", "num_mini_batches",
                                        "per_device_train_batch_size", "learning_rate",
-                                       "init_kl_coef", "adaptive_kl", "target_kl", "prompt_baseline"))
+                                       "init_kl_coef", "adaptive_kl", "target_kl", "prompt_baseline",
+                                       "compute_dtype", "shared_prefix_min_tokens"))
     # Canaries: the controller (rlhf_online.canary.controller) and its sequential test (canary.sequential).
     canary_controller: CanaryConfig = group(CanaryConfig)
     canary_test: CanaryTestConfig = group(CanaryTestConfig, ("worse_by", "better_by", "alpha", "beta",

@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                    help="our side's PPOConfig.compute_dtype (TRL's side runs fp32 unless --trl-bf16); float32 keeps "
                         "--world-size's 1-rank vs N-rank weights comparable to rounding")
+    p.add_argument("--shared-prefix-min-tokens", type=int, default=8,
+                   help="our side's PPOConfig.shared_prefix_min_tokens (0: every pass runs whole rows)")
     p.add_argument("--trl-bf16", action="store_true", help="TRL's side under bf16 autocast (its bf16=True)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-model", default="smollm2-135m-instruct")
@@ -141,7 +143,7 @@ def _bench_ours(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     cfg = PPOConfig(batch_size=args.batch_size, response_length=args.response_length,
                     num_ppo_epochs=args.num_ppo_epochs, num_mini_batches=args.num_mini_batches,
                     learning_rate=args.learning_rate, early_stop_approxkl=0.0, seed=args.seed,
-                    compute_dtype=args.compute_dtype)
+                    compute_dtype=args.compute_dtype, shared_prefix_min_tokens=args.shared_prefix_min_tokens)
     policy = PolicyWithValue(model, cfg)
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     times, lengths, epochs = [], [], []
@@ -304,7 +306,7 @@ def _settings(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             "response_length": args.response_length, "num_ppo_epochs": args.num_ppo_epochs,
             "num_mini_batches": args.num_mini_batches, "learning_rate": args.learning_rate,
             "temperature": 1.0, "dtype": f"ours {args.compute_dtype}, TRL {'bf16 autocast' if args.trl_bf16 else 'float32'}",
-            "threads": args.threads, "steps": args.steps,
+            "threads": args.threads, "steps": args.steps, "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
             "prompts": len(PROMPTS), "reward": "VADER compound sentiment of the decoded response (both sides)"}
 
 

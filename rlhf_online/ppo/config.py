@@ -64,6 +64,8 @@ class PPOConfig:
     compute_dtype: str = knob("auto", "dtype of the body's matmuls in every forward/backward pass (autocast; the "
                                          "weights, the vocabulary projection and the losses stay fp32): float32, "
                                          "bfloat16, or auto (bfloat16 where the CPU or GPU computes it natively)")
+    shared_prefix_min_tokens: int = knob(8, "a pass computes the tokens all its rows start with (a chat template's "
+                                            "system prompt) once when there are at least this many; 0 = never")
 
     def __post_init__(self) -> None:
         """Reject values PPO cannot run with, naming the field."""
@@ -79,6 +81,7 @@ class PPOConfig:
             "learning_rate": (self.learning_rate > 0, "> 0"), "cliprange": (0 < self.cliprange < 1, "in (0, 1)"),
             "cliprange_value": (self.cliprange_value > 0, "> 0"), "vf_coef": (self.vf_coef >= 0, ">= 0"),
             "early_stop_approxkl": (self.early_stop_approxkl >= 0, ">= 0"), "lora_r": (self.lora_r >= 1, ">= 1"),
+            "shared_prefix_min_tokens": (self.shared_prefix_min_tokens >= 0, ">= 0"),
             "compute_dtype": (self.compute_dtype in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
         })
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhf_online.engine import attention
+from rlhf_online.ppo import prefix
 from rlhf_online.ppo.config import PPOConfig
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -44,6 +45,9 @@ class PolicyWithValue(nn.Module):
                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
         if self.compute_dtype != torch.float32:
             self._store_frozen_linears_in(self.compute_dtype)
+        self.shared_prefix_min_tokens = cfg.shared_prefix_min_tokens
+        # A model whose generation config names its own cache (sliding or hybrid) keeps whole-row passes.
+        self._caches_plainly = getattr(getattr(base, "generation_config", None), "cache_implementation", None) is None
         hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -53,14 +57,14 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0,
                 skip_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, keep or L, V] of the last `keep` positions (0 = all), values [B, L]) of left-padded sequences.
+        """(logits [B, keep or L, V], values [B, keep or L]) of the last `keep` positions (0 = all) of left-padded rows.
 
         Keeping only the response's positions spares the vocabulary projection (a fifth of SmolLM2's
         compute per position) on the prompt, which is most of a short reply's sequence. `skip_last`
         leaves out the very last of them (its logits predict a token after the reply): one position
         fewer [., V] rows, and no zero-filled gradient for a slice of them.
         """
-        hidden = self._last_hidden(ids, mask)  # [B, L, H] fp32
+        hidden = self._last_hidden(ids, mask, keep)  # [B, keep or L, H] fp32
         values = self.value_head(hidden).squeeze(-1)
         return self._logits(hidden, keep, skip_last), values
 
@@ -69,7 +73,7 @@ class PolicyWithValue(nn.Module):
                          skip_last: bool = False) -> torch.Tensor:
         """Logits of the last `keep` positions (0 = all, `skip_last` as in forward) under the frozen reference."""
         with self.model.disable_adapter():
-            return self._logits(self._last_hidden(ids, mask), keep, skip_last)
+            return self._logits(self._last_hidden(ids, mask, keep), keep, skip_last)
 
     def _store_frozen_linears_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen body's linear weights in `dtype` (the LoRA weights, embeddings, norms and head stay fp32).
@@ -154,14 +158,33 @@ class PolicyWithValue(nn.Module):
             return sdpa_kernel([SDPBackend.MATH])
         return nullcontext()
 
-    def _last_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The final (normed) hidden states [B, L, H] of left-padded sequences, in fp32."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def _last_hidden(self, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        """The final (normed) hidden states [B, keep or L, H] of the last `keep` positions (0 = all), in fp32.
+
+        Rows are left-padded. When `keep` leaves room for it, the tokens every row starts with (the
+        chat template's system prompt) run once as one row and the rest of each row after them
+        (ppo.prefix): the bench's 8 rows of 73 SmolLM2 tokens become 24 + 8 x 49.
+        """
+        shared = None
+        if keep and self._caches_plainly:
+            shared = prefix.split(ids, mask, ids.shape[1] - keep, self.shared_prefix_min_tokens)
         with self._autocast(), self._attention_kernel():
             # logits_to_keep=1: the model's own projection covers one position; ours, in fp32, the ones wanted.
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                             logits_to_keep=1)
-        return out.hidden_states[-1].float()
+            if shared is None:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 output_hidden_states=True, logits_to_keep=1)
+            else:
+                length, rows = shared.ids.shape[0], ids.shape[0]
+                positions = torch.arange(length, device=ids.device).unsqueeze(0)
+                cache = self.model(input_ids=shared.ids.unsqueeze(0), position_ids=positions, use_cache=True,
+                                   logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(rows)  # [1, heads, P, d] -> [B, heads, P, d] in every layer
+                out = self.model(input_ids=shared.rest_ids, position_ids=shared.rest_positions,
+                                 attention_mask=torch.cat([mask.new_ones(rows, length), shared.rest_mask], 1),
+                                 past_key_values=cache, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+        return (hidden[:, -keep:] if keep else hidden).float()
 
     def _logits(self, hidden: torch.Tensor, keep: int, skip_last: bool = False) -> torch.Tensor:
         """fp32 logits [B, keep or L (less one if skip_last), V] of the last `keep` positions (0 = all)."""

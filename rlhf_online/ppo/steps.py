@@ -93,12 +93,13 @@ def response_mask(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, to
     return mask, ended
 
 
-def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, lq: int, t: int,
+def _response_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, t: int,
                      response: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T] of the response tokens, values [B, T]) from one forward pass."""
-    # Logits at positions lq - 1 .. lq + t - 2 predict the response: the last t + 1 positions but the very last.
+    # Logits and values at positions lq - 1 .. lq + t - 2 (lq = query width) belong to the response's tokens:
+    # the last t + 1 positions but the very last.
     logits, values = policy(rollout_ids, attn, keep=t + 1, skip_last=True)
-    return core.logprobs_of(logits, response, temperature), values[:, lq - 1: lq + t - 1]
+    return core.logprobs_of(logits, response, temperature), values[:, :t]
 
 
 def _reference_slices(policy: PolicyWithValue, rollout_ids: torch.Tensor, attn: torch.Tensor, t: int,
@@ -239,10 +240,9 @@ def measure(policy: PolicyWithValue, samples: Sequence[Sample], pad_id: int, cfg
     query, query_mask, response, mask = _pack(samples, pad_id)
     t = response.shape[1]
     ids, attn = torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1)
-    lq = query.shape[1]
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [(torch.zeros(0, t),) * 3]  # a rank may get none
     for rows in ranks.share(torch.arange(len(samples))).split(cfg.local_rollout_forward_batch_size):
-        logprobs, values = _response_slices(policy, ids[rows], attn[rows], lq, t, response[rows], cfg.temperature)
+        logprobs, values = _response_slices(policy, ids[rows], attn[rows], t, response[rows], cfg.temperature)
         ref = _reference_slices(policy, ids[rows], attn[rows], t, response[rows], cfg.temperature)
         parts.append((logprobs, ref, values))
     logprobs, ref_logprobs, values = (ranks.gather_rows(torch.cat(x).float(), len(samples))
@@ -307,7 +307,7 @@ def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: 
     """
     policy.train()
     ids, attn = rollouts.sequences
-    lq, t = rollouts.query.shape[1], rollouts.response.shape[1]
+    t = rollouts.response.shape[1]
     batch = ids.shape[0]
     size = math.ceil(batch / min(cfg.num_mini_batches, batch))
     params = policy.trainable_parameters()
@@ -322,7 +322,7 @@ def update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollouts: 
             optimizer.zero_grad()
             tokens = rollouts.mask[minibatch].sum()
             for idx in ranks.share(minibatch).split(cfg.per_device_train_batch_size):
-                logprobs, values = _response_slices(policy, ids[idx], attn[idx], lq, t, rollouts.response[idx],
+                logprobs, values = _response_slices(policy, ids[idx], attn[idx], t, rollouts.response[idx],
                                                     cfg.temperature)
                 m = rollouts.mask[idx]
                 pg_loss, pg_stats = core.policy_loss(logprobs, rollouts.logprobs[idx], adv[idx], m, cfg.cliprange)
@@ -368,8 +368,8 @@ def response_logprobs(policy: PolicyWithValue, rollouts: Rollouts, cfg: PPOConfi
     """[B, T] log-probs of the rollouts' responses under the policy as it is now (masked)."""
     policy.eval()
     ids, attn = rollouts.sequences
-    lq, t = rollouts.query.shape[1], rollouts.response.shape[1]
-    parts = [_response_slices(policy, ids[rows], attn[rows], lq, t, rollouts.response[rows], cfg.temperature)[0]
+    t = rollouts.response.shape[1]
+    parts = [_response_slices(policy, ids[rows], attn[rows], t, rollouts.response[rows], cfg.temperature)[0]
              for rows in torch.arange(ids.shape[0]).split(cfg.local_rollout_forward_batch_size)]
     return torch.cat(parts) * rollouts.mask
 
