@@ -20,6 +20,15 @@ from rlhf_online.ppo.config import PPOConfig
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+def names_own_cache(model: Any) -> bool:
+    """Whether the model's generation config names its own cache implementation (sliding or hybrid caches).
+
+    Such a model keeps the cache it names: generate refuses a `past_key_values` beside it, and the
+    passes do not hand it a plain DynamicCache for a shared prefix.
+    """
+    return getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None
+
+
 class PolicyWithValue(nn.Module):
     """Logits and values of [query | response] sequences, and reference logits with the adapter disabled.
 
@@ -46,8 +55,7 @@ class PolicyWithValue(nn.Module):
         if self.compute_dtype != torch.float32:
             self._store_frozen_linears_in(self.compute_dtype)
         self.shared_prefix_min_tokens = cfg.shared_prefix_min_tokens
-        # A model whose generation config names its own cache (sliding or hybrid) keeps whole-row passes.
-        self._caches_plainly = getattr(getattr(base, "generation_config", None), "cache_implementation", None) is None
+        self._caches_plainly = not names_own_cache(base)  # a sliding or hybrid cache keeps whole-row passes
         hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)

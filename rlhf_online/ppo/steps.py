@@ -22,7 +22,7 @@ from rlhf_online.models.chat import chat_ids
 from rlhf_online.ppo import core
 from rlhf_online.ppo.config import PPOConfig
 from rlhf_online.ppo.distributed import SINGLE, Ranks
-from rlhf_online.ppo.policy import PolicyWithValue
+from rlhf_online.ppo.policy import PolicyWithValue, names_own_cache
 
 # reward_fn(prompts, texts, completion_ids) -> one score per item; a non-empty completion id names the logged
 # completion, whose users' ratings the Reward service counts in (services.trainer.reward_client).
@@ -161,7 +161,7 @@ def _decode_cache(model: Any) -> dict[str, DynamicCache]:
     whose generation config names a cache implementation (sliding or hybrid caches) keeps its own:
     generate refuses both at once.
     """
-    if getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None:
+    if names_own_cache(model):
         return {}
     return {"past_key_values": growing(DynamicCache(config=model.config))}
 
